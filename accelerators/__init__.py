@@ -1,0 +1,46 @@
+"""xtp's accelerator registry: devices and collectives for CUDA, XPU, HPU, CPU and plugins.
+
+Installed as ``xtp.accelerators``; it never imports the xtp core. Typical use::
+
+    from xtp.accelerators import get_accelerator
+    acc = get_accelerator()          # argument > XTP_ACCELERATOR > plugins > auto-detect
+    backend = resolve_dist_backend(acc)
+"""
+
+from .autograd import copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
+from .backend import ENV_DIST_BACKEND, resolve_dist_backend
+from .base import Accelerator, Availability
+from .communicator import Communicator, TorchCommunicator
+from .counting import CollectiveRecord, CountingCommunicator
+from .errors import (
+    AcceleratorError,
+    AcceleratorUnavailableError,
+    BackendUnavailableError,
+    CollectiveTimeoutError,
+    UnknownAcceleratorError,
+    XtpError,
+)
+from .registry import (
+    BUILTINS,
+    DETECTION_ORDER,
+    ENV_ACCELERATOR,
+    PLUGIN_GROUP,
+    AcceleratorSelectionWarning,
+    Selection,
+    create,
+    get_accelerator,
+    known_names,
+    plugins,
+    reset_accelerator,
+    select,
+)
+
+__all__ = [
+    "Accelerator", "Availability", "AcceleratorError", "AcceleratorSelectionWarning",
+    "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS", "CollectiveRecord",
+    "CollectiveTimeoutError", "Communicator", "CountingCommunicator", "DETECTION_ORDER",
+    "ENV_ACCELERATOR", "ENV_DIST_BACKEND", "PLUGIN_GROUP", "Selection", "TorchCommunicator",
+    "UnknownAcceleratorError", "XtpError", "copy_to_group", "create", "gather_from_group",
+    "get_accelerator", "known_names", "plugins", "reduce_from_group", "reset_accelerator",
+    "resolve_dist_backend", "scatter_to_group", "select",
+]

@@ -1,0 +1,1 @@
+"""The ``xtp`` command line (``xtp --help``)."""
