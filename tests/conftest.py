@@ -1,0 +1,37 @@
+"""Shared fixtures: clean accelerator selection per test, and session-wide rank pools."""
+
+from __future__ import annotations
+
+import pytest
+
+from ranks import RankPool
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_selection(monkeypatch):
+    """Every test starts with no cached accelerator and no XTP_* selection variables."""
+    from xtp.accelerators import reset_accelerator
+
+    for var in ("XTP_ACCELERATOR", "XTP_DIST_BACKEND", "XTP_DISABLE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_accelerator()
+    yield
+    reset_accelerator()
+
+
+_pools: dict[int, RankPool] = {}
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """``rank_pool(n)`` -> a session-wide :class:`RankPool` of ``n`` gloo ranks."""
+
+    def get(n: int) -> RankPool:
+        if n not in _pools or _pools[n]._broken:
+            _pools[n] = RankPool(n)
+        return _pools[n]
+
+    yield get
+    for pool in _pools.values():
+        pool.close()
+    _pools.clear()

@@ -1,0 +1,125 @@
+"""The one declarative table of model knowledge that cannot be derived from structure.
+
+Everything else about a model is found by the data-flow probe (:mod:`xtp.probe`). Each entry
+here has a test (tests/test_model_table.py, and the parity suite for its architecture).
+
+* :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
+* :data:`FUSED_LAYOUTS`: how a fused projection packs its outputs, keyed by
+  ``(model_type, attribute name of the layer)``.
+* :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
+  width and must become this rank's local value after sharding.
+* :data:`LOCAL_CONFIG_MODEL_TYPES`: model types whose attention reads head counts from its
+  ``config`` object in forward; their attention modules get a private copy with local counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: config attribute names, tried in order
+CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "head_dim": ("head_dim", "d_kv", "attention_head_size"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+}
+#: configs whose boolean flag means "one KV head" (multi-query attention)
+MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
+
+# Layout names (see xtp/layouts.py for the exact row order of each).
+QKV_CONCAT = "qkv_concat"            # [q heads | k heads | v heads] (Phi-3, GPT-2, BigCode, Falcon-MQA)
+QKV_INTERLEAVED = "qkv_interleaved"  # per head [q, k, v] (GPT-NeoX, Bloom, Falcon-MHA)
+QKV_GROUPED = "qkv_grouped"          # per KV group [q.., k, v] (Falcon new decoder architecture)
+GATE_UP_CONCAT = "gate_up_concat"    # [gate | up] (Phi-3 gate_up_proj)
+LAYOUTS = (QKV_CONCAT, QKV_INTERLEAVED, QKV_GROUPED, GATE_UP_CONCAT)
+
+
+@dataclass(frozen=True)
+class FusedEntry:
+    """A fused layer's layout; ``when`` names a config flag that must be truthy (or falsy,
+    with a leading ``!``) for the entry to apply, for models with several variants."""
+
+    layout: str
+    when: str | None = None
+
+
+FUSED_LAYOUTS: dict[tuple[str, str], tuple[FusedEntry, ...]] = {
+    ("phi3", "qkv_proj"): (FusedEntry(QKV_CONCAT),),
+    ("phi3", "gate_up_proj"): (FusedEntry(GATE_UP_CONCAT),),
+    ("gpt2", "c_attn"): (FusedEntry(QKV_CONCAT),),
+    ("gpt_bigcode", "c_attn"): (FusedEntry(QKV_CONCAT),),
+    ("gpt_neox", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
+    ("bloom", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
+    ("falcon", "query_key_value"): (
+        FusedEntry(QKV_GROUPED, when="new_decoder_architecture"),
+        FusedEntry(QKV_CONCAT, when="multi_query"),
+        FusedEntry(QKV_INTERLEAVED),
+    ),
+}
+
+# Quantities for HEAD_ATTRIBUTES.
+Q_HEADS, KV_HEADS, KV_GROUPS, Q_WIDTH, KV_WIDTH = "q_heads", "kv_heads", "kv_groups", "q_width", "kv_width"
+
+HEAD_ATTRIBUTES: dict[str, str] = {
+    "num_heads": Q_HEADS,
+    "num_attention_heads": Q_HEADS,
+    "n_heads": Q_HEADS,
+    "n_head": Q_HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "num_kv_heads": KV_HEADS,
+    "num_key_value_groups": KV_GROUPS,
+    "all_head_size": Q_WIDTH,
+    "inner_dim": Q_WIDTH,
+    "split_size": Q_WIDTH,
+    "embed_dim": Q_WIDTH,
+    "hidden_size": Q_WIDTH,
+    "kv_dim": KV_WIDTH,
+}
+
+LOCAL_CONFIG_MODEL_TYPES: frozenset[str] = frozenset({"phi3"})
+
+
+def config_value(config, key: str):
+    """First present alias of ``key`` in ``config`` (``None`` when absent)."""
+    for name in CONFIG_ALIASES[key]:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def head_shape(config) -> tuple[int, int, int] | None:
+    """``(num_heads, num_kv_heads, head_dim)`` from a transformers config, or ``None``."""
+    if config is None:
+        return None
+    heads = config_value(config, "num_heads")
+    if not isinstance(heads, int) or heads < 1:
+        return None
+    kv = config_value(config, "num_kv_heads")
+    if any(getattr(config, flag, False) for flag in MULTI_QUERY_FLAGS) and not getattr(
+        config, "new_decoder_architecture", False
+    ):
+        kv = 1
+    if not isinstance(kv, int) or kv < 1:
+        kv = heads
+    head_dim = config_value(config, "head_dim")
+    if not isinstance(head_dim, int) or head_dim < 1:
+        hidden = config_value(config, "hidden_size")
+        if not isinstance(hidden, int):
+            return None
+        head_dim = hidden // heads
+    return heads, kv, head_dim
+
+
+def fused_layout(config, leaf: str) -> str | None:
+    """The layout of fused layer ``leaf`` for this config's model type, or ``None``."""
+    model_type = getattr(config, "model_type", None)
+    for entry in FUSED_LAYOUTS.get((model_type, leaf), ()):
+        if entry.when is None:
+            return entry.layout
+        negate = entry.when.startswith("!")
+        flag = bool(getattr(config, entry.when.lstrip("!"), False))
+        if flag != negate:
+            return entry.layout
+    return None

@@ -1,0 +1,187 @@
+"""``xtp.shard(model)``: apply a plan in place on this rank's TP group.
+
+Everything that can fail (planning, validation, slicing) happens before the model is touched;
+if applying still fails, every module gets its class and parameters back.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .accelerators import Communicator
+from .distributed import TPContext, init_distributed
+from .errors import AlreadyShardedError, PlanError
+from .layers import TPModule, parallel_class, set_local_features
+from .layouts import take_ranges
+from .plan import EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, VOCAB_EMBEDDING, ShardPlan
+from .planner import derive_plan
+
+PLAN_ATTR = "_xtp_plan"
+CONTEXT_ATTR = "_xtp_context"
+
+
+@dataclass
+class _Change:
+    module: nn.Module
+    role: str
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    meta: dict
+
+
+def weight_dim(kind: str, split: str) -> int:
+    """The weight dimension a split refers to, for a weight stored as ``kind``."""
+    if kind == EMBEDDING:
+        return 0 if split == "vocab" else 1
+    if kind == OUT_IN:
+        return 0 if split == "out" else 1
+    return 1 if split == "out" else 0
+
+
+def sharded_plan(model: nn.Module) -> ShardPlan | None:
+    """The plan a model was sharded with, or ``None``."""
+    return getattr(model, PLAN_ATTR, None)
+
+
+def _check_not_sharded(model: nn.Module, ctx: TPContext) -> None:
+    plan = sharded_plan(model)
+    if plan is not None or any(isinstance(m, TPModule) for m in model.modules()):
+        other = getattr(model, CONTEXT_ATTR, None)
+        where = ""
+        if other is not None and other.tp_group is not ctx.tp_group:
+            where = " on another process group"
+        raise AlreadyShardedError(
+            f"this model is already sharded{where} (tp_size="
+            f"{plan.tp_size if plan else '?'}); shard the original, unsharded model, or load it "
+            "again with xtp.from_pretrained"
+        )
+
+
+def slice_module(module: nn.Module, spec, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's weight and bias for ``module`` under ``spec`` (new tensors)."""
+    dim = weight_dim(spec.kind, spec.split)
+    weight = take_ranges(module.weight.detach(), dim, spec.ranges[rank])
+    bias = getattr(module, "bias", None)
+    if bias is not None and spec.split == "out" and spec.kind != EMBEDDING:
+        bias = take_ranges(bias.detach(), 0, spec.ranges[rank])
+    return weight, bias
+
+
+def _prepare(model: nn.Module, plan: ShardPlan, rank: int) -> list[_Change]:
+    modules = dict(model.named_modules())
+    changes, memo = [], {}
+    for spec in plan.sharded():
+        mod = modules[spec.name]
+        if mod.weight.is_meta:
+            raise PlanError(
+                f"{spec.name} has no weights (meta device); use xtp.from_pretrained(path) to "
+                "load a checkpoint straight into shards"
+            )
+        key = id(mod.weight)
+        if key in memo:
+            weight, _ = memo[key]
+            bias = getattr(mod, "bias", None)
+        else:
+            weight, bias = slice_module(mod, spec, rank)
+            memo[key] = (weight, bias)
+        meta = {}
+        if spec.role in (LM_HEAD,):
+            meta["tp_sizes"] = tuple(spec.local_extent(r) for r in range(plan.tp_size))
+        if spec.role == VOCAB_EMBEDDING:
+            meta["tp_vocab_start"] = spec.ranges[rank][0][0]
+        changes.append(_Change(mod, spec.role, spec.kind, weight, bias, meta))
+    return changes
+
+
+def _apply(model, plan, changes, comm, rank, device) -> None:
+    modules = dict(model.named_modules())
+    params: dict[int, nn.Parameter] = {}
+    for ch in changes:
+        mod = ch.module
+        old = mod.weight
+        if id(old) not in params:
+            params[id(old)] = nn.Parameter(ch.weight, requires_grad=old.requires_grad)
+        mod.weight = params[id(old)]
+        if ch.bias is not None and ch.bias is not getattr(mod, "bias", None):
+            mod.bias = nn.Parameter(ch.bias, requires_grad=mod.bias.requires_grad)
+        mod.__class__ = parallel_class(ch.role, type(mod))
+        mod.tp_comm = comm
+        if ch.kind in (OUT_IN, IN_OUT):
+            mod.tp_kind = ch.kind
+        for k, v in ch.meta.items():
+            setattr(mod, k, v)
+        set_local_features(mod, ch.kind)
+        if ch.role == VOCAB_EMBEDDING and getattr(mod, "padding_idx", None) is not None:
+            local = mod.padding_idx - ch.meta["tp_vocab_start"]
+            mod.padding_idx = local if 0 <= local < mod.weight.shape[0] else None
+    for upd in plan.attr_updates:
+        setattr(modules[upd.module], upd.attr, upd.values[rank])
+    for name, values in plan.local_configs:
+        mod = modules[name]
+        local = copy.copy(mod.config)
+        for attr, per_rank in values:
+            setattr(local, attr, per_rank[rank])
+        mod.config = local
+    if device is not None and device.type != "meta":
+        model.to(device)
+
+
+def shard(
+    model: nn.Module,
+    tp_size: int | None = None,
+    group=None,
+    rules: dict[str, str] | None = None,
+    *,
+    context: TPContext | None = None,
+    communicator: Communicator | Callable[[Communicator], Communicator] | None = None,
+    plan: ShardPlan | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place for tensor parallelism on this rank's TP group; returns it.
+
+    Args:
+        model: an unsharded ``nn.Module`` with its weights loaded (any device).
+        tp_size: ranks per TP group (default: the whole world, or ``group``'s size).
+        group: an existing process group to shard over.
+        rules: ``{glob over module paths: role}`` overrides (role: ``"replicate"``).
+        context: a :class:`~xtp.TPContext` from :func:`xtp.init_distributed` (default: made).
+        communicator: a Communicator, or a wrapper ``f(comm) -> comm`` (e.g. counting).
+        plan: a precomputed plan for this model and tp_size (default: derived).
+
+    The model's forward, ``generate()`` and hooks keep working; other ranks' weights are freed
+    once nothing else references them. Raises :class:`~xtp.errors.XtpError` subclasses for bad
+    input, and leaves the model unchanged when anything fails.
+    """
+    ctx = context or init_distributed(tp_size, group=group)
+    _check_not_sharded(model, ctx)
+    if plan is None:
+        plan = derive_plan(model, ctx.tp_size, rules)
+    elif plan.tp_size != ctx.tp_size:
+        raise PlanError(f"the plan is for tp_size={plan.tp_size}, this group has {ctx.tp_size}")
+    base = ctx.communicator()
+    comm = communicator(base) if callable(communicator) and not isinstance(
+        communicator, Communicator) else (communicator or base)
+    rank = ctx.tp_rank
+    changes = _prepare(model, plan, rank) if ctx.tp_size > 1 else []
+    saved = [(ch.module, ch.module.__class__, dict(ch.module.__dict__),
+              dict(ch.module._parameters)) for ch in changes]
+    try:
+        _apply(model, plan, changes, comm, rank, ctx.device)
+    except BaseException:
+        for mod, cls, attrs, params in saved:
+            mod.__class__ = cls
+            mod.__dict__.clear()
+            mod.__dict__.update(attrs)
+            mod._parameters.clear()
+            mod._parameters.update(params)
+        raise
+    setattr(model, PLAN_ATTR, plan)
+    setattr(model, CONTEXT_ATTR, ctx)
+    return model
+
+
