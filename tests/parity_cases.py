@@ -6,7 +6,7 @@ meaningful where the architecture allows. ``tps`` lists the TP sizes the case ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,6 @@ class Case:
     kwargs: dict
     tps: tuple[int, ...] = (2, 3, 4)
     kind: str = "causal"  # causal | encoder | seq2seq
-    extra: dict = field(default_factory=dict)
 
     def config(self):
         import transformers
@@ -24,14 +23,60 @@ class Case:
         return transformers.CONFIG_MAPPING[self.model_type](**self.kwargs)
 
 
-_LLAMA = dict(hidden_size=96, intermediate_size=120, num_hidden_layers=2, vocab_size=101,
-              max_position_embeddings=64)
+V = 101  # a vocabulary that divides by neither 2, 3 nor 4
+_DEC = dict(hidden_size=96, intermediate_size=120, num_hidden_layers=2, vocab_size=V,
+            max_position_embeddings=64)
+_GQA = dict(_DEC, num_attention_heads=12, num_key_value_heads=6)
+_MHA = dict(_DEC, num_attention_heads=12, num_key_value_heads=12)
 
 CASES: list[Case] = [
-    Case("llama", "llama", dict(_LLAMA, num_attention_heads=12, num_key_value_heads=12)),
-    Case("llama_kv2_tp4", "llama", dict(_LLAMA, num_attention_heads=8, num_key_value_heads=2,
-                                       hidden_size=64), tps=(2, 4)),
-    Case("llama_kv1", "llama", dict(_LLAMA, num_attention_heads=12, num_key_value_heads=1)),
-    Case("llama_6heads_tp4", "llama", dict(_LLAMA, num_attention_heads=6, num_key_value_heads=6),
+    Case("llama", "llama", _MHA),
+    Case("llama_kv2_tp4", "llama", dict(_DEC, hidden_size=64, num_attention_heads=8,
+                                       num_key_value_heads=2), tps=(2, 4)),
+    Case("llama_kv1", "llama", dict(_DEC, num_attention_heads=12, num_key_value_heads=1)),
+    Case("llama_6heads_tp4", "llama", dict(_DEC, num_attention_heads=6, num_key_value_heads=6),
          tps=(4,)),
+    Case("mistral", "mistral", _GQA),
+    Case("qwen2", "qwen2", _GQA),
+    Case("qwen3", "qwen3", dict(_GQA, head_dim=8)),
+    Case("gemma", "gemma", dict(_GQA, head_dim=8)),
+    Case("gemma2", "gemma2", dict(_GQA, head_dim=8)),
+    Case("phi", "phi", dict(_MHA)),
+    Case("phi3", "phi3", dict(_GQA, pad_token_id=0)),
+    Case("gpt_neox", "gpt_neox", dict(_DEC, num_attention_heads=12)),
+    Case("gptj", "gptj", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V, n_positions=64,
+                              rotary_dim=4)),
+    Case("gpt2", "gpt2", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V, n_positions=64)),
+    Case("gpt_bigcode", "gpt_bigcode", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V,
+                                            n_positions=64, multi_query=True)),
+    Case("opt", "opt", dict(hidden_size=96, ffn_dim=120, num_attention_heads=12,
+                            num_hidden_layers=2, vocab_size=V, max_position_embeddings=64,
+                            word_embed_proj_dim=96, pad_token_id=0)),
+    Case("bloom", "bloom", dict(hidden_size=96, n_head=12, n_layer=2, vocab_size=V)),
+    Case("falcon", "falcon", dict(hidden_size=96, num_attention_heads=12, num_hidden_layers=2,
+                                  vocab_size=V, new_decoder_architecture=True,
+                                  num_kv_heads=6, alibi=False)),
+    Case("falcon_mqa", "falcon", dict(hidden_size=96, num_attention_heads=12,
+                                      num_hidden_layers=2, vocab_size=V, multi_query=True,
+                                      new_decoder_architecture=False, alibi=False,
+                                      parallel_attn=True)),
+    Case("starcoder2", "starcoder2", _GQA),
+    Case("olmo2", "olmo2", _GQA),
+    Case("granite", "granite", _GQA),
+    Case("cohere", "cohere", _GQA),
+    Case("stablelm", "stablelm", dict(_GQA)),
+    Case("mixtral", "mixtral", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    Case("qwen2_moe", "qwen2_moe", dict(_GQA, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=60,
+                                        shared_expert_intermediate_size=120)),
+    Case("bert", "bert", dict(hidden_size=96, intermediate_size=120, num_attention_heads=12,
+                              num_hidden_layers=2, vocab_size=V, max_position_embeddings=64),
+         kind="encoder"),
+    Case("roberta", "roberta", dict(hidden_size=96, intermediate_size=120,
+                                    num_attention_heads=12, num_hidden_layers=2, vocab_size=V,
+                                    max_position_embeddings=64, pad_token_id=1),
+         kind="encoder"),
+    Case("t5", "t5", dict(d_model=96, d_kv=8, d_ff=120, num_heads=12, num_layers=2,
+                          num_decoder_layers=2, vocab_size=V, decoder_start_token_id=0),
+         kind="seq2seq"),
 ]

@@ -53,6 +53,7 @@ def parity(case_id: str, tp: int) -> dict:
             counter["c"].clear()
             got = model(ids).logits
             out["counts"] = dict(counter["c"].counts())
+            out["plan_counts"] = dict(model._xtp_plan.collective_counts())
             gen_ref = ref.generate(ids[:1], max_new_tokens=STEPS, do_sample=False,
                                    pad_token_id=0)
             gen = model.generate(ids[:1], max_new_tokens=STEPS, do_sample=False, pad_token_id=0)

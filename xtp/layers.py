@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accelerators import Communicator, copy_to_group, gather_from_group, reduce_from_group
-from .plan import COLUMN, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, ROW, VOCAB_EMBEDDING
+from .plan import (
+    COLUMN, EMBEDDING, EXPERTS, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, ROW, VOCAB_EMBEDDING,
+)
 
 
 class TPModule:
@@ -87,9 +89,21 @@ class HeadParallelEmbedding(TPModule):
     tp_role = HEAD_EMBEDDING
 
 
+class ParallelExperts(TPModule):
+    """Fused 3-D experts with the intermediate dimension split: every rank computes every
+    routed expert on its slice, and one all-reduce sums the partial outputs."""
+
+    tp_role = EXPERTS
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = super().forward(copy_to_group(hidden_states, self.tp_comm), *args, **kwargs)
+        return reduce_from_group(out, self.tp_comm)
+
+
 MIXINS: dict[str, type] = {
     COLUMN: ColumnParallel, ROW: RowParallel, LM_HEAD: ParallelLMHead,
     VOCAB_EMBEDDING: VocabParallelEmbedding, HEAD_EMBEDDING: HeadParallelEmbedding,
+    EXPERTS: ParallelExperts,
 }
 _classes: dict[tuple[type, type], type] = {}
 
@@ -107,14 +121,14 @@ def parallel_class(role: str, base: type) -> type:
 
 def set_local_features(module: nn.Module, kind: str) -> None:
     """Make size attributes agree with the (already replaced) local weight."""
-    w = module.weight
+    w = getattr(module, "weight", None)
     if kind == OUT_IN:
         module.out_features, module.in_features = w.shape[0], w.shape[1]
     elif kind == IN_OUT:
         module.nf = w.shape[1]
         if hasattr(module, "nx"):
             module.nx = w.shape[0]
-    else:
+    elif kind == EMBEDDING:
         module.num_embeddings, module.embedding_dim = w.shape[0], w.shape[1]
 
 
@@ -122,3 +136,24 @@ def unshard_class(module: nn.Module) -> None:
     """Restore a module's original class (used when a shard() must be rolled back)."""
     if isinstance(module, TPModule):
         module.__class__ = module.tp_original_class
+
+
+def head_slicing_hook(kwarg: str, layout: str, heads: tuple[int, int], num_heads: int):
+    """A forward pre-hook that cuts keyword input ``kwarg`` down to heads ``[start, stop)``.
+
+    Layout ``batch_x_heads``: ``(batch * num_heads, ...)`` -> ``(batch * local_heads, ...)``.
+    """
+    start, stop = heads
+    if layout != "batch_x_heads":
+        raise ValueError(f"unknown head-sliced layout {layout!r}")
+
+    def hook(module, args, kwargs):
+        t = kwargs.get(kwarg)
+        if t is None or t.shape[0] % num_heads:
+            return None
+        batch = t.shape[0] // num_heads
+        local = t.reshape(batch, num_heads, *t.shape[1:])[:, start:stop]
+        kwargs[kwarg] = local.reshape(batch * (stop - start), *t.shape[1:])
+        return args, kwargs
+
+    return hook

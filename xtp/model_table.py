@@ -79,6 +79,13 @@ HEAD_ATTRIBUTES: dict[str, str] = {
 
 LOCAL_CONFIG_MODEL_TYPES: frozenset[str] = frozenset({"phi3"})
 
+#: keyword inputs of an attention module that carry one slice per head for *all* heads and
+#: must be cut to this rank's heads: model_type -> {kwarg: layout}. Layout "batch_x_heads":
+#: a tensor of shape (batch * num_heads, ...), heads varying fastest (Bloom's ALiBi bias).
+HEAD_SLICED_KWARGS: dict[str, dict[str, str]] = {
+    "bloom": {"alibi": "batch_x_heads"},
+}
+
 
 def config_value(config, key: str):
     """First present alias of ``key`` in ``config`` (``None`` when absent)."""
@@ -123,3 +130,29 @@ def fused_layout(config, leaf: str) -> str | None:
         if flag != negate:
             return entry.layout
     return None
+
+
+@dataclass(frozen=True)
+class ExpertsEntry:
+    """Parameter names of fused 3-D MoE experts (transformers >= 5 experts interface, see
+    ``transformers.integrations.moe.use_experts_implementation``). Such a module describes its
+    own layout with the flags ``has_gate``, ``is_concatenated`` ([gate; up] vs interleaved
+    [g0, u0, g1, u1, ...]), ``is_transposed`` ((E, in, out) instead of (E, out, in)) and
+    ``has_bias``; xtp reads those flags, and only the names below are fixed knowledge."""
+
+    gate_up: str = "gate_up_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    bias_suffix: str = "_bias"
+    flags: tuple[str, ...] = ("has_gate", "is_transposed")
+    intermediate_attr: str = "intermediate_dim"
+
+
+EXPERTS = ExpertsEntry()
+
+
+def is_fused_experts(module) -> bool:
+    """True for a module following the transformers experts interface (3-D expert tensors)."""
+    down = getattr(module, EXPERTS.down, None)
+    return (all(hasattr(module, f) for f in EXPERTS.flags)
+            and getattr(down, "dim", lambda: 0)() == 3)

@@ -21,6 +21,16 @@ def split_even(total: int, parts: int) -> tuple[int, ...]:
     return tuple(base + (1 if r < extra else 0) for r in range(parts))
 
 
+def split_aligned(total: int, parts: int, align: int = 8) -> tuple[int, ...]:
+    """Like :func:`split_even` but in units of the largest of ``align, align/2, ..., 1`` that
+    divides ``total`` and leaves every rank at least one unit (kernels such as grouped GEMMs
+    want row strides that are multiples of 16 bytes)."""
+    unit = align
+    while unit > 1 and (total % unit or total // unit < parts):
+        unit //= 2
+    return tuple(n * unit for n in split_even(total // unit, parts))
+
+
 @dataclass(frozen=True)
 class Partition:
     """Contiguous ranges of one dimension: rank ``r`` owns ``[starts[r], starts[r] + sizes[r])``."""

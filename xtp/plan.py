@@ -17,16 +17,29 @@ ROW = "row"                  # input features split; one all-reduce forward, bia
 VOCAB_EMBEDDING = "vocab_embedding"  # vocabulary rows split; one all-reduce forward
 LM_HEAD = "lm_head"          # vocabulary rows split; one all-gather of the logits
 HEAD_EMBEDDING = "head_embedding"  # per-head bias table: columns split by heads
+EXPERTS = "experts"          # fused 3-D MoE experts: intermediate dim split; one all-reduce
 REPLICATE = "replicate"      # every rank keeps the whole module
 
-SHARDED_ROLES = (COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, HEAD_EMBEDDING)
+SHARDED_ROLES = (COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, HEAD_EMBEDDING, EXPERTS)
 
 #: weight tensor layouts, by how a module stores its weight
 OUT_IN = "out_in"            # nn.Linear: (out_features, in_features)
 IN_OUT = "in_out"            # transformers Conv1D: (in_features, out_features)
 EMBEDDING = "embedding"      # nn.Embedding: (num_embeddings, embedding_dim)
+EXPERT_WEIGHTS = "expert_weights"  # 3-D expert tensors; per-parameter splits in ModuleSpec.params
 
 Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """One parameter's split: ``ranges[r]`` along ``dim`` for rank ``r``; ``zero_off_rank0``:
+    ranks other than 0 hold zeros (a bias that a following all-reduce would add ``tp`` times)."""
+
+    param: str
+    dim: int
+    ranges: tuple[Ranges, ...] = ()
+    zero_off_rank0: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,22 @@ class ModuleSpec:
     group: str | None = None
     weight_shape: tuple[int, ...] = ()
     nbytes: tuple[int, ...] = ()
+    params: tuple[ParamSplit, ...] = ()
+
+    def param_splits(self) -> tuple[ParamSplit, ...]:
+        """How each of the module's own parameters is split (absent: replicated whole)."""
+        if self.params or self.role not in SHARDED_ROLES:
+            return self.params
+        if self.kind == EMBEDDING:
+            return (ParamSplit("weight", 0 if self.split == "vocab" else 1, self.ranges),)
+        if self.kind == OUT_IN:
+            dim = 0 if self.split == "out" else 1
+        else:
+            dim = 1 if self.split == "out" else 0
+        out = [ParamSplit("weight", dim, self.ranges)]
+        if self.split == "out":
+            out.append(ParamSplit("bias", 0, self.ranges))
+        return tuple(out)
 
     def local_extent(self, rank: int) -> int:
         return sum(b - a for a, b in self.ranges[rank]) if self.ranges else self.full
@@ -83,6 +112,8 @@ class ShardPlan:
     specs: tuple[ModuleSpec, ...]
     attr_updates: tuple[AttrUpdate, ...] = ()
     local_configs: tuple[tuple[str, tuple[tuple[str, tuple], ...]], ...] = ()
+    #: (attention module, kwarg, layout, per-rank (first head, stop head), num_heads)
+    head_sliced_kwargs: tuple[tuple[str, str, str, tuple[tuple[int, int], ...], int], ...] = ()
     collectives: tuple[Collective, ...] = ()
     replicated_bytes: int = 0
     notes: tuple[str, ...] = ()

@@ -26,10 +26,11 @@ from torch import nn
 from . import model_table as mt
 from .errors import PlanError, RuleError, UnclassifiedModuleError
 from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges, ranges_len
-from .partition import HeadPartition, Partition, partition_heads, split_even
+from .partition import HeadPartition, Partition, partition_heads, split_aligned, split_even
 from .plan import (
-    COLUMN, EMBEDDING, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, REPLICATE, ROW, SHARDED_ROLES,
-    VOCAB_EMBEDDING, AttrUpdate, Collective, ModuleSpec, ShardPlan, collapse,
+    COLUMN, EMBEDDING, EXPERT_WEIGHTS, EXPERTS, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, REPLICATE,
+    ROW, SHARDED_ROLES, VOCAB_EMBEDDING, AttrUpdate, Collective, ModuleSpec, ParamSplit,
+    ShardPlan, collapse,
 )
 from .probe import INPUT, OUTPUT, FlowGraph, probe
 
@@ -85,6 +86,10 @@ def run_probe(model: nn.Module) -> FlowGraph:
         device = torch.device("cpu")
     was_training = model.training
     model.eval()
+    config = getattr(model, "config", None)
+    experts_impl = getattr(config, "_experts_implementation_internal", None)
+    if experts_impl is not None:  # the gather-based kernel runs on fake tensors (eager: nonzero; grouped_mm: bf16 only)
+        config._experts_implementation_internal = "batched_mm"
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             inputs = _probe_inputs(model, device)
@@ -97,6 +102,8 @@ def run_probe(model: nn.Module) -> FlowGraph:
         ) from exc
     finally:
         model.train(was_training)
+        if experts_impl is not None:
+            config._experts_implementation_internal = experts_impl
 
 
 def _glob_rules(rules: dict[str, str] | None, names: list[str]) -> dict[str, tuple[str, str]]:
@@ -133,8 +140,16 @@ class _Planner:
         self.rules = _glob_rules(rules, list(self.modules))
         self.heads = mt.head_shape(self.config)
         self.specs: dict[str, ModuleSpec] = {}
+        self.kept_whole: dict[str, str] = {}
+        # per-head bias tables (T5 relative attention bias): embeddings with one column per head
+        self.head_biases = {
+            n for n, k in self.kinds.items()
+            if k == EMBEDDING and self.heads and self.modules[n].weight.shape[1] == self.heads[0]
+            and self.modules[n].weight.shape[0] != mt.config_value(self.config, "vocab_size")
+        }
         self.attr_updates: list[AttrUpdate] = []
         self.local_configs: list = []
+        self.head_sliced: list = []
         self.collectives: list[Collective] = []
         self.notes: list[str] = []
 
@@ -148,7 +163,7 @@ class _Planner:
         for r in g.order:
             if not self._linear(r):
                 continue
-            cols = g.producers.get(r, set())
+            cols = g.producers.get(r, set()) - self.head_biases
             if cols and all(self._linear(c) and g.consumers.get(c) == {r} for c in cols):
                 pairs[r] = sorted(cols, key=g.order.index)
         changed = True
@@ -232,6 +247,9 @@ class _Planner:
             hp = partition_heads(H, K, self.tp)
             row_ranges = [q_ranges(hp, D, r) for r in range(self.tp)]
             kind = "attention heads"
+        elif self.graph.producers.get(row, set()) & self.head_biases:
+            raise PlanError(f"{collapse(row)} reads per-head biases but its {width} input "
+                            f"features are not num_heads x head_dim ({H} x {D})")
         else:
             mlp = Partition(split_even(width, self.tp))
             if min(mlp.sizes) == 0:
@@ -276,17 +294,21 @@ class _Planner:
         for attr, what in mt.HEAD_ATTRIBUTES.items():
             value = attn.__dict__.get(attr)
             full, local = quantity[what]
-            if isinstance(value, int) and not isinstance(value, bool) and value == full:
+            if (isinstance(value, int) and not isinstance(value, bool) and value == full
+                    and any(v != full for v in local)):
                 self.attr_updates.append(AttrUpdate(attn_name, attr, full, tuple(local)))
+        for kwarg, layout in mt.HEAD_SLICED_KWARGS.get(
+                getattr(self.config, "model_type", None), {}).items():
+            self.head_sliced.append((attn_name, kwarg, layout,
+                                     tuple(hp.q.range(r) for r in range(self.tp)), H))
         if getattr(self.config, "model_type", None) in mt.LOCAL_CONFIG_MODEL_TYPES and hasattr(
             attn, "config"
         ):
             self.local_configs.append((attn_name, (
                 ("num_attention_heads", tuple(local_q)), ("num_key_value_heads", tuple(local_kv)),
             )))
-        # per-head bias tables inside the attention module (T5 relative attention bias)
-        for name, mod in attn.named_modules(prefix=attn_name):
-            if self.kinds.get(name) == EMBEDDING and mod.weight.shape[1] == H and name not in self.specs:
+        for name in sorted(self.graph.producers.get(row, set()) & self.head_biases):
+            if name not in self.specs:
                 self.specs[name] = self._spec(
                     name, HEAD_EMBEDDING, "structure: one bias column per attention head",
                     split="out", ranges=[q_ranges(hp, 1, r) for r in range(self.tp)])
@@ -314,6 +336,54 @@ class _Planner:
                     split="out", ranges=ranges)
                 self.collectives.append(Collective("all_gather", name, vocab))
 
+    def plan_experts(self) -> None:
+        """Fused 3-D experts: split every expert's intermediate dimension."""
+        e = mt.EXPERTS
+        for name, mod in self.modules.items():
+            if not mt.is_fused_experts(mod) or name in self.rules:
+                continue
+            transposed = bool(mod.is_transposed)
+            down = getattr(mod, e.down)
+            inter = down.shape[1] if transposed else down.shape[2]
+            part = Partition(split_aligned(inter, self.tp))
+            concat = bool(getattr(mod, "is_concatenated", True))
+
+            def packed(r, part=part, inter=inter, concat=concat):
+                a, b = part.range(r)
+                return ((a, b), (inter + a, inter + b)) if concat else ((2 * a, 2 * b),)
+
+            gate_up_name = e.gate_up if getattr(mod, "has_gate", True) else e.up
+            in_dim = 2 if transposed else 1
+            splits = [
+                ParamSplit(gate_up_name, in_dim, tuple(
+                    packed(r) if gate_up_name == e.gate_up else (part.range(r),)
+                    for r in range(self.tp))),
+                ParamSplit(e.down, 1 if transposed else 2,
+                           tuple((part.range(r),) for r in range(self.tp))),
+            ]
+            if getattr(mod, "has_bias", False):
+                splits.append(ParamSplit(gate_up_name + e.bias_suffix, 1, splits[0].ranges))
+                hidden = down.shape[2] if transposed else down.shape[1]
+                splits.append(ParamSplit(e.down + e.bias_suffix, 1,
+                                         tuple(((0, hidden),) for _ in range(self.tp)),
+                                         zero_off_rank0=True))
+            nbytes = []
+            for r in range(self.tp):
+                total = 0
+                for sp in splits:
+                    t = getattr(mod, sp.param)
+                    total += t.numel() // t.shape[sp.dim] * ranges_len(sp.ranges[r]) * t.element_size()
+                nbytes.append(total)
+            self.specs[name] = ModuleSpec(
+                name, EXPERTS, EXPERT_WEIGHTS,
+                f"structure: {down.shape[0]} fused experts, intermediate size {inter} split",
+                split="in", full=inter, ranges=tuple((part.range(r),) for r in range(self.tp)),
+                weight_shape=tuple(down.shape), nbytes=tuple(nbytes), params=tuple(splits))
+            if isinstance(mod.__dict__.get(e.intermediate_attr), int):
+                self.attr_updates.append(AttrUpdate(name, e.intermediate_attr, inter,
+                                                    tuple(part.sizes)))
+            self.collectives.append(Collective("all_reduce", name, down.shape[2 if transposed else 1]))
+
     def run(self) -> ShardPlan:
         pairs = self.find_pairs()
         for row, cols in pairs.items():
@@ -321,26 +391,27 @@ class _Planner:
             if ruled:
                 for n in [row, *cols]:
                     role, pattern = self.rules.get(n, (REPLICATE, None))
-                    why = f"rule {pattern!r}" if pattern else f"rule on its partner {collapse(ruled[0])}"
-                    self.specs[n] = self._spec(n, REPLICATE, why)
+                    self.kept_whole[n] = (f"rule {pattern!r}" if pattern else
+                                          f"rule on its partner {collapse(ruled[0])}")
                 continue
             unsafe = self._unsafe_reason(row, cols)
             if unsafe:
                 for n in [row, *cols]:
-                    self.specs[n] = self._spec(n, REPLICATE, f"kept whole: {unsafe}")
+                    self.kept_whole[n] = f"kept whole: {unsafe}"
                 note = f"{collapse(row)} and its partners kept replicated: {unsafe}"
                 if note not in self.notes:
                     self.notes.append(note)
                 continue
             self.plan_pair(row, cols)
         self.plan_embeddings()
+        self.plan_experts()
         # tied weights must be sharded identically
         self._check_ties()
         for name in self.kinds:
             if name not in self.specs:
                 role, pattern = self.rules.get(name, (None, None))
-                reason = (f"rule {pattern!r}" if pattern else
-                          "structure: its output joins the residual stream (not paired)")
+                reason = (f"rule {pattern!r}" if pattern else self.kept_whole.get(
+                    name, "structure: its output joins the residual stream (not paired)"))
                 self.specs[name] = self._spec(name, REPLICATE, reason)
         order = {n: i for i, n in enumerate(self.modules)}
         specs = tuple(sorted(self.specs.values(), key=lambda s: order[s.name]))
@@ -351,6 +422,7 @@ class _Planner:
         return ShardPlan(
             tp_size=self.tp, model_type=getattr(self.config, "model_type", None), specs=specs,
             attr_updates=tuple(self.attr_updates), local_configs=tuple(self.local_configs),
+            head_sliced_kwargs=tuple(self.head_sliced),
             collectives=tuple(self.collectives), replicated_bytes=replicated,
             notes=tuple(self.notes), tp_plan_differences=tuple(self._compare_tp_plan(specs)),
             head_shape=self.heads,
@@ -363,6 +435,14 @@ class _Planner:
         for names in by_param.values():
             if len(names) < 2:
                 continue
+            for n in names:  # a tied module never called in the probe follows its partners
+                partner = next((self.specs[m] for m in names if m in self.specs
+                                and self.kinds[m] == self.kinds[n]), None)
+                if n not in self.graph.order and n not in self.specs and partner is not None:
+                    self.specs[n] = ModuleSpec(
+                        n, partner.role, partner.kind, f"tied to {collapse(partner.name)}",
+                        partner.split, partner.full, partner.ranges, partner.layout,
+                        weight_shape=partner.weight_shape, nbytes=(0,) * self.tp)
             specs = [self.specs.get(n) for n in names]
             sharded = [s for s in specs if s is not None and s.role in SHARDED_ROLES]
             if not sharded:

@@ -16,9 +16,11 @@ from torch import nn
 from .accelerators import Communicator
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
-from .layers import TPModule, parallel_class, set_local_features
+from .layers import TPModule, head_slicing_hook, parallel_class, set_local_features
 from .layouts import take_ranges
-from .plan import EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, VOCAB_EMBEDDING, ShardPlan
+from .plan import (
+    EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, VOCAB_EMBEDDING, ModuleSpec, ParamSplit, ShardPlan,
+)
 from .planner import derive_plan
 
 PLAN_ATTR = "_xtp_plan"
@@ -30,8 +32,7 @@ class _Change:
     module: nn.Module
     role: str
     kind: str
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    params: dict[str, torch.Tensor]
     meta: dict
 
 
@@ -63,57 +64,70 @@ def _check_not_sharded(model: nn.Module, ctx: TPContext) -> None:
         )
 
 
-def slice_module(module: nn.Module, spec, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This rank's weight and bias for ``module`` under ``spec`` (new tensors)."""
-    dim = weight_dim(spec.kind, spec.split)
-    weight = take_ranges(module.weight.detach(), dim, spec.ranges[rank])
-    bias = getattr(module, "bias", None)
-    if bias is not None and spec.split == "out" and spec.kind != EMBEDDING:
-        bias = take_ranges(bias.detach(), 0, spec.ranges[rank])
-    return weight, bias
+def slice_param(tensor: torch.Tensor, split: ParamSplit, rank: int) -> torch.Tensor:
+    """This rank's piece of ``tensor`` under ``split`` (a new tensor)."""
+    local = take_ranges(tensor.detach(), split.dim, split.ranges[rank])
+    if split.zero_off_rank0 and rank != 0:
+        local.zero_()
+    return local
+
+
+def slice_module(module: nn.Module, spec: ModuleSpec, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's pieces of ``module``'s split parameters: ``{param name: tensor}``."""
+    out = {}
+    for split in spec.param_splits():
+        tensor = module._parameters.get(split.param)
+        if tensor is not None:
+            out[split.param] = slice_param(tensor, split, rank)
+    return out
+
+
+def _rank_meta(spec: ModuleSpec, plan: ShardPlan, rank: int) -> dict:
+    meta = {}
+    if spec.role == LM_HEAD:
+        meta["tp_sizes"] = tuple(spec.local_extent(r) for r in range(plan.tp_size))
+    if spec.role == VOCAB_EMBEDDING:
+        meta["tp_vocab_start"] = spec.ranges[rank][0][0]
+    if spec.kind in (OUT_IN, IN_OUT):
+        meta["tp_kind"] = spec.kind
+    return meta
 
 
 def _prepare(model: nn.Module, plan: ShardPlan, rank: int) -> list[_Change]:
     modules = dict(model.named_modules())
-    changes, memo = [], {}
+    changes = []
+    memo: dict[int, torch.Tensor] = {}
     for spec in plan.sharded():
         mod = modules[spec.name]
-        if mod.weight.is_meta:
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
             raise PlanError(
                 f"{spec.name} has no weights (meta device); use xtp.from_pretrained(path) to "
                 "load a checkpoint straight into shards"
             )
-        key = id(mod.weight)
-        if key in memo:
-            weight, _ = memo[key]
-            bias = getattr(mod, "bias", None)
-        else:
-            weight, bias = slice_module(mod, spec, rank)
-            memo[key] = (weight, bias)
-        meta = {}
-        if spec.role in (LM_HEAD,):
-            meta["tp_sizes"] = tuple(spec.local_extent(r) for r in range(plan.tp_size))
-        if spec.role == VOCAB_EMBEDDING:
-            meta["tp_vocab_start"] = spec.ranges[rank][0][0]
-        changes.append(_Change(mod, spec.role, spec.kind, weight, bias, meta))
+        params = {}
+        for split in spec.param_splits():
+            tensor = mod._parameters.get(split.param)
+            if tensor is None:
+                continue
+            if id(tensor) not in memo:  # tied parameters are sliced once
+                memo[id(tensor)] = slice_param(tensor, split, rank)
+            params[split.param] = memo[id(tensor)]
+        changes.append(_Change(mod, spec.role, spec.kind, params, _rank_meta(spec, plan, rank)))
     return changes
 
 
 def _apply(model, plan, changes, comm, rank, device) -> None:
     modules = dict(model.named_modules())
-    params: dict[int, nn.Parameter] = {}
+    new_params: dict[int, nn.Parameter] = {}
     for ch in changes:
         mod = ch.module
-        old = mod.weight
-        if id(old) not in params:
-            params[id(old)] = nn.Parameter(ch.weight, requires_grad=old.requires_grad)
-        mod.weight = params[id(old)]
-        if ch.bias is not None and ch.bias is not getattr(mod, "bias", None):
-            mod.bias = nn.Parameter(ch.bias, requires_grad=mod.bias.requires_grad)
+        for name, tensor in ch.params.items():
+            old = mod._parameters[name]
+            if id(tensor) not in new_params:
+                new_params[id(tensor)] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            setattr(mod, name, new_params[id(tensor)])
         mod.__class__ = parallel_class(ch.role, type(mod))
         mod.tp_comm = comm
-        if ch.kind in (OUT_IN, IN_OUT):
-            mod.tp_kind = ch.kind
         for k, v in ch.meta.items():
             setattr(mod, k, v)
         set_local_features(mod, ch.kind)
@@ -122,6 +136,9 @@ def _apply(model, plan, changes, comm, rank, device) -> None:
             mod.padding_idx = local if 0 <= local < mod.weight.shape[0] else None
     for upd in plan.attr_updates:
         setattr(modules[upd.module], upd.attr, upd.values[rank])
+    for name, kwarg, layout, heads, num_heads in plan.head_sliced_kwargs:
+        modules[name].register_forward_pre_hook(
+            head_slicing_hook(kwarg, layout, heads[rank], num_heads), with_kwargs=True)
     for name, values in plan.local_configs:
         mod = modules[name]
         local = copy.copy(mod.config)
