@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import XtpError
-from . import env
+from . import env, plan_cmd, run_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run_cmd.add_parser(sub)
+    plan_cmd.add_parser(sub)
     env.add_parser(sub)
     return parser
 
