@@ -84,7 +84,9 @@ class TorchCommunicator(Communicator):
             self._rank = dist.get_rank(group)
         else:
             if group is not None:
-                raise ValueError("a process group was given but torch.distributed is not initialised")
+                raise ValueError(
+                    "a process group was given but torch.distributed is not initialised"
+                )
             self._world, self._rank = 1, 0
 
     @property
@@ -127,7 +129,10 @@ class TorchCommunicator(Communicator):
             local = torch.cat([local, pad], 0)
         local = local.contiguous()
         out = local.new_empty((width * self._world, *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=self.group)
+        # newer torch deprecates all_gather_into_tensor (a FutureWarning per call) in favour
+        # of all_gather_single, which older torch lacks
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, local, group=self.group)
         pieces = [out.narrow(0, r * width, n) for r, n in enumerate(sizes)]
         return torch.cat(pieces, 0).movedim(0, dim).contiguous()
 

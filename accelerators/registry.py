@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Callable
 
 from .base import Accelerator
 from .errors import AcceleratorError, AcceleratorUnavailableError, UnknownAcceleratorError
@@ -73,10 +73,9 @@ def plugins() -> tuple[dict[str, Callable[[], Accelerator]], dict[str, str]]:
         return _plugin_cache
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
         name = ep.name.lower()
-        if name in BUILTINS:
-            broken[name] = f"plugin {ep.value!r} uses the built-in name {name!r}; rename it"
-            continue
         try:
+            if name in BUILTINS:
+                raise ValueError(f"it uses the built-in name {name!r}; rename it")
             factory = ep.load()
             if not callable(factory):
                 raise TypeError(f"entry point {ep.value!r} is not a class or factory")
@@ -181,7 +180,8 @@ def select(name: str | Accelerator | None = None) -> Selection:
         return _cache
     env = os.environ.get(ENV_ACCELERATOR, "").strip()
     if env:
-        sel = Selection(_require_available(create(env), f"{ENV_ACCELERATOR}={env}"), ENV_ACCELERATOR)
+        acc = _require_available(create(env), f"{ENV_ACCELERATOR}={env}")
+        sel = Selection(acc, ENV_ACCELERATOR)
     else:
         sel = _auto_detect()
     _cache = sel

@@ -1,4 +1,4 @@
-"""Intel GPUs through torch.xpu; collectives through ``xccl`` (stock torch) or ``ccl`` (oneCCL bindings).
+"""Intel GPUs through torch.xpu; collectives through ``xccl`` (stock torch) or ``ccl`` (oneCCL).
 
 The oneCCL bindings (``oneccl_bindings_for_pytorch``) are end-of-life and abort on a torch
 version mismatch, so they are imported only in :meth:`prepare_distributed` when ``ccl`` was

@@ -136,7 +136,9 @@ class RankPool:
             p.start()
         self._broken = False
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[Any]:
         """Run ``fn(*args)`` on every rank; results ordered by rank."""
         if self._broken:
             raise RankFailure("this rank pool broke in an earlier test")

@@ -1,8 +1,6 @@
 import torch
 import torch.distributed as dist
 
-import ranks
-
 
 def _sum_ranks():
     t = torch.tensor([float(dist.get_rank() + 1)])

@@ -145,7 +145,9 @@ def init_distributed(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     if not dist.is_initialized() and (group is not None or mesh is not None):
-        raise DistributedSetupError("a group or mesh was given but torch.distributed is not initialised")
+        raise DistributedSetupError(
+            "a group or mesh was given but torch.distributed is not initialised"
+        )
     if not dist.is_initialized() and not _under_launcher():
         if tp_size not in (None, 1):
             raise DistributedSetupError(
