@@ -91,16 +91,24 @@ class HeadPartition:
         return b - a
 
 
+def _head_problem(num_heads: int, num_kv_heads: int, tp: int) -> str | None:
+    """Why ``tp`` ranks cannot share these heads, or ``None`` when they can."""
+    if tp < 1:
+        return f"tp_size must be >= 1, got {tp}"
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        return f"{num_heads} query heads cannot be grouped over {num_kv_heads} KV heads"
+    if tp > num_heads:
+        return (f"tp_size={tp} is larger than the number of attention heads ({num_heads}); "
+                "every rank needs at least one head")
+    if num_kv_heads < tp and tp % num_kv_heads:
+        return (f"tp_size={tp} cannot share {num_kv_heads} KV heads: with fewer KV heads than "
+                f"ranks, tp_size must be a multiple of {num_kv_heads}")
+    return None
+
+
 def valid_head_tp_sizes(num_heads: int, num_kv_heads: int, limit: int = 64) -> list[int]:
     """TP sizes (<= ``limit``) that :func:`partition_heads` accepts for this head layout."""
-    out = []
-    for tp in range(1, limit + 1):
-        try:
-            partition_heads(num_heads, num_kv_heads, tp)
-            out.append(tp)
-        except TPSizeError:
-            pass
-    return out
+    return [tp for tp in range(1, limit + 1) if _head_problem(num_heads, num_kv_heads, tp) is None]
 
 
 def partition_heads(num_heads: int, num_kv_heads: int, tp: int) -> HeadPartition:
@@ -115,30 +123,16 @@ def partition_heads(num_heads: int, num_kv_heads: int, tp: int) -> HeadPartition
         TPSizeError: the heads cannot be spread over ``tp`` ranks (the message lists sizes
             that work).
     """
-    if tp < 1:
-        raise TPSizeError(f"tp_size must be >= 1, got {tp}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise TPSizeError(
-            f"{num_heads} query heads cannot be grouped over {num_kv_heads} KV heads"
-        )
+    problem = _head_problem(num_heads, num_kv_heads, tp)
+    if problem is not None:
+        sizes = valid_head_tp_sizes(num_heads, num_kv_heads, max(num_heads, 1))
+        raise TPSizeError(f"{problem}. Sizes that work: {sizes}")
     group = num_heads // num_kv_heads
-    if tp > num_heads:
-        raise TPSizeError(
-            f"tp_size={tp} is larger than the number of attention heads ({num_heads}); every "
-            f"rank needs at least one head. Sizes that work: "
-            f"{valid_head_tp_sizes(num_heads, num_kv_heads, num_heads)}"
-        )
     if num_kv_heads >= tp:
         groups = split_even(num_kv_heads, tp)
         q = Partition(tuple(g * group for g in groups))
         kv = Partition(groups)
         return HeadPartition(num_heads, num_kv_heads, q, tuple(kv.range(r) for r in range(tp)))
-    if tp % num_kv_heads:
-        raise TPSizeError(
-            f"tp_size={tp} cannot share {num_kv_heads} KV heads: with fewer KV heads than ranks, "
-            f"tp_size must be a multiple of {num_kv_heads}. Sizes that work: "
-            f"{valid_head_tp_sizes(num_heads, num_kv_heads, num_heads)}"
-        )
     per_kv = tp // num_kv_heads
     q_sizes: list[int] = []
     kv_ranges: list[tuple[int, int]] = []

@@ -251,7 +251,7 @@ class _Planner:
             raise PlanError(f"{collapse(row)} reads per-head biases but its {width} input "
                             f"features are not num_heads x head_dim ({H} x {D})")
         else:
-            mlp = Partition(split_even(width, self.tp))
+            mlp = Partition(split_aligned(width, self.tp))
             if min(mlp.sizes) == 0:
                 raise PlanError(f"{collapse(row)} has {width} input features, fewer than tp")
             row_ranges = [(mlp.range(r),) for r in range(self.tp)]
