@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import XtpError
-from . import env, plan_cmd, run_cmd
+from . import env, plan_cmd, preshard, run_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(sub)
     plan_cmd.add_parser(sub)
     env.add_parser(sub)
+    preshard.add_parser(sub)
     return parser
 
 

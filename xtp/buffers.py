@@ -1,0 +1,141 @@
+"""Rebuilding the buffers a checkpoint does not hold (rotary ``inv_freq``, ``position_ids``...).
+
+A model built on the meta device has meta buffers. Non-persistent buffers are not in any
+checkpoint, so they must be computed again, exactly as a normal ``from_pretrained`` does:
+
+1. transformers models: give each such buffer real (empty) storage on the target device, mark
+   every parameter and loaded buffer as initialised, and run the model's own
+   ``initialize_weights()`` (its ``_init_weights`` recomputes rotary frequencies from the config,
+   with any rope scaling, and position ids). This is the very code path transformers' loader
+   uses, so the values are bit-identical to a normally loaded model.
+2. anything left unset after that (a buffer ``_init_weights`` does not know, or a model that is
+   not a transformers ``PreTrainedModel``) is taken from a second construction of the model in
+   which parameters go to the meta device and buffers are computed for real on the CPU, the way
+   the module's ``__init__`` computes them.
+
+Unset buffers are detected with a sentinel fill (NaN, or the integer minimum) before step 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def non_persistent_buffers(model: nn.Module, extra: frozenset[str] = frozenset()
+                           ) -> list[tuple[str, nn.Module, str]]:
+    """``(full name, owning module, attribute)`` of every non-persistent buffer (and of the
+    buffers named in ``extra``); a buffer shared by two modules is listed under each."""
+    out = []
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for bname, buf in mod._buffers.items():
+            full = f"{mname}.{bname}" if mname else bname
+            if buf is not None and (bname in mod._non_persistent_buffers_set or full in extra):
+                out.append((full, mod, bname))
+    return out
+
+
+def _sentinel_fill(t: torch.Tensor) -> bool:
+    """Fill ``t`` with a value no initialiser writes; False for dtypes with no such value."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+        return True
+    if t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8):
+        t.fill_(torch.iinfo(t.dtype).min)
+        return True
+    return False
+
+
+def _still_sentinel(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return False
+    if t.is_floating_point():
+        return bool(torch.isnan(t).all())
+    return bool((t == torch.iinfo(t.dtype).min).all())
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Inside: every parameter a module registers is moved to the meta device at once (its
+    untouched CPU allocation is freed); buffers stay real. As accelerate's
+    ``init_empty_weights(include_buffers=False)``."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(param)
+            self._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def constructed_buffers(config, model_class: type | None, dtype: torch.dtype | None) -> dict:
+    """Every buffer of a fresh construction of the model (parameters on meta, buffers real on
+    the CPU): ``{full name: tensor}``."""
+    from .build import model_class_for
+
+    cls = model_class_for(config, model_class)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with _params_on_meta(), torch.device("cpu"):
+        model = cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls(config)
+    return dict(model.named_buffers(remove_duplicate=False))
+
+
+def rebuild_non_persistent(model: nn.Module, device: torch.device, config=None,
+                           model_class: type | None = None, dtype: torch.dtype | None = None,
+                           extra: frozenset[str] = frozenset()) -> list[str]:
+    """Give every non-persistent buffer of ``model`` (and the persistent ones named in
+    ``extra``, e.g. absent from the checkpoint) its real value on ``device``, in place.
+
+    Call while parameters are still meta or already loaded (not yet class-swapped); parameters
+    and other buffers are never written. Returns the names filled by construction (step 2).
+    """
+    buffers = non_persistent_buffers(model, extra)
+    if not buffers:
+        return []
+    fresh: dict[int, torch.Tensor] = {}
+    unchecked: list[str] = []
+    for name, mod, attr in buffers:
+        old = mod._buffers[attr]
+        if id(old) not in fresh:
+            new = torch.empty_like(old, device=device) if old.is_meta else old
+            if old.is_meta and not _sentinel_fill(new):
+                unchecked.append(name)
+            fresh[id(old)] = new
+        mod._buffers[attr] = fresh[id(old)]
+    if hasattr(model, "initialize_weights"):
+        for p in model.parameters():
+            p._is_hf_initialized = True
+        rebuilt = {id(t) for t in fresh.values()}
+        for b in model.buffers():
+            if id(b) not in rebuilt:
+                b._is_hf_initialized = True
+        with torch.no_grad():
+            model.initialize_weights()
+    todo = [n for n, mod, attr in buffers
+            if n in unchecked or _still_sentinel(mod._buffers[attr])]
+    if not todo:
+        return []
+    if config is None:
+        config = getattr(model, "config", None)
+    built = constructed_buffers(config, model_class, dtype)
+    done: dict[int, torch.Tensor] = {}
+    for name, mod, attr in buffers:
+        if name not in todo:
+            continue
+        if name not in built:
+            raise RuntimeError(f"buffer {name} could not be rebuilt: it is not created by the "
+                               "model's constructor nor by its _init_weights")
+        key = id(mod._buffers[attr])
+        if key not in done:
+            done[key] = built[name].to(device=device, dtype=mod._buffers[attr].dtype)
+        mod._buffers[attr] = done[key]
+    return todo
