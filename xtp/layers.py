@@ -65,11 +65,17 @@ class RowParallel(TPModule):
 
 
 class ParallelLMHead(TPModule):
+    """``tp_gather_output=False`` (see :func:`xtp.training.local_logits`) returns this rank's
+    vocabulary slice of the logits, for a vocab-parallel loss with no full-vocabulary tensor."""
+
     tp_role = LM_HEAD
     tp_sizes: tuple[int, ...] = ()
+    tp_gather_output: bool = True
 
     def forward(self, x, *args, **kwargs):
         local = super().forward(copy_to_group(x, self.tp_comm), *args, **kwargs)
+        if not self.tp_gather_output:
+            return local
         return gather_from_group(local, self.tp_comm, -1, self.tp_sizes)
 
 
@@ -155,5 +161,14 @@ def head_slicing_hook(kwarg: str, layout: str, heads: tuple[int, int], num_heads
         local = t.reshape(batch, num_heads, *t.shape[1:])[:, start:stop]
         kwargs[kwarg] = local.reshape(batch * (stop - start), *t.shape[1:])
         return args, kwargs
+
+    return hook
+
+
+def partial_grad_hook(comm: Communicator):
+    """A tensor hook that sums a replicated parameter's partial gradient over the TP group."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(grad.clone())
 
     return hook

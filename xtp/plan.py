@@ -119,6 +119,9 @@ class ShardPlan:
     notes: tuple[str, ...] = ()
     tp_plan_differences: tuple[str, ...] = ()
     head_shape: tuple[int, int, int] | None = None
+    #: replicated parameters that see sharded activations (e.g. per-head q/k norms): each rank
+    #: computes only part of their gradient, so it is summed over the TP group in backward
+    partial_grad_params: tuple[str, ...] = ()
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

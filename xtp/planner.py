@@ -150,6 +150,7 @@ class _Planner:
         self.attr_updates: list[AttrUpdate] = []
         self.local_configs: list = []
         self.head_sliced: list = []
+        self.partial_grads: list[str] = []
         self.collectives: list[Collective] = []
         self.notes: list[str] = []
 
@@ -256,6 +257,12 @@ class _Planner:
                 raise PlanError(f"{collapse(row)} has {width} input features, fewer than tp")
             row_ranges = [(mlp.range(r),) for r in range(self.tp)]
             kind = f"{width} features"
+        for c in cols:
+            for mod_name in self.graph.inner.get(c, {}):
+                for pname, _ in self.modules[mod_name].named_parameters(recurse=False):
+                    full = f"{mod_name}.{pname}" if mod_name else pname
+                    if full not in self.partial_grads:
+                        self.partial_grads.append(full)
         col_specs = []
         for c in cols:
             layout, ranges = self._column_ranges(c, width, hp, mlp)
@@ -423,6 +430,7 @@ class _Planner:
             tp_size=self.tp, model_type=getattr(self.config, "model_type", None), specs=specs,
             attr_updates=tuple(self.attr_updates), local_configs=tuple(self.local_configs),
             head_sliced_kwargs=tuple(self.head_sliced),
+            partial_grad_params=tuple(self.partial_grads),
             collectives=tuple(self.collectives), replicated_bytes=replicated,
             notes=tuple(self.notes), tp_plan_differences=tuple(self._compare_tp_plan(specs)),
             head_shape=self.heads,

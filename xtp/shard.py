@@ -16,7 +16,9 @@ from torch import nn
 from .accelerators import Communicator
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
-from .layers import TPModule, head_slicing_hook, parallel_class, set_local_features
+from .layers import (
+    TPModule, head_slicing_hook, parallel_class, partial_grad_hook, set_local_features,
+)
 from .layouts import take_ranges
 from .plan import (
     EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, VOCAB_EMBEDDING, ModuleSpec, ParamSplit, ShardPlan,
@@ -139,6 +141,10 @@ def _apply(model, plan, changes, comm, rank, device) -> None:
     for name, kwarg, layout, heads, num_heads in plan.head_sliced_kwargs:
         modules[name].register_forward_pre_hook(
             head_slicing_hook(kwarg, layout, heads[rank], num_heads), with_kwargs=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in plan.partial_grad_params:
+        if name in params and params[name].requires_grad:
+            params[name].register_hook(partial_grad_hook(comm))
     for name, values in plan.local_configs:
         mod = modules[name]
         local = copy.copy(mod.config)
