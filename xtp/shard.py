@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .accelerators import Communicator
+from .consistency import check_fingerprints, fingerprint, verify_replicated
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
 from .layers import (
@@ -164,6 +165,7 @@ def shard(
     context: TPContext | None = None,
     communicator: Communicator | Callable[[Communicator], Communicator] | None = None,
     plan: ShardPlan | None = None,
+    verify: bool = False,
 ) -> nn.Module:
     """Shard ``model`` in place for tensor parallelism on this rank's TP group; returns it.
 
@@ -175,6 +177,8 @@ def shard(
         context: a :class:`~xtp.TPContext` from :func:`xtp.init_distributed` (default: made).
         communicator: a Communicator, or a wrapper ``f(comm) -> comm`` (e.g. counting).
         plan: a precomputed plan for this model and tp_size (default: derived).
+        verify: also check, before sharding, that every replicated parameter is identical on
+            all ranks (one all-gather of checksums).
 
     The model's forward, ``generate()`` and hooks keep working; other ranks' weights are freed
     once nothing else references them. Raises :class:`~xtp.errors.XtpError` subclasses for bad
@@ -186,6 +190,10 @@ def shard(
         plan = derive_plan(model, ctx.tp_size, rules)
     elif plan.tp_size != ctx.tp_size:
         raise PlanError(f"the plan is for tp_size={plan.tp_size}, this group has {ctx.tp_size}")
+    if ctx.tp_size > 1:  # cheap: one small all-gather, before anything changes
+        check_fingerprints(fingerprint(model, plan), ctx.tp_group)
+        if verify:
+            verify_replicated(model, plan, ctx.tp_group)
     base = ctx.communicator()
     comm = communicator(base) if callable(communicator) and not isinstance(
         communicator, Communicator) else (communicator or base)
