@@ -12,6 +12,8 @@ from .backend import ENV_DIST_BACKEND, resolve_dist_backend
 from .base import Accelerator, Availability
 from .communicator import Communicator, TorchCommunicator
 from .counting import CollectiveRecord, CountingCommunicator
+from .cpu_shm import CollectiveMismatchError, ShmCommunicator, create_cpu_communicator
+from .cpu_threads import apply_threads, threads_per_rank
 from .errors import (
     AcceleratorError,
     AcceleratorUnavailableError,
@@ -37,10 +39,11 @@ from .registry import (
 
 __all__ = [
     "Accelerator", "Availability", "AcceleratorError", "AcceleratorSelectionWarning",
-    "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS", "CollectiveRecord",
-    "CollectiveTimeoutError", "Communicator", "CountingCommunicator", "DETECTION_ORDER",
-    "ENV_ACCELERATOR", "ENV_DIST_BACKEND", "PLUGIN_GROUP", "Selection", "TorchCommunicator",
-    "UnknownAcceleratorError", "XtpError", "copy_to_group", "create", "gather_from_group",
-    "get_accelerator", "known_names", "plugins", "reduce_from_group", "reset_accelerator",
-    "resolve_dist_backend", "scatter_to_group", "select",
+    "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS",
+    "CollectiveMismatchError", "CollectiveRecord", "CollectiveTimeoutError", "Communicator",
+    "CountingCommunicator", "DETECTION_ORDER", "ENV_ACCELERATOR", "ENV_DIST_BACKEND",
+    "PLUGIN_GROUP", "Selection", "ShmCommunicator", "TorchCommunicator", "UnknownAcceleratorError",
+    "XtpError", "apply_threads", "copy_to_group", "create", "create_cpu_communicator",
+    "gather_from_group", "get_accelerator", "known_names", "plugins", "reduce_from_group",
+    "reset_accelerator", "resolve_dist_backend", "scatter_to_group", "select", "threads_per_rank",
 ]

@@ -1,6 +1,13 @@
-"""Plain CPU cores, collectives through gloo (``ccl`` only when asked for by XTP_DIST_BACKEND)."""
+"""Plain CPU cores, collectives through gloo (``ccl`` only when asked for by XTP_DIST_BACKEND).
+
+All-reduce and all-gather between ranks of one host go through shared memory
+(:mod:`cpu_shm`), an order of magnitude faster than gloo for decode-sized tensors; the
+group falls back to gloo where that cannot serve it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -8,10 +15,20 @@ from ._torch_compat import backend_available
 from .base import Accelerator, Availability
 from .errors import BackendUnavailableError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.distributed as dist
+
+    from .communicator import Communicator
+
 
 class CpuAccelerator(Accelerator):
     name = "cpu"
     device_type = "cpu"
+
+    def __init__(self, shm: bool | None = None) -> None:
+        """``shm``: use shared-memory collectives between ranks of one host; ``None`` (default)
+        lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo."""
+        self.shm = shm
 
     def availability(self) -> Availability:
         return Availability(True)
@@ -37,3 +54,11 @@ class CpuAccelerator(Accelerator):
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
+
+    def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
+        """A shared-memory communicator when every rank of ``group`` (more than one) is on
+        this host and it is not switched off, else the gloo :class:`TorchCommunicator`.
+        Collective over ``group`` when it has more than one rank."""
+        from .cpu_shm import create_cpu_communicator
+
+        return create_cpu_communicator(group, enabled=self.shm)
