@@ -97,6 +97,7 @@ FUSED_CASES = {
     ("phi3", "gate_up_proj", mt.GATE_UP_CONCAT): "phi3",
     ("gpt2", "c_attn", mt.QKV_CONCAT): "gpt2",
     ("gpt_bigcode", "c_attn", mt.QKV_CONCAT): "gpt_bigcode",
+    ("gpt_bigcode", "c_attn", mt.QKV_INTERLEAVED): "gpt_bigcode_mha",
     ("gpt_neox", "query_key_value", mt.QKV_INTERLEAVED): "gpt_neox",
     ("bloom", "query_key_value", mt.QKV_INTERLEAVED): "bloom",
     ("falcon", "query_key_value", mt.QKV_GROUPED): "falcon_grouped_kv2",
@@ -166,15 +167,11 @@ def test_fused_entry_negated_flag(monkeypatch):
 # is QKV_INTERLEAVED. The table maps ("gpt_bigcode", "c_attn") to QKV_CONCAT unconditionally,
 # and (H + 2K) * D == 3 * H * D when K == H, so the width check passes: the plan is accepted and
 # the sharded model computes wrong attention, silently (relative error ~0.6 at tp 2).
-@pytest.mark.xfail(strict=True, reason="bug: gpt_bigcode multi_query=False c_attn is per-head "
-                   "interleaved, FUSED_LAYOUTS says qkv_concat (silent wrong output)")
 def test_gpt_bigcode_multi_head_c_attn_layout():
     assert {s.layout for s in plan_of("gpt_bigcode_mha", 2).specs
             if leaf(s.name) == "c_attn"} == {mt.QKV_INTERLEAVED}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: gpt_bigcode multi_query=False sharded with the "
-                   "qkv_concat layout gives wrong logits")
 def test_gpt_bigcode_multi_head_numerically():
     assert sharded_rel_err("gpt_bigcode_mha", 2) <= TOL
 
@@ -329,7 +326,10 @@ def test_phi3_attention_gets_a_private_config():
 
 
 def test_head_sliced_kwargs_table():
-    assert mt.HEAD_SLICED_KWARGS == {"bloom": {"alibi": "batch_x_heads"}}
+    assert mt.HEAD_SLICED_KWARGS == {
+        "bloom": {"alibi": "batch_x_heads"},
+        "falcon": {"alibi": "heads_dim1", "attention_mask": "heads_dim1"},
+    }
 
 
 def test_bloom_alibi_entry_in_plan():
@@ -375,8 +375,6 @@ def test_head_slicing_hook_keeps_this_ranks_heads():
 # to the rank's heads (HEAD_SLICED_KWARGS has no "falcon" entry, and "batch_x_heads" would not
 # fit these 4-D shapes), so the plan is accepted and forward fails at tp > 1 with "The size of
 # tensor a (6) must match the size of tensor b (12) at non-singleton dimension 1".
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: falcon alibi=True: alibi and "
-                   "the per-head attention mask are not sliced to local heads")
 def test_falcon_alibi_numerically():
     assert sharded_rel_err("falcon_alibi", 2) <= TOL
 

@@ -216,15 +216,11 @@ def test_every_column_feeds_a_row(case_id):
 OPT_350M_LIKE = dict(word_embed_proj_dim=48)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: tie demotion leaves OPT project_out a column "
-                   "feeding a replicated lm_head")
 def test_every_column_feeds_a_row_opt_projected_embeddings():
     partners = _column_partners(xtp.plan(config_of("opt", **OPT_350M_LIKE), 2))
     assert set(partners.values()) == {ROW}, partners
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: OPT with word_embed_proj_dim "
-                   "!= hidden_size fails in forward at tp 2 (project_out sharded, lm_head whole)")
 def test_opt_projected_embeddings_numerically():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
@@ -399,8 +395,6 @@ def test_failed_shard_restores_parameters_and_classes(monkeypatch):
 # split_size and embed_dim 96 -> 48), head-slicing hooks (Bloom) and private local configs
 # (Phi-3) are applied to *other* modules (the attention parents) and stay applied when a later
 # step fails: the "unchanged" model then crashes in forward ("too many values to unpack").
-@pytest.mark.xfail(strict=True, reason="bug: a failed shard() does not roll back attr_updates "
-                   "(nor head-slicing hooks / local configs) on attention modules")
 def test_failed_shard_restores_attention_attributes(monkeypatch):
     model = _gpt2()
     attn = model.transformer.h[0].attn

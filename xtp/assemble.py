@@ -138,7 +138,7 @@ def finish_sharding(
     else:
         comm = communicator or base
     changes = _changes(model, plan, ctx.tp_rank) if ctx.tp_size > 1 else []
-    _apply(model, plan, changes, comm, ctx.tp_rank, ctx.device)
+    _apply(model, plan, changes, comm, ctx.tp_rank, ctx.device, [])
     setattr(model, PLAN_ATTR, plan)
     setattr(model, CONTEXT_ATTR, ctx)
     return model

@@ -25,7 +25,7 @@ from .checkpoint_index import CheckpointIndex
 from .errors import CheckpointError
 from .keymap import tied_sources
 from .layouts import gather_ranges
-from .load import load_config, resolve_dtype, saved_class, skeleton
+from .load import entry_dtype, load_config, resolve_dtype, saved_class, skeleton
 from .planner import derive_plan
 from .presharded import (
     METADATA,
@@ -89,21 +89,24 @@ def preshard(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tp_size: 
             total = sum(source.cost(e) for entries in ranks for e in entries if source.has(e))
             bar = Progress.auto(progress, True, total, len(ckpt.files), "xtp preshard")
             ckpt.on_read = bar.update
+            pick = entry_dtype(model, dtype)
             files = {}
-            for r, entries in enumerate(ranks):
-                items = [(export_name(e, tied), e.meta.dtype, e.local_shape) for e in entries]
+            try:
+                for r, entries in enumerate(ranks):
+                    items = [(export_name(e, tied), pick(e), e.local_shape) for e in entries]
 
-                def tensor(i, entries=entries):
-                    e = entries[i]
-                    if e.zero:
-                        return torch.zeros(e.local_shape, dtype=e.meta.dtype)
-                    if source.has(e):
-                        return source.read(e, e.meta.dtype, torch.device("cpu"))
-                    return e.holders[0][0]._buffers[e.holders[0][1]]
+                    def tensor(i, entries=entries):
+                        e = entries[i]
+                        if e.zero:
+                            return torch.zeros(e.local_shape, dtype=pick(e))
+                        if source.has(e):
+                            return source.read(e, pick(e), torch.device("cpu"))
+                        return e.holders[0][0]._buffers[e.holders[0][1]]
 
-                files[str(r)] = write_rank_file(tmp / rank_file(r, tp_size), items, tensor, r,
-                                                plan)
-            bar.close()
+                    files[str(r)] = write_rank_file(tmp / rank_file(r, tp_size), items, tensor,
+                                                    r, plan)
+            finally:
+                bar.close()
         save_config(config, tmp, dtype)
         _copy_aux(src, tmp)
         meta = metadata(plan, model, dtype, files, str(src), "xtp preshard")

@@ -147,15 +147,23 @@ def unshard_class(module: nn.Module) -> None:
 def head_slicing_hook(kwarg: str, layout: str, heads: tuple[int, int], num_heads: int):
     """A forward pre-hook that cuts keyword input ``kwarg`` down to heads ``[start, stop)``.
 
-    Layout ``batch_x_heads``: ``(batch * num_heads, ...)`` -> ``(batch * local_heads, ...)``.
+    Layout ``batch_x_heads``: ``(batch * num_heads, ...)`` -> ``(batch * local_heads, ...)``;
+    ``heads_dim1``: ``(batch, num_heads, ...)`` -> ``(batch, local_heads, ...)``.
     """
     start, stop = heads
-    if layout != "batch_x_heads":
+    if layout not in ("batch_x_heads", "heads_dim1"):
         raise ValueError(f"unknown head-sliced layout {layout!r}")
 
     def hook(module, args, kwargs):
         t = kwargs.get(kwarg)
-        if t is None or t.shape[0] % num_heads:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if layout == "heads_dim1":
+            if t.dim() < 2 or t.shape[1] != num_heads:
+                return None
+            kwargs[kwarg] = t[:, start:stop]
+            return args, kwargs
+        if t.shape[0] % num_heads:
             return None
         batch = t.shape[0] // num_heads
         local = t.reshape(batch, num_heads, *t.shape[1:])[:, start:stop]

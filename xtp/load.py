@@ -110,6 +110,17 @@ def resolve_dtype(dtype, config, stored: torch.dtype | None) -> torch.dtype:
     return stored or torch.get_default_dtype()
 
 
+def entry_dtype(model: nn.Module, dtype: torch.dtype) -> Callable[[Entry], torch.dtype]:
+    """The dtype each tensor is loaded in: the skeleton's, except where transformers' keep-in-
+    fp32 rules force float32 (as its own loader does)."""
+    forced = _dtype_rule(model, dtype)
+
+    def pick(e: Entry) -> torch.dtype:
+        return (forced(e.aliases[0]) if e.meta.is_floating_point() else None) or e.meta.dtype
+
+    return pick
+
+
 def _dtype_rule(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
     """transformers' ``_keep_in_fp32_modules`` rules: name -> forced dtype (or None)."""
     plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
@@ -149,11 +160,11 @@ def fill_model(model: nn.Module, plan: ShardPlan, ctx: TPContext, source, folder
     total = sum(source.cost(e) for e in present)
     bar = Progress.auto(progress, ctx.rank == 0, total, len(source.files_for(present)))
     source.ckpt.on_read = bar.update
-    forced = _dtype_rule(model, dtype)
+    pick = entry_dtype(model, dtype)
     per_tensor = {}
     try:
         for e in present:
-            want = (forced(e.aliases[0]) if e.meta.is_floating_point() else None) or e.meta.dtype
+            want = pick(e)
             before = stats.bytes_read
             if e.zero:  # this rank holds zeros (a bias the all-reduce must add once)
                 e.set(torch.zeros(e.local_shape, dtype=want, device=ctx.device))

@@ -48,7 +48,8 @@ FUSED_LAYOUTS: dict[tuple[str, str], tuple[FusedEntry, ...]] = {
     ("phi3", "qkv_proj"): (FusedEntry(QKV_CONCAT),),
     ("phi3", "gate_up_proj"): (FusedEntry(GATE_UP_CONCAT),),
     ("gpt2", "c_attn"): (FusedEntry(QKV_CONCAT),),
-    ("gpt_bigcode", "c_attn"): (FusedEntry(QKV_CONCAT),),
+    ("gpt_bigcode", "c_attn"): (FusedEntry(QKV_CONCAT, when="multi_query"),
+                                FusedEntry(QKV_INTERLEAVED)),
     ("gpt_neox", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
     ("bloom", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
     ("falcon", "query_key_value"): (
@@ -82,8 +83,11 @@ LOCAL_CONFIG_MODEL_TYPES: frozenset[str] = frozenset({"phi3"})
 #: keyword inputs of an attention module that carry one slice per head for *all* heads and
 #: must be cut to this rank's heads: model_type -> {kwarg: layout}. Layout "batch_x_heads":
 #: a tensor of shape (batch * num_heads, ...), heads varying fastest (Bloom's ALiBi bias).
+#: Layout "heads_dim1": dimension 1 has one entry per head (left alone when it has size 1).
 HEAD_SLICED_KWARGS: dict[str, dict[str, str]] = {
     "bloom": {"alibi": "batch_x_heads"},
+    # Falcon with alibi=True: alibi (batch, heads, 1, kv) and a per-head mask (batch, heads, q, kv)
+    "falcon": {"alibi": "heads_dim1", "attention_mask": "heads_dim1"},
 }
 
 

@@ -298,12 +298,15 @@ class _Planner:
             mt.Q_WIDTH: (H * D, [q * D for q in local_q]),
             mt.KV_WIDTH: (K * D, [kv * D for kv in local_kv]),
         }
-        for attr, what in mt.HEAD_ATTRIBUTES.items():
-            value = attn.__dict__.get(attr)
-            full, local = quantity[what]
-            if (isinstance(value, int) and not isinstance(value, bool) and value == full
-                    and any(v != full for v in local)):
-                self.attr_updates.append(AttrUpdate(attn_name, attr, full, tuple(local)))
+        holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
+                   if n not in self.kinds]  # the attention module and its inner helpers
+        for holder_name, holder in holders:
+            for attr, what in mt.HEAD_ATTRIBUTES.items():
+                value = holder.__dict__.get(attr)
+                full, local = quantity[what]
+                if (isinstance(value, int) and not isinstance(value, bool) and value == full
+                        and any(v != full for v in local)):
+                    self.attr_updates.append(AttrUpdate(holder_name, attr, full, tuple(local)))
         for kwarg, layout in mt.HEAD_SLICED_KWARGS.get(
                 getattr(self.config, "model_type", None), {}).items():
             self.head_sliced.append((attn_name, kwarg, layout,
@@ -420,6 +423,8 @@ class _Planner:
                 reason = (f"rule {pattern!r}" if pattern else self.kept_whole.get(
                     name, "structure: its output joins the residual stream (not paired)"))
                 self.specs[name] = self._spec(name, REPLICATE, reason)
+        self.collectives = [c for c in self.collectives
+                            if self.specs.get(c.source) and self.specs[c.source].role in SHARDED_ROLES]
         order = {n: i for i, n in enumerate(self.modules)}
         specs = tuple(sorted(self.specs.values(), key=lambda s: order[s.name]))
         covered = {id(p) for s in specs for p in self.modules[s.name].parameters(recurse=False)}
@@ -457,9 +462,13 @@ class _Planner:
                 continue
             ranges = {s.ranges for s in sharded}
             if len(sharded) != len(names) or len(ranges) != 1:
-                for n in names:
+                groups = {s.group for s in sharded if s.group}
+                partners = [s.name for s in self.specs.values() if s.group in groups]
+                for n in [*names, *partners]:
                     self.specs[n] = self._spec(n, REPLICATE, "tied weight shared with a module "
-                                               "that cannot be sharded the same way")
+                                               "that cannot be sharded the same way"
+                                               if n in names else "its row/column partner is "
+                                               "kept whole (tied weight)")
                 self.notes.append(f"tied weights {', '.join(names)} kept replicated")
 
     def _compare_tp_plan(self, specs) -> list[str]:

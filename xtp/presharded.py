@@ -182,10 +182,13 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
         raise CheckpointError("another rank failed before writing")
     tied = tied_sources(model)
     entries = local_entries(model, None, ctx.tp_rank)
-    held = next((e.meta.dtype for e in entries if e.meta.is_floating_point()), torch.float32)
+    # each tensor as held (keep-in-fp32 modules stay fp32) unless a dtype is asked for
+    items = [(export_name(e, tied), dtype if dtype is not None and e.meta.is_floating_point()
+              else e.meta.dtype, tuple(e.meta.shape)) for e in entries]
+    held = getattr(model.config, "dtype", None)
+    if not isinstance(held, torch.dtype):
+        held = next((e.meta.dtype for e in entries if e.meta.is_floating_point()), torch.float32)
     dtype = dtype or held
-    items = [(export_name(e, tied), dtype if e.meta.is_floating_point() else e.meta.dtype,
-              tuple(e.meta.shape)) for e in entries]
     try:
         if ctx.dp_rank == 0:
             write_rank_file(tmp / rank_file(ctx.tp_rank, ctx.tp_size), items,

@@ -119,11 +119,23 @@ def _prepare(model: nn.Module, plan: ShardPlan, rank: int) -> list[_Change]:
     return changes
 
 
-def _apply(model, plan, changes, comm, rank, device) -> None:
+def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
+    """Change the model in place; append to ``undo`` a callable per step that reverts it."""
     modules = dict(model.named_modules())
     new_params: dict[int, nn.Parameter] = {}
     for ch in changes:
         mod = ch.module
+        state = (mod.__class__, dict(mod.__dict__), dict(mod._parameters))
+
+        def restore(mod=mod, state=state):
+            cls, attrs, params = state
+            mod.__class__ = cls
+            mod.__dict__.clear()
+            mod.__dict__.update(attrs)
+            mod._parameters.clear()
+            mod._parameters.update(params)
+
+        undo.append(restore)
         for name, tensor in ch.params.items():
             old = mod._parameters[name]
             if id(tensor) not in new_params:
@@ -138,21 +150,29 @@ def _apply(model, plan, changes, comm, rank, device) -> None:
             local = mod.padding_idx - ch.meta["tp_vocab_start"]
             mod.padding_idx = local if 0 <= local < mod.weight.shape[0] else None
     for upd in plan.attr_updates:
-        setattr(modules[upd.module], upd.attr, upd.values[rank])
+        holder = modules[upd.module]
+        undo.append(lambda h=holder, a=upd.attr, v=getattr(holder, upd.attr): setattr(h, a, v))
+        setattr(holder, upd.attr, upd.values[rank])
     for name, kwarg, layout, heads, num_heads in plan.head_sliced_kwargs:
-        modules[name].register_forward_pre_hook(
+        handle = modules[name].register_forward_pre_hook(
             head_slicing_hook(kwarg, layout, heads[rank], num_heads), with_kwargs=True)
+        undo.append(handle.remove)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in plan.partial_grad_params:
         if name in params and params[name].requires_grad:
-            params[name].register_hook(partial_grad_hook(comm))
+            undo.append(params[name].register_hook(partial_grad_hook(comm)).remove)
     for name, values in plan.local_configs:
         mod = modules[name]
+        undo.append(lambda m=mod, c=mod.config: setattr(m, "config", c))
         local = copy.copy(mod.config)
         for attr, per_rank in values:
             setattr(local, attr, per_rank[rank])
         mod.config = local
     if device is not None and device.type != "meta":
+        before = {id(p): p.device for p in model.parameters()}
+        first = next(iter(before.values()), None)
+        if first is not None:
+            undo.append(lambda: model.to(first))
         model.to(device)
 
 
@@ -199,17 +219,15 @@ def shard(
         communicator, Communicator) else (communicator or base)
     rank = ctx.tp_rank
     changes = _prepare(model, plan, rank) if ctx.tp_size > 1 else []
-    saved = [(ch.module, ch.module.__class__, dict(ch.module.__dict__),
-              dict(ch.module._parameters)) for ch in changes]
+    undo: list = []
     try:
-        _apply(model, plan, changes, comm, rank, ctx.device)
+        _apply(model, plan, changes, comm, rank, ctx.device, undo)
     except BaseException:
-        for mod, cls, attrs, params in saved:
-            mod.__class__ = cls
-            mod.__dict__.clear()
-            mod.__dict__.update(attrs)
-            mod._parameters.clear()
-            mod._parameters.update(params)
+        for step in reversed(undo):  # best effort: one failing step must not stop the others
+            try:
+                step()
+            except Exception:  # noqa: BLE001
+                pass
         raise
     setattr(model, PLAN_ATTR, plan)
     setattr(model, CONTEXT_ATTR, ctx)
