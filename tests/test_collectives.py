@@ -40,6 +40,8 @@ WORLDS = [2, 4]
 #: uneven split of an extent over 2 and 4 ranks (the 4-rank one has an empty piece)
 UNEVEN = {2: [3, 1], 4: [3, 0, 2, 1]}
 EVEN = {2: [2, 2], 4: [2, 2, 2, 2]}
+#: the init-path tests are the CPU + gloo tier, also on a GPU host (where auto-detect is cuda)
+CPU = {"XTP_ACCELERATOR": "cpu"}
 
 
 # ---- helpers run inside the ranks ------------------------------------------------------------
@@ -131,19 +133,27 @@ def _broadcast():
     assert torch.equal(t, torch.full((2, 3), float(src)))
     # a sub-group, with a group-local source: group rank 1 is global rank `members[1]`
     members = [1, 3] if world == 4 else [0, 1]
-    group = dist.new_group(members)
-    try:
-        if rank in members:
-            sub = TorchCommunicator(group)
-            assert sub.world_size == 2 and sub.rank == members.index(rank)
-            base = torch.arange(6.0).reshape(2, 3) * (rank + 1)
-            view = base.t()  # non-contiguous receive buffer
-            assert sub.broadcast(view, src=1) is view
-            assert torch.equal(base, torch.arange(6.0).reshape(2, 3) * (members[1] + 1))
-    finally:
-        if rank in members:
-            dist.destroy_process_group(group)
+    group = _subgroup(members)
+    if rank in members:
+        sub = TorchCommunicator(group)
+        assert sub.world_size == 2 and sub.rank == members.index(rank)
+        base = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+        view = base.t()  # non-contiguous receive buffer
+        assert sub.broadcast(view, src=1) is view
+        assert torch.equal(base, torch.arange(6.0).reshape(2, 3) * (members[1] + 1))
     return True
+
+
+_SUBGROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _subgroup(members: list[int]):
+    """One sub-group per pool rank and member list, created once and kept: destroying a gloo
+    group on one member while the other may still read from it can abort that rank."""
+    key = tuple(members)
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = dist.new_group(members)
+    return _SUBGROUPS[key]
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -396,7 +406,7 @@ def _init_world4_tp2():
 
 
 def test_init_distributed_world4_tp2_builds_tp_and_dp_groups():
-    results = spawn(_init_world4_tp2, 4, env={"XTP_TIMEOUT": "45"})
+    results = spawn(_init_world4_tp2, 4, env={**CPU, "XTP_TIMEOUT": "45"})
     for rank, out in enumerate(results):
         fresh = out["fresh"]
         lo = rank - rank % 2
@@ -431,7 +441,7 @@ def _init_bad_tp():
 
 
 def test_init_distributed_with_tp_not_dividing_world_raises():
-    for errors in spawn(_init_bad_tp, 2):
+    for errors in spawn(_init_bad_tp, 2, env=CPU):
         assert len(errors) == 4
         assert "tp_size=3 does not divide the world size 2; choose one of [1, 2]" in errors[0]
         assert all("positive integer" in e for e in errors[1:])
@@ -442,6 +452,7 @@ def single_process(monkeypatch):
     """A plain ``python script.py``: no torchrun variables, no process group."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "XTP_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XTP_ACCELERATOR", "cpu")  # this tier is CPU + gloo, also on a GPU host
     assert not dist.is_initialized()
 
 
@@ -513,7 +524,7 @@ def _init_aliased(name: str):
 
 @pytest.mark.parametrize("name", ["hccl", "xccl", "ccl"])
 def test_init_path_with_backend_name_aliased_over_gloo(name):
-    results = spawn(_init_aliased, 2, args=(name,), env={"XTP_DIST_BACKEND": name})
+    results = spawn(_init_aliased, 2, args=(name,), env={**CPU, "XTP_DIST_BACKEND": name})
     for rank, out in enumerate(results):
         assert out["backend"] == name and out["torch_backend"] == name
         assert out["tp"] == (rank, 2) and out["tp_sum"] == 3

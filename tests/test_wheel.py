@@ -79,8 +79,10 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     if sys.prefix != sys.base_prefix:  # inside a venv (tox, .ci/run): see its torch as well
         ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
         Path(purelib, "zz_parent_site.pth").write_text("\n".join(ours) + "\n")
+    # --ignore-installed: an xtp already visible through the parent's site-packages (tox's
+    # wheel env) must not make pip skip the install into this venv
     out = _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps",
-                "--no-index", wheel], cwd=root)
+                "--no-index", "--ignore-installed", wheel], cwd=root)
     assert out.returncode == 0, out.stdout + out.stderr
     return root
 
