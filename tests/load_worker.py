@@ -52,8 +52,9 @@ def _inputs(kind: str):
 
 
 def output(model, kind: str) -> torch.Tensor:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(**_inputs(kind))
+        out = model(**{k: v.to(device) for k, v in _inputs(kind).items()})
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
@@ -152,3 +153,36 @@ def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
         result["presharded_files"] = xtp.load_report(again).files_opened
         result["presharded_equal_output"] = bool(torch.equal(output(again, case.kind), have))
     return result
+
+
+def gpu_load(case_id: str, folder: str, tp: int, dtype_name: str) -> dict:
+    """:func:`load_and_compare` on this rank's device (a GPU), plus where the tensors are and
+    how much device memory a second, fresh load takes."""
+    import xtp
+
+    dtype = getattr(torch, dtype_name)
+    result = load_and_compare(case_id, folder, tp, dtype=dtype)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = xtp.from_pretrained(folder, tp_size=tp, dtype=dtype,
+                                model_class=auto_class(case_by_id(case_id).kind))
+    result["devices"] = sorted({str(t.device) for t in tensors(model).values()})
+    result["cuda_peak"] = torch.cuda.max_memory_allocated() - before
+    result["cuda_held"] = torch.cuda.memory_allocated() - before
+    result["model_bytes"] = _local_bytes(model)
+    return result
+
+
+def load_per_rank_folder(folders: list[str], tp: int) -> str:
+    """Rank r loads ``folders[r]``; returns the error's class name (or "loaded")."""
+    import os
+
+    import xtp
+
+    try:
+        xtp.from_pretrained(folders[int(os.environ["RANK"])], tp_size=tp)
+    except Exception as exc:  # noqa: BLE001 - the test asserts on it
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"

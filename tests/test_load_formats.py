@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from load_worker import build_case, load_and_compare, save_case
+from load_worker import build_case, load_and_compare, load_per_rank_folder, save_case
 
 pytestmark = pytest.mark.distributed
 
@@ -77,3 +77,10 @@ def test_bf16_checkpoint_loaded_as_fp32_and_written_back(rank_pool, tmp_path):
     assert sorted(got) == sorted(want)
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_ranks_loading_different_models_fail_together(rank_pool, tmp_path):
+    a = save_case("llama", tmp_path / "a")
+    b = save_case("mistral", tmp_path / "b")
+    results = rank_pool(2).run(load_per_rank_folder, [str(a), str(b)], 2)
+    assert all(r.startswith("RanksDisagreeError") for r in results), results

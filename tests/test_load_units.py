@@ -150,6 +150,11 @@ def test_keep_in_fp32_modules_follow_transformers(tmp_path):
     a, b = tensors(got), tensors(ref)
     assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
     assert any(v.dtype == torch.float32 for v in a.values())  # T5's "wo" stays fp32
+    saved = xtp.save_sharded(got, tmp_path / "saved")
+    offline = xtp.preshard(tmp_path, tmp_path / "offline", 1, dtype=torch.float16)
+    for folder in (saved, offline):
+        again = tensors(xtp.from_pretrained(folder))
+        assert {k: v.dtype for k, v in again.items()} == {k: v.dtype for k, v in b.items()}
 
 
 def test_default_dtype_is_the_checkpoints(tmp_path):

@@ -1,12 +1,14 @@
 """``xtp.from_pretrained(path)``: build on meta, plan, read only this rank's slices, shard.
 
-Steps (each rank, no communication): read ``config.json`` -> build the model on the meta device
-(:func:`xtp.build.meta_model`) -> derive the plan -> check the checkpoint's headers against the
-model (missing, unexpected, wrong shape: :class:`~xtp.errors.CheckpointError` before any data
-is read) -> read every tensor's slice for this rank straight onto ``ctx.device`` in the target
-dtype (:mod:`xtp.sources`) -> rebuild non-persistent buffers (:mod:`xtp.buffers`) -> apply the
-plan (class swaps, attributes) as :func:`xtp.shard` does. The result equals
-``xtp.shard(transformers_model.from_pretrained(path))`` tensor for tensor.
+Steps (each rank; the only communication is one small all-gather of fingerprints, as in
+:func:`xtp.shard`, so ranks given different models fail together): read ``config.json`` ->
+build the model on the meta device (:func:`xtp.build.meta_model`) -> derive the plan -> check
+the checkpoint's headers against the model (missing, unexpected, wrong shape:
+:class:`~xtp.errors.CheckpointError` before any data is read) -> read every tensor's slice for
+this rank straight onto ``ctx.device`` in the target dtype (:mod:`xtp.sources`) -> rebuild
+non-persistent buffers (:mod:`xtp.buffers`) -> apply the plan (class swaps, attributes) as
+:func:`xtp.shard` does. The result equals ``xtp.shard(transformers_model.from_pretrained(path))``
+tensor for tensor.
 
 Peak memory per rank: this rank's shard plus the replicated tensors, plus one tensor's
 temporary when a dtype conversion or a device copy is needed.
@@ -29,6 +31,7 @@ from .assemble import Entry, finish_sharding, local_entries
 from .buffers import rebuild_non_persistent
 from .build import meta_model
 from .checkpoint_index import CheckpointIndex, ReadStats
+from .consistency import check_fingerprints, fingerprint
 from .distributed import TPContext, init_distributed
 from .errors import CheckpointError, TPSizeError
 from .plan import ShardPlan
@@ -147,6 +150,8 @@ def fill_model(model: nn.Module, plan: ShardPlan, ctx: TPContext, source, folder
                dtype: torch.dtype, progress: bool | None, stats: ReadStats) -> LoadReport:
     """Read every entry of ``model`` from ``source`` for ``ctx.tp_rank`` (in place)."""
     start = time.monotonic()
+    if ctx.tp_size > 1:  # as shard() does: every rank has the same model, plan and versions
+        check_fingerprints(fingerprint(model, plan), ctx.tp_group)
     entries: list[Entry] = local_entries(model, plan, ctx.tp_rank)
     missing = [e for e in entries if not source.has(e)]
     missing_params = [e.aliases[0] for e in missing if e.is_param]
