@@ -8,7 +8,7 @@ Measures, for a ~1B Llama-style model (xtp's built-in ``llama-1b``: hidden 2048,
 32 heads, 8 KV heads, intermediate 5632, vocab 32000; random seeded weights) in bf16, batch 1:
 prefill latency (128 tokens, median of 20, CUDA events) and per-token decode latency (median
 over ``--steps`` single-token steps with the KV cache), for the plain model and the model after
-``xtp.shard()`` at tp 1, measured alternately (A B A B) so drift hits both. Then decode through
+``xtp.shard()`` at tp 1, measured alternately (A B A B A B, after one discarded warm-up run each) so drift hits both. Then decode through
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, static KV cache) on the xtp model.
 Prints one table.
 """
@@ -96,7 +96,10 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, 128), generator=g).to(dev)
     rows = {"plain": {"prefill": [], "decode": []}, "xtp tp1": {"prefill": [], "decode": []}}
-    for _ in range(2):
+    for m in (plain, sharded):  # warm-up: allocator growth, kernel selection, cache shapes
+        prefill_ms(m, ids, reps=3)
+        decode_ms(m, ids, 8)
+    for _ in range(3):
         for name, m in (("plain", plain), ("xtp tp1", sharded)):
             rows[name]["prefill"].append(prefill_ms(m, ids))
             rows[name]["decode"].append(decode_ms(m, ids, args.steps))

@@ -41,7 +41,8 @@ def plan_example() -> str:
     buf = io.StringIO()
     with redirect_stdout(buf):
         print(xtp.plan(resolve_config("tiny-llama"), tp_size=4))
-    return "```text\n>>> print(xtp.plan(config, tp_size=4))   # tiny-llama\n" + buf.getvalue() + "```"
+    head = ">>> print(xtp.plan(config, tp_size=4))   # tiny-llama\n"
+    return "```text\n" + head + buf.getvalue() + "```"
 
 
 SECTIONS = {"archs": arch_table, "plan-example": plan_example}

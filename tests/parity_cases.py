@@ -73,7 +73,7 @@ CASES: list[Case] = [
     Case("stablelm", "stablelm", dict(_GQA)),
     Case("mixtral", "mixtral", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
     Case("qwen2_moe", "qwen2_moe", dict(_GQA, num_experts=4, num_experts_per_tok=2,
-                                        moe_intermediate_size=60,
+                                        moe_intermediate_size=64,
                                         shared_expert_intermediate_size=120)),
     Case("bert", "bert", dict(hidden_size=96, intermediate_size=120, num_attention_heads=12,
                               num_hidden_layers=2, vocab_size=V, max_position_embeddings=64),

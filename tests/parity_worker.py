@@ -70,5 +70,5 @@ def parity(case_id: str, tp: int) -> dict:
             got = model(ids).last_hidden_state
             out["tokens_equal"] = True
     out["rel_err"] = float((got - want).norm() / want.norm())
-    out["layers"] = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else None
+    out["layers"] = getattr(model.config, "num_hidden_layers", None)
     return out

@@ -102,7 +102,11 @@ def local_entries(model: nn.Module, plan: ShardPlan | None, rank: int) -> list[E
             if name not in entry.aliases:
                 entry.aliases.append(name)
     for entry in by_id.values():
-        slices = {tensor_slice(plan, a, rank) for a in entry.aliases}
+        # a module reachable under two paths (T5's shared embedding in transformers 4) is
+        # planned under one of them: the other path has no spec and does not vote
+        planned = [a for a in entry.aliases
+                   if plan is not None and plan.spec(a.rsplit(".", 1)[0]) is not None]
+        slices = {tensor_slice(plan, a, rank) for a in planned or entry.aliases}
         if len(slices) > 1:
             raise ValueError(f"tied tensor {entry.aliases} is sliced differently by its owners")
         entry.dim, entry.ranges, entry.zero = slices.pop()

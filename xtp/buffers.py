@@ -8,10 +8,11 @@ checkpoint, so they must be computed again, exactly as a normal ``from_pretraine
    ``initialize_weights()`` (its ``_init_weights`` recomputes rotary frequencies from the config,
    with any rope scaling, and position ids). This is the very code path transformers' loader
    uses, so the values are bit-identical to a normally loaded model.
-2. anything left unset after that (a buffer ``_init_weights`` does not know, or a model that is
-   not a transformers ``PreTrainedModel``) is taken from a second construction of the model in
-   which parameters go to the meta device and buffers are computed for real on the CPU, the way
-   the module's ``__init__`` computes them.
+2. anything left unset after that (a buffer ``_init_weights`` does not know, a plain tensor
+   attribute such as transformers 4 GPT-J's ``embed_positions``, or a model that is not a
+   transformers ``PreTrainedModel``) is taken from a second construction of the model in which
+   parameters go to the meta device and everything else is computed for real on the CPU, the
+   way the module's ``__init__`` computes it.
 
 Unset buffers are detected with a sentinel fill (NaN, or the integer minimum) before step 1.
 """
@@ -77,16 +78,37 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+def tensor_attributes(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(full name, module, attribute)`` of plain tensor attributes (neither parameter nor
+    buffer) that are still on the meta device."""
+    out = []
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.is_meta:
+                out.append((f"{mname}.{attr}" if mname else attr, mod, attr))
+    return out
+
+
 def constructed_buffers(config, model_class: type | None, dtype: torch.dtype | None) -> dict:
-    """Every buffer of a fresh construction of the model (parameters on meta, buffers real on
-    the CPU): ``{full name: tensor}``."""
+    """Every buffer and plain tensor attribute of a fresh construction of the model
+    (parameters on meta, the rest real on the CPU): ``{full name: tensor}``."""
     from .build import model_class_for
 
     cls = model_class_for(config, model_class)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with _params_on_meta(), torch.device("cpu"):
-        model = cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls(config)
-    return dict(model.named_buffers(remove_duplicate=False))
+        if hasattr(cls, "from_config"):
+            model = cls.from_config(config, **kwargs)
+        elif hasattr(cls, "_from_config"):
+            model = cls._from_config(config, **kwargs)
+        else:
+            model = cls(config)
+    out = dict(model.named_buffers(remove_duplicate=False))
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                out.setdefault(f"{mname}.{attr}" if mname else attr, v)
+    return out
 
 
 def rebuild_non_persistent(model: nn.Module, device: torch.device, config=None,
@@ -99,7 +121,8 @@ def rebuild_non_persistent(model: nn.Module, device: torch.device, config=None,
     and other buffers are never written. Returns the names filled by construction (step 2).
     """
     buffers = non_persistent_buffers(model, extra)
-    if not buffers:
+    attributes = tensor_attributes(model)
+    if not buffers and not attributes:
         return []
     fresh: dict[int, torch.Tensor] = {}
     unchecked: list[str] = []
@@ -120,22 +143,21 @@ def rebuild_non_persistent(model: nn.Module, device: torch.device, config=None,
                 b._is_hf_initialized = True
         with torch.no_grad():
             model.initialize_weights()
-    todo = [n for n, mod, attr in buffers
+    todo = [(n, mod._buffers, attr) for n, mod, attr in buffers
             if n in unchecked or _still_sentinel(mod._buffers[attr])]
+    todo += [(n, vars(mod), attr) for n, mod, attr in attributes]
     if not todo:
         return []
     if config is None:
         config = getattr(model, "config", None)
     built = constructed_buffers(config, model_class, dtype)
     done: dict[int, torch.Tensor] = {}
-    for name, mod, attr in buffers:
-        if name not in todo:
-            continue
+    for name, slots, attr in todo:
         if name not in built:
-            raise RuntimeError(f"buffer {name} could not be rebuilt: it is not created by the "
+            raise RuntimeError(f"tensor {name} could not be rebuilt: it is not created by the "
                                "model's constructor nor by its _init_weights")
-        key = id(mod._buffers[attr])
+        key = id(slots[attr])
         if key not in done:
-            done[key] = built[name].to(device=device, dtype=mod._buffers[attr].dtype)
-        mod._buffers[attr] = done[key]
-    return todo
+            done[key] = built[name].to(device=device, dtype=slots[attr].dtype)
+        slots[attr] = done[key]
+    return [name for name, _, _ in todo]

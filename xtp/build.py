@@ -20,7 +20,9 @@ def model_class_for(config, model_class: type | None = None) -> type:
     raise ValueError(f"transformers has no model class for config {type(config).__name__}")
 
 
-def meta_model(config, model_class: type | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_model(
+    config, model_class: type | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """``model_class`` (or the auto class) built from ``config`` on the meta device."""
     cls = model_class_for(config, model_class)
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -77,7 +77,8 @@ def verify_replicated(model: nn.Module, plan: ShardPlan, group) -> None:
         for pname, p in mod.named_parameters(recurse=False):
             names.append(f"{mod_name}.{pname}" if mod_name else pname)
             t = p.detach().double()
-            sums.append(torch.stack([t.sum(), (t * t).sum(), t.abs().max() if t.numel() else t.sum()]))
+            peak = t.abs().max() if t.numel() else t.sum()
+            sums.append(torch.stack([t.sum(), (t * t).sum(), peak]))
     if not sums:
         return
     local = torch.stack(sums).to(next(model.parameters()).device)

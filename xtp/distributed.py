@@ -8,7 +8,7 @@ A single process without torchrun gets ``tp_size == 1`` and no process group at 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -48,12 +48,15 @@ class TPContext:
     dp_group: dist.ProcessGroup | None
     backend: str | None
     timeout: timedelta
+    _comm: list = field(default_factory=list, compare=False, repr=False)
 
     def communicator(self) -> Communicator:
-        """A Communicator on the TP group (the accelerator's fastest one)."""
-        if self.tp_size == 1:
-            return _SoloCommunicator()
-        return self.accelerator.communicator(self.tp_group)
+        """The Communicator on the TP group (the accelerator's fastest one), created once per
+        context: creating one can be collective (shared-memory setup) and costs a segment."""
+        if not self._comm:
+            self._comm.append(_SoloCommunicator() if self.tp_size == 1
+                              else self.accelerator.communicator(self.tp_group))
+        return self._comm[0]
 
 
 class _SoloCommunicator(TorchCommunicator):

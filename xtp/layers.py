@@ -28,7 +28,15 @@ from torch import nn
 
 from .accelerators import Communicator, copy_to_group, gather_from_group, reduce_from_group
 from .plan import (
-    COLUMN, EMBEDDING, EXPERTS, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, ROW, VOCAB_EMBEDDING,
+    COLUMN,
+    EMBEDDING,
+    EXPERTS,
+    HEAD_EMBEDDING,
+    IN_OUT,
+    LM_HEAD,
+    OUT_IN,
+    ROW,
+    VOCAB_EMBEDDING,
 )
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 #: config attribute names, tried in order
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads",
+                  "encoder_attention_heads"),
     "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
     "head_dim": ("head_dim", "d_kv", "attention_head_size"),
     "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
@@ -28,7 +29,7 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
 MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
 
 # Layout names (see xtp/layouts.py for the exact row order of each).
-QKV_CONCAT = "qkv_concat"            # [q heads | k heads | v heads] (Phi-3, GPT-2, BigCode, Falcon-MQA)
+QKV_CONCAT = "qkv_concat"            # [q heads | k heads | v heads] (Phi-3, GPT-2, Falcon-MQA)
 QKV_INTERLEAVED = "qkv_interleaved"  # per head [q, k, v] (GPT-NeoX, Bloom, Falcon-MHA)
 QKV_GROUPED = "qkv_grouped"          # per KV group [q.., k, v] (Falcon new decoder architecture)
 GATE_UP_CONCAT = "gate_up_concat"    # [gate | up] (Phi-3 gate_up_proj)
@@ -60,7 +61,8 @@ FUSED_LAYOUTS: dict[tuple[str, str], tuple[FusedEntry, ...]] = {
 }
 
 # Quantities for HEAD_ATTRIBUTES.
-Q_HEADS, KV_HEADS, KV_GROUPS, Q_WIDTH, KV_WIDTH = "q_heads", "kv_heads", "kv_groups", "q_width", "kv_width"
+Q_HEADS, KV_HEADS, KV_GROUPS = "q_heads", "kv_heads", "kv_groups"
+Q_WIDTH, KV_WIDTH = "q_width", "kv_width"
 
 HEAD_ATTRIBUTES: dict[str, str] = {
     "num_heads": Q_HEADS,

@@ -28,9 +28,24 @@ from .errors import PlanError, RuleError, UnclassifiedModuleError
 from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges, ranges_len
 from .partition import HeadPartition, Partition, partition_heads, split_aligned, split_even
 from .plan import (
-    COLUMN, EMBEDDING, EXPERT_WEIGHTS, EXPERTS, HEAD_EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, REPLICATE,
-    ROW, SHARDED_ROLES, VOCAB_EMBEDDING, AttrUpdate, Collective, ModuleSpec, ParamSplit,
-    ShardPlan, collapse,
+    COLUMN,
+    EMBEDDING,
+    EXPERT_WEIGHTS,
+    EXPERTS,
+    HEAD_EMBEDDING,
+    IN_OUT,
+    LM_HEAD,
+    OUT_IN,
+    REPLICATE,
+    ROW,
+    SHARDED_ROLES,
+    VOCAB_EMBEDDING,
+    AttrUpdate,
+    Collective,
+    ModuleSpec,
+    ParamSplit,
+    ShardPlan,
+    collapse,
 )
 from .probe import INPUT, OUTPUT, FlowGraph, probe
 
@@ -88,7 +103,8 @@ def run_probe(model: nn.Module) -> FlowGraph:
     model.eval()
     config = getattr(model, "config", None)
     experts_impl = getattr(config, "_experts_implementation_internal", None)
-    if experts_impl is not None:  # the gather-based kernel runs on fake tensors (eager: nonzero; grouped_mm: bf16 only)
+    # the gather-based experts kernel runs on fake tensors (eager: nonzero; grouped_mm: bf16)
+    if experts_impl is not None:
         config._experts_implementation_internal = "batched_mm"
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -272,7 +288,8 @@ class _Planner:
         for s in col_specs:
             self.specs[s.name] = s
         self.specs[row] = self._spec(
-            row, ROW, f"structure: reads only {', '.join(collapse(c).rsplit('.', 1)[-1] for c in cols)}",
+            row, ROW, "structure: reads only "
+            + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
             split="in", ranges=row_ranges, group=row)
         self.collectives.append(Collective("all_reduce", row, in_out(self.modules[row])[1]))
         if hp is not None:
@@ -340,7 +357,8 @@ class _Planner:
                     split="vocab", ranges=ranges)
                 self.collectives.append(Collective("all_reduce", name, mod.weight.shape[1]))
             elif (self._linear(name) and self.graph.consumers.get(name) == {OUTPUT}
-                  and in_out(mod)[1] == vocab and name not in self.specs and name not in self.rules):
+                  and in_out(mod)[1] == vocab and name not in self.specs
+                  and name not in self.rules):
                 self.specs[name] = self._spec(
                     name, LM_HEAD, "structure: produces the output over vocab_size features",
                     split="out", ranges=ranges)
@@ -382,7 +400,8 @@ class _Planner:
                 total = 0
                 for sp in splits:
                     t = getattr(mod, sp.param)
-                    total += t.numel() // t.shape[sp.dim] * ranges_len(sp.ranges[r]) * t.element_size()
+                    per_row = t.numel() // t.shape[sp.dim] * t.element_size()
+                    total += per_row * ranges_len(sp.ranges[r])
                 nbytes.append(total)
             self.specs[name] = ModuleSpec(
                 name, EXPERTS, EXPERT_WEIGHTS,
@@ -392,7 +411,8 @@ class _Planner:
             if isinstance(mod.__dict__.get(e.intermediate_attr), int):
                 self.attr_updates.append(AttrUpdate(name, e.intermediate_attr, inter,
                                                     tuple(part.sizes)))
-            self.collectives.append(Collective("all_reduce", name, down.shape[2 if transposed else 1]))
+            hidden_dim = down.shape[2 if transposed else 1]
+            self.collectives.append(Collective("all_reduce", name, hidden_dim))
 
     def run(self) -> ShardPlan:
         pairs = self.find_pairs()
@@ -423,8 +443,8 @@ class _Planner:
                 reason = (f"rule {pattern!r}" if pattern else self.kept_whole.get(
                     name, "structure: its output joins the residual stream (not paired)"))
                 self.specs[name] = self._spec(name, REPLICATE, reason)
-        self.collectives = [c for c in self.collectives
-                            if self.specs.get(c.source) and self.specs[c.source].role in SHARDED_ROLES]
+        self.collectives = [c for c in self.collectives if self.specs.get(c.source)
+                            and self.specs[c.source].role in SHARDED_ROLES]
         order = {n: i for i, n in enumerate(self.modules)}
         specs = tuple(sorted(self.specs.values(), key=lambda s: order[s.name]))
         covered = {id(p) for s in specs for p in self.modules[s.name].parameters(recurse=False)}

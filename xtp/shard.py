@@ -18,11 +18,22 @@ from .consistency import check_fingerprints, fingerprint, verify_replicated
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
 from .layers import (
-    TPModule, head_slicing_hook, parallel_class, partial_grad_hook, set_local_features,
+    TPModule,
+    head_slicing_hook,
+    parallel_class,
+    partial_grad_hook,
+    set_local_features,
 )
 from .layouts import take_ranges
 from .plan import (
-    EMBEDDING, IN_OUT, LM_HEAD, OUT_IN, VOCAB_EMBEDDING, ModuleSpec, ParamSplit, ShardPlan,
+    EMBEDDING,
+    IN_OUT,
+    LM_HEAD,
+    OUT_IN,
+    VOCAB_EMBEDDING,
+    ModuleSpec,
+    ParamSplit,
+    ShardPlan,
 )
 from .planner import derive_plan
 
@@ -151,7 +162,8 @@ def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
             mod.padding_idx = local if 0 <= local < mod.weight.shape[0] else None
     for upd in plan.attr_updates:
         holder = modules[upd.module]
-        undo.append(lambda h=holder, a=upd.attr, v=getattr(holder, upd.attr): setattr(h, a, v))
+        old_value = getattr(holder, upd.attr)
+        undo.append(lambda h=holder, a=upd.attr, v=old_value: setattr(h, a, v))
         setattr(holder, upd.attr, upd.values[rank])
     for name, kwarg, layout, heads, num_heads in plan.head_sliced_kwargs:
         handle = modules[name].register_forward_pre_hook(

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import XtpError
-from . import env, plan_cmd, preshard, run_cmd
+from . import bench_cmd, env, plan_cmd, preshard, run_cmd, verify_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     env.add_parser(sub)
     preshard.add_parser(sub)
+    verify_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 

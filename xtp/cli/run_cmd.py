@@ -1,7 +1,8 @@
 """``xtp run [MODEL] --tp N``: load MODEL sharded over N local ranks, generate, report.
 
 Outside ``torchrun`` it starts the N ranks itself with torch's elastic launcher
-(``torch.distributed.launcher.api.elastic_launch``), one process per rank.
+(``torch.distributed.launcher.api.elastic_launch``, via :mod:`xtp.cli.launch`), one process
+per rank.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
         "  torchrun --nproc-per-node 2 -m xtp.cli.main run --tp 2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"built-in name, config JSON or checkpoint folder (default {DEFAULT_MODEL})")
+                   help="built-in name, config JSON or checkpoint folder "
+                   f"(default {DEFAULT_MODEL})")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--prompt", default="0 1 2 3 4 5 6 7",
                    help="token ids separated by spaces (random-weight models have no tokenizer) "
@@ -61,7 +63,8 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         try:
             import transformers
 
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_name,
+                                                                   local_files_only=True)
         except Exception:
             tokenizer = None
         ref = None
@@ -125,27 +128,7 @@ def run(args) -> int:
     if args.tp < 1:
         raise XtpError(f"--tp must be >= 1, got {args.tp}")
     params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
-    if "RANK" in os.environ or args.tp == 1:
-        result = rank_main(*params)
-        import torch.distributed as dist
+    from .launch import run_on_ranks
 
-        if dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, result)
-            if dist.get_rank() != 0:
-                return 0
-            return _report(gathered, args)
-        return _report([result], args)
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from ..accelerators.cpu_threads import threads_per_rank
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(args.tp)))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.tp, run_id="xtp-run",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1)
-    try:
-        results = elastic_launch(config, rank_main)(*params)
-    except Exception as exc:  # ChildFailedError: one line, the failing rank's error
-        raise XtpError(f"a rank failed: {str(exc).strip().splitlines()[-1][:400]}") from exc
-    return _report([results[r] for r in sorted(results)], args)
+    results = run_on_ranks(rank_main, params, args.tp, "xtp-run")
+    return 0 if results is None else _report(results, args)

@@ -1,0 +1,213 @@
+"""One rank of ``xtp bench``: load one implementation, time prefill and decode, write JSON.
+
+``xtp bench`` starts this file as a script under ``torchrun`` (``python -m
+torch.distributed.run``), with the interpreter the peers live in (``--python``). It imports
+neither ``xtp`` nor a peer at module level, so a peer's rank needs only that peer installed.
+
+Implementations (``--impl``):
+
+* ``xtp``: ``xtp.from_pretrained(path)`` (each rank reads its slices), or, on an xtp without
+  it, ``transformers`` ``from_pretrained`` + ``xtp.shard``;
+* ``unsharded``: ``transformers`` ``AutoModelForCausalLM.from_pretrained(path)``, one process;
+* ``transformers``: ``from_pretrained(path, tp_plan="auto")`` (transformers' own TP);
+* ``deepspeed``: ``from_pretrained`` on every rank, then ``deepspeed.init_inference(model,
+  tensor_parallel={"tp_size": N}, dtype=..., replace_with_kernel_inject=False)`` (AutoTP).
+
+Measured on every rank: ``ready_s`` (from this process's start, as the kernel records it,
+to the model being loaded and sharded on every rank), ``load_s`` (the loading call alone),
+prefill latency (batch 1 x P tokens with the KV cache, median of ``--repeats`` after one
+warm-up), per-token decode latency (median over ``--decode-steps`` single-token steps with the
+KV cache, after ``--warmup`` steps), peak RSS (``VmHWM``) and RSS after ``import torch``,
+peak device memory where there is a device.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.time()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+# run as a script, this file's folder (xtp/) heads sys.path: drop it, or xtp's own modules
+# (load.py, plan.py, ...) would shadow top-level names
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import traceback  # noqa: E402
+
+IMPLS = ("xtp", "unsharded", "transformers", "deepspeed")
+
+
+def process_start() -> float:
+    """Epoch seconds at which the kernel started this process (``T0`` where /proc is absent)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return T0
+
+
+def mem_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _device(torch):
+    """This rank's device: the accelerator of ``LOCAL_RANK`` when torch has one, else CPU."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        kind = acc.current_accelerator().type
+        return torch.device(kind, int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load(impl: str, path: str, tp: int, dtype, device):
+    """The model of ``impl``, ready for inference on this rank."""
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM
+    if impl == "xtp":
+        import xtp
+
+        if hasattr(xtp, "from_pretrained"):
+            return xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False)
+        return xtp.shard(auto.from_pretrained(path, dtype=dtype).eval(), tp_size=tp)
+    if impl == "unsharded":
+        return auto.from_pretrained(path, dtype=dtype).to(device).eval()
+    if impl == "transformers":
+        return auto.from_pretrained(path, dtype=dtype, tp_plan="auto").eval()
+    if impl == "deepspeed":
+        import deepspeed
+
+        model = auto.from_pretrained(path, dtype=dtype).eval()
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype,
+                                          replace_with_kernel_inject=False)
+        return engine.module.eval()
+    raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
+
+
+def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode_steps: int,
+            warmup: int, profile: bool) -> dict:
+    """Prefill and decode timings (milliseconds) and the greedy decode tokens."""
+    import torch
+
+    sync = (lambda: torch.accelerator.synchronize()) if device.type != "cpu" else (lambda: None)
+    ids = torch.randint(0, vocab, (1, prefill_tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    out: dict = {}
+    with torch.no_grad():
+        prefill = []
+        for _ in range(repeats + 1):
+            sync()
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=True)
+            sync()
+            prefill.append((time.perf_counter() - t) * 1e3)
+        out["prefill_ms"] = statistics.median(prefill[1:])
+        res = model(input_ids=ids, use_cache=True)
+        cache, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+        steps, tokens = [], []
+        prof = None
+        for i in range(warmup + decode_steps):
+            if profile and i == warmup:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                prof.__enter__()
+            sync()
+            t = time.perf_counter()
+            res = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = res.logits[:, -1:].argmax(-1)
+            sync()
+            steps.append((time.perf_counter() - t) * 1e3)
+            cache = res.past_key_values
+            tokens.append(int(tok))
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            out["profile"] = profile_summary(prof, decode_steps)
+    out["decode_ms"] = statistics.median(steps[warmup:])
+    out["decode_ms_all"] = steps[warmup:]
+    out["tokens"] = tokens[warmup:warmup + 8]
+    return out
+
+
+def profile_summary(prof, steps: int, top: int = 10) -> list[dict]:
+    """The ``top`` operators by self CPU time, in milliseconds per decode step."""
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "ms_per_token": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_token": e.count / steps} for e in rows[:top]]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    found = {}
+    for name in ("torch", "transformers", "deepspeed", "xtp"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one rank of xtp bench (started by xtp bench)")
+    p.add_argument("path")
+    p.add_argument("--impl", required=True, choices=IMPLS)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", required=True, help="folder for rank{RANK}.json")
+    a = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    result: dict = {"rank": rank, "impl": a.impl, "tp": a.tp, "dtype": a.dtype, "ok": False}
+    try:
+        import torch
+
+        result["base_rss_mib"] = mem_kib("VmRSS") / 1024
+        torch.set_num_threads(a.threads)
+        dtype = getattr(torch, a.dtype)
+        device = _device(torch)
+        t = time.time()
+        model = load(a.impl, a.path, a.tp, dtype, device)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        result.update(load_s=time.time() - t, ready_s=time.time() - process_start(),
+                      threads=torch.get_num_threads(), device=str(device))
+        vocab = model.config.get_text_config().vocab_size
+        result.update(measure(model, vocab, device, a.prefill_tokens, a.repeats,
+                              a.decode_steps, a.warmup, a.profile))
+        result["peak_rss_mib"] = mem_kib("VmHWM") / 1024
+        if device.type != "cpu":
+            mod = torch.get_device_module(device.type)
+            result["peak_device_mib"] = mod.max_memory_allocated(device) / 2**20
+        result.update(ok=True, versions=_versions())
+    except Exception as exc:  # noqa: BLE001 - the driver prints it in the table
+        result.update(error=f"{type(exc).__name__}: {exc}"[:600],
+                      peak_rss_mib=mem_kib("VmHWM") / 1024)
+        traceback.print_exc()
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
