@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+import transformers
 
 from parity_cases import CASES
+
+#: on transformers 4.x the planner's probe of a *meta* model fails for rotary models (their
+#: rotary forward calls torch.autocast(device_type="meta")), so nothing can be planned from a
+#: config there yet; xtp.shard() of a loaded model is not affected
+needs_meta_planning = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="planning a meta model needs transformers >= 5 (probe: autocast on 'meta')")
 
 
 def auto_class(kind: str):

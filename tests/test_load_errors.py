@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import xtp
-from load_worker import save_case
+from load_worker import needs_meta_planning, save_case
 from xtp.checkpoint_index import CheckpointIndex
 from xtp.errors import CheckpointError
+
+pytestmark = needs_meta_planning
 
 CASE = "llama"
 

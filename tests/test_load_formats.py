@@ -9,9 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from load_worker import build_case, load_and_compare, load_per_rank_folder, save_case
+from load_worker import (
+    build_case,
+    load_and_compare,
+    load_per_rank_folder,
+    needs_meta_planning,
+    save_case,
+)
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, needs_meta_planning]
 
 
 def _check(results, tp):

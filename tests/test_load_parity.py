@@ -12,8 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from load_worker import auto_class, build_case, case_by_id, load_and_compare, save_case
+from load_worker import (
+    auto_class,
+    build_case,
+    case_by_id,
+    load_and_compare,
+    needs_meta_planning,
+    save_case,
+)
 from parity_cases import CASES
+
+pytestmark = needs_meta_planning
 
 PARAMS = [pytest.param(c.id, tp, id=f"{c.id}-tp{tp}") for c in CASES
           for tp in ([t for t in c.tps if t in (2, 3)] or [min(c.tps)])]

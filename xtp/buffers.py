@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .errors import CheckpointError
+
 
 def non_persistent_buffers(model: nn.Module, extra: frozenset[str] = frozenset()
                            ) -> list[tuple[str, nn.Module, str]]:
@@ -143,21 +145,29 @@ def rebuild_non_persistent(model: nn.Module, device: torch.device, config=None,
                 b._is_hf_initialized = True
         with torch.no_grad():
             model.initialize_weights()
-    todo = [(n, mod._buffers, attr) for n, mod, attr in buffers
+    todo = [(n, mod._buffers, attr, False) for n, mod, attr in buffers
             if n in unchecked or _still_sentinel(mod._buffers[attr])]
-    todo += [(n, vars(mod), attr) for n, mod, attr in attributes]
+    todo += [(n, vars(mod), attr, True) for n, mod, attr in attributes]
     if not todo:
         return []
     if config is None:
         config = getattr(model, "config", None)
     built = constructed_buffers(config, model_class, dtype)
     done: dict[int, torch.Tensor] = {}
-    for name, slots, attr in todo:
+    filled = []
+    for name, slots, attr, is_attr in todo:
+        if name not in built and is_attr:
+            # a plain attribute a forward pass created (the planner's probe runs one, e.g.
+            # Phi-3's lazily cached long_inv_freq): a fresh model does not have it yet
+            del slots[attr]
+            continue
         if name not in built:
-            raise RuntimeError(f"tensor {name} could not be rebuilt: it is not created by the "
-                               "model's constructor nor by its _init_weights")
+            raise CheckpointError(
+                f"tensor {name} is in no checkpoint and could not be rebuilt: neither the "
+                "model's constructor nor its _init_weights creates it; report this model type")
         key = id(slots[attr])
         if key not in done:
             done[key] = built[name].to(device=device, dtype=slots[attr].dtype)
         slots[attr] = done[key]
-    return [name for name, _, _ in todo]
+        filled.append(name)
+    return filled
