@@ -36,6 +36,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import traceback  # noqa: E402
@@ -76,7 +77,48 @@ def _device(torch):
     return torch.device("cpu")
 
 
-def load(impl: str, path: str, tp: int, dtype, device):
+COLLECTIVES: dict[str, list[float]] = {}  # op -> [calls, seconds], filled by TimedComm
+
+
+def timed_communicator(base):
+    """``base`` (an xtp Communicator) with each collective timed into :data:`COLLECTIVES` and
+    marked for the profiler as ``xtp::<op>``."""
+    import torch
+
+    from xtp.accelerators import Communicator
+
+    class TimedComm(Communicator):
+        def __init__(self) -> None:
+            self.group = base.group
+
+        world_size = property(lambda self: base.world_size)
+        rank = property(lambda self: base.rank)
+
+        def _timed(self, op: str, *args):
+            with torch.profiler.record_function(f"xtp::{op}"):
+                t = time.perf_counter()
+                out = getattr(base, op)(*args)
+                entry = COLLECTIVES.setdefault(op, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t
+            return out
+
+        def all_reduce(self, tensor):
+            return self._timed("all_reduce", tensor)
+
+        def all_gather(self, tensor, dim=-1, sizes=None):
+            return self._timed("all_gather", tensor, dim, sizes)
+
+        def broadcast(self, tensor, src=0):
+            return self._timed("broadcast", tensor, src)
+
+        def barrier(self):
+            return base.barrier()
+
+    return TimedComm()
+
+
+def load(impl: str, path: str, tp: int, dtype, device, profile: bool = False):
     """The model of ``impl``, ready for inference on this rank."""
     import transformers
 
@@ -84,9 +126,12 @@ def load(impl: str, path: str, tp: int, dtype, device):
     if impl == "xtp":
         import xtp
 
+        comm = timed_communicator if profile else None
         if hasattr(xtp, "from_pretrained"):
-            return xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False)
-        return xtp.shard(auto.from_pretrained(path, dtype=dtype).eval(), tp_size=tp)
+            return xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False,
+                                       communicator=comm)
+        return xtp.shard(auto.from_pretrained(path, dtype=dtype).eval(), tp_size=tp,
+                         communicator=comm)
     if impl == "unsharded":
         return auto.from_pretrained(path, dtype=dtype).to(device).eval()
     if impl == "transformers":
@@ -120,24 +165,31 @@ def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode
             prefill.append((time.perf_counter() - t) * 1e3)
         out["prefill_ms"] = statistics.median(prefill[1:])
         res = model(input_ids=ids, use_cache=True)
-        cache, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+        # transformers >= 5.2x names the KV cache ``cache``; older releases ``past_key_values``
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
+        cache, tok = res[key], res.logits[:, -1:].argmax(-1)
         steps, tokens = [], []
         prof = None
         for i in range(warmup + decode_steps):
             if profile and i == warmup:
+                COLLECTIVES.clear()
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()
             sync()
             t = time.perf_counter()
-            res = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            res = model(input_ids=tok, use_cache=True, **{key: cache})
             tok = res.logits[:, -1:].argmax(-1)
             sync()
             steps.append((time.perf_counter() - t) * 1e3)
-            cache = res.past_key_values
+            cache = res[key]
             tokens.append(int(tok))
         if prof is not None:
             prof.__exit__(None, None, None)
             out["profile"] = profile_summary(prof, decode_steps)
+            out["collectives"] = {op: {"calls_per_token": n / decode_steps,
+                                       "ms_per_token": sec * 1e3 / decode_steps}
+                                  for op, (n, sec) in COLLECTIVES.items()}
     out["decode_ms"] = statistics.median(steps[warmup:])
     out["decode_ms_all"] = steps[warmup:]
     out["tokens"] = tokens[warmup:warmup + 8]
@@ -187,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, a.dtype)
         device = _device(torch)
         t = time.time()
-        model = load(a.impl, a.path, a.tp, dtype, device)
+        model = load(a.impl, a.path, a.tp, dtype, device, a.profile)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         result.update(load_s=time.time() - t, ready_s=time.time() - process_start(),

@@ -16,7 +16,7 @@ def fold(ranks: list[dict], floor_ms: float | None) -> dict:
     ok = [r for r in ranks if r.get("ok")]
     r0 = min(ranks, key=lambda r: r.get("rank", 0)) if ranks else {}
     row = {k: r0.get(k) for k in ("impl", "tp", "dtype", "threads", "tokens", "profile",
-                                  "versions", "device")}
+                                  "collectives", "versions", "device")}
     if not ranks or len(ok) < len(ranks) or len(ranks) < (row.get("tp") or 1):
         errs = [r["error"] for r in ranks if r.get("error")]
         row.update(ok=False, error=errs[0] if errs else "no result from some rank")
@@ -78,6 +78,9 @@ def profile_text(rows: list[dict]) -> str:
             out.append(f"profile {r['impl']} tp {r['tp']} {r['dtype']} (rank 0, ms per token):")
             out += [f"  {p['ms_per_token']:8.2f}  {p['calls_per_token']:6.0f} calls  {p['op']}"
                     for p in r["profile"]]
+            for op, c in (r.get("collectives") or {}).items():
+                out.append(f"  xtp {op}: {c['ms_per_token']:.2f} ms per token in "
+                           f"{c['calls_per_token']:.0f} calls (timed around the communicator)")
     return "\n".join(out)
 
 

@@ -103,7 +103,7 @@ def _importable(python: str, module: str) -> str | None:
 
 def _load_avg() -> str:
     try:
-        return "load %.2f %.2f %.2f" % os.getloadavg()
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load ?"
 
