@@ -27,6 +27,8 @@ def meta_model(
     cls = model_class_for(config, model_class)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with torch.device("meta"):
-        if hasattr(cls, "from_config"):
+        if hasattr(cls, "from_config"):  # transformers auto classes
             return cls.from_config(config, **kwargs)
+        if hasattr(cls, "_from_config"):  # a concrete PreTrainedModel class
+            return cls._from_config(config, **kwargs)
         return cls(config)

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import inspect
 from collections import defaultdict
@@ -91,14 +93,55 @@ def _probe_inputs(model: nn.Module, device: torch.device) -> dict:
     return inputs
 
 
-def run_probe(model: nn.Module) -> FlowGraph:
-    """Probe ``model`` on fake tensors (no compute, no memory, works on the meta device)."""
+def _snapshot_tensor_state(model: nn.Module) -> list:
+    """Every module's buffers and plain tensor attributes (a forward may replace them, e.g.
+    rotary embeddings that switch frequency tables by sequence length)."""
+    return [(m, dict(m._buffers),
+             {k: v for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)})
+            for m in model.modules()]
+
+
+def _restore_tensor_state(state: list) -> None:
+    for m, buffers, attrs in state:
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)]:
+            if k not in attrs:
+                del m.__dict__[k]
+        m.__dict__.update(attrs)
+
+
+def _probe_once(model: nn.Module, fake: bool) -> FlowGraph:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    is_source = lambda m: weight_kind(m) is not None  # noqa: E731
+    if not fake:
+        return probe(model, _probe_inputs(model, device), is_source)
+    if device.type == "meta":
+        # meta kernels lack a few ops models use (autocast, data-dependent checks): probe a
+        # copy whose parameters are fake CPU tensors instead (no memory either way)
+        model = copy.deepcopy(model)
+        device = torch.device("cpu")
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device=device)
+            return probe(model, _probe_inputs(model, device), is_source)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return probe(model, _probe_inputs(model, device), is_source)
+
+
+def run_probe(model: nn.Module) -> FlowGraph:
+    """Trace ``model``'s data flow with one forward pass on 4 tokens.
+
+    First on fake tensors (no compute, no memory; a meta model is probed through a fake-CPU
+    copy). If the forward cannot run on fake tensors (data-dependent code such as dynamic
+    RoPE) and the model holds real weights, the probe runs for real on its device: one small
+    forward, nothing kept. The model's training mode, buffers and tensor attributes are
+    restored afterwards.
+    """
     was_training = model.training
     model.eval()
     config = getattr(model, "config", None)
@@ -106,17 +149,31 @@ def run_probe(model: nn.Module) -> FlowGraph:
     # the gather-based experts kernel runs on fake tensors (eager: nonzero; grouped_mm: bf16)
     if experts_impl is not None:
         config._experts_implementation_internal = "batched_mm"
+    state = _snapshot_tensor_state(model)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            inputs = _probe_inputs(model, device)
-            return probe(model, inputs, lambda m: weight_kind(m) is not None)
-    except Exception as exc:
-        raise PlanError(
-            f"the structure probe (one forward pass of {type(model).__name__} on fake tensors) "
-            f"failed: {type(exc).__name__}: {exc}. xtp needs the model's forward to run on "
-            "input_ids alone; pass a model that does, or report this model type"
-        ) from exc
+        try:
+            return _probe_once(model, fake=True)
+        except Exception as fake_exc:
+            _restore_tensor_state(state)
+            if any(p.is_meta for p in model.parameters()):
+                raise PlanError(
+                    f"the structure probe (one forward pass of {type(model).__name__} on fake "
+                    f"tensors) failed: {type(fake_exc).__name__}: {fake_exc}. Shard a model "
+                    "with real weights instead (xtp.shard after loading it), or report this "
+                    "model type"
+                ) from fake_exc
+            try:
+                with torch.no_grad():
+                    return _probe_once(model, fake=False)
+            except Exception as exc:
+                raise PlanError(
+                    f"the structure probe (one forward pass of {type(model).__name__} on 4 "
+                    f"tokens) failed: {type(exc).__name__}: {exc}. xtp needs the model's "
+                    "forward to run on input_ids alone; pass a model that does, or report "
+                    "this model type"
+                ) from exc
     finally:
+        _restore_tensor_state(state)
         model.train(was_training)
         if experts_impl is not None:
             config._experts_implementation_internal = experts_impl
@@ -446,7 +503,8 @@ class _Planner:
         self.collectives = [c for c in self.collectives if self.specs.get(c.source)
                             and self.specs[c.source].role in SHARDED_ROLES]
         order = {n: i for i, n in enumerate(self.modules)}
-        specs = tuple(sorted(self.specs.values(), key=lambda s: order[s.name]))
+        specs = tuple(self._count_tied_once(
+            sorted(self.specs.values(), key=lambda s: order[s.name])))
         covered = {id(p) for s in specs for p in self.modules[s.name].parameters(recurse=False)}
         replicated = sum(_nbytes(p) for p in {id(p): p for p in self.model.parameters()}.values()
                          if id(p) not in covered)
@@ -460,6 +518,26 @@ class _Planner:
             notes=tuple(self.notes), tp_plan_differences=tuple(self._compare_tp_plan(specs)),
             head_shape=self.heads,
         )
+
+    def _count_tied_once(self, specs: list[ModuleSpec]) -> list[ModuleSpec]:
+        """A weight shared by several modules counts in bytes_per_rank once (its first user)."""
+        seen: set[int] = set()
+        out = []
+        for s in specs:
+            w = getattr(self.modules[s.name], "weight", None)
+            if w is not None and id(w) in seen:
+                bias = getattr(self.modules[s.name], "bias", None)
+                if bias is None:
+                    s = dataclasses.replace(s, nbytes=(0,) * self.tp)
+                else:
+                    per = [s.local_extent(r) if s.split == "out" else bias.numel()
+                           for r in range(self.tp)]
+                    s = dataclasses.replace(
+                        s, nbytes=tuple(n * bias.element_size() for n in per))
+            elif w is not None:
+                seen.add(id(w))
+            out.append(s)
+        return out
 
     def _check_ties(self) -> None:
         by_param: dict[int, list[str]] = defaultdict(list)
