@@ -33,6 +33,17 @@ def test_verify_tp2_matches_unsharded():
 
 
 @pytest.mark.distributed
+def test_verify_bf16_tolerance_scales_with_the_half_types_own_error():
+    proc = xtp("verify", "tiny-llama", "--tp", "2", "--dtype", "bfloat16", "--batches", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    own = float(out.split("model against float32: relative error ")[1].split()[0])
+    rel = float(out.split("relative error: ")[1].split()[0])
+    tol = float(out.split("(tolerance ")[1].split(")")[0])
+    assert 0 < rel <= tol and tol == pytest.approx(max(8 * 2**-8, 2 * own), rel=1e-2)
+
+
+@pytest.mark.distributed
 def test_verify_exit_code_1_when_error_exceeds_tolerance():
     proc = xtp("verify", "tiny-llama", "--tp", "2", "--batches", "1", "--new-tokens", "0",
                "--tolerance", "1e-12")
