@@ -18,7 +18,9 @@ to the model being loaded and sharded on every rank), ``load_s`` (the loading ca
 prefill latency (batch 1 x P tokens with the KV cache, median of ``--repeats`` after one
 warm-up), per-token decode latency (median over ``--decode-steps`` single-token steps with the
 KV cache, after ``--warmup`` steps), peak RSS (``VmHWM``) and RSS after ``import torch``,
-peak device memory where there is a device.
+peak device memory where there is a device. With ``--profile``, another ``--decode-steps``
+steps run under ``torch.profiler`` after the timed ones (and xtp's collectives are timed by a
+wrapping communicator, which is only installed then).
 """
 
 from __future__ import annotations
@@ -168,24 +170,25 @@ def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode
         # transformers >= 5.2x names the KV cache ``cache``; older releases ``past_key_values``
         key = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
-        cache, tok = res[key], res.logits[:, -1:].argmax(-1)
+        state = [res[key], res.logits[:, -1:].argmax(-1)]
+
+        def step() -> int:
+            res = model(input_ids=state[1], use_cache=True, **{key: state[0]})
+            state[:] = [res[key], res.logits[:, -1:].argmax(-1)]
+            return int(state[1])
+
         steps, tokens = [], []
-        prof = None
-        for i in range(warmup + decode_steps):
-            if profile and i == warmup:
-                COLLECTIVES.clear()
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                prof.__enter__()
+        for _ in range(warmup + decode_steps):
             sync()
             t = time.perf_counter()
-            res = model(input_ids=tok, use_cache=True, **{key: cache})
-            tok = res.logits[:, -1:].argmax(-1)
+            tokens.append(step())
             sync()
             steps.append((time.perf_counter() - t) * 1e3)
-            cache = res[key]
-            tokens.append(int(tok))
-        if prof is not None:
-            prof.__exit__(None, None, None)
+        if profile:  # separate, untimed steps: the profiler's overhead stays out of decode_ms
+            COLLECTIVES.clear()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(decode_steps):
+                    step()
             out["profile"] = profile_summary(prof, decode_steps)
             out["collectives"] = {op: {"calls_per_token": n / decode_steps,
                                        "ms_per_token": sec * 1e3 / decode_steps}
