@@ -35,3 +35,18 @@ def rank_pool():
     for pool in _pools.values():
         pool.close()
     _pools.clear()
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+#: for tests of behaviour that exists only in transformers >= 5 (fused 3-D experts, meta-device
+#: planning of models whose 4.x forward has data-dependent Python branches)
+requires_transformers5 = pytest.mark.skipif(
+    _transformers_major() < 5,
+    reason="needs transformers >= 5 (4.x: per-expert MoE modules, data-dependent forward code "
+    "that a config-only plan cannot trace)",
+)

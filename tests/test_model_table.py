@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 import xtp
+from conftest import requires_transformers5
 from parity_cases import CASES, V
 from thread_ranks import rel_err, run_sharded
 from xtp import model_table as mt
@@ -204,6 +205,7 @@ def test_every_head_attribute_has_a_case():
     assert set(HEAD_ATTR_CASES) == set(mt.HEAD_ATTRIBUTES)
 
 
+@requires_transformers5
 @pytest.mark.parametrize("attr", list(HEAD_ATTR_CASES))
 def test_head_attribute_on_real_attention(attr):
     name, cls, full, tp, local = HEAD_ATTR_CASES[attr]
@@ -426,6 +428,7 @@ def test_head_shape_without_heads():
 # -- EXPERTS / is_fused_experts ------------------------------------------------------------------
 
 
+@requires_transformers5
 @pytest.mark.parametrize("name,cls", [("mixtral", "MixtralExperts"),
                                       ("qwen2_moe", "Qwen2MoeExperts")])
 def test_fused_experts_modules(name, cls):
@@ -454,6 +457,7 @@ def test_fused_experts_modules(name, cls):
             assert upd.attr == e.intermediate_attr and sum(upd.values) == inter
 
 
+@requires_transformers5
 def test_not_fused_experts():
     model = meta_of("qwen2_moe")
     shared = model.model.layers[0].mlp.shared_expert

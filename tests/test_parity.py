@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import transformers
 
 from parity_cases import CASES
 from parity_worker import parity
@@ -12,6 +13,9 @@ EXTRA_COLLECTIVES = {
     "qwen2_moe": "the shared expert MLP adds its own all-reduce (3 per block)",
     "olmo2": "attention kept whole: q_norm/k_norm normalise over all heads (1 per block)",
 }
+if transformers.__version__.startswith("4."):
+    EXTRA_COLLECTIVES["mixtral"] = ("transformers 4.x keeps each expert as its own MLP: one "
+                                    "all-reduce per routed expert")
 
 PARAMS = [pytest.param(c.id, tp, id=f"{c.id}-tp{tp}") for c in CASES for tp in c.tps]
 

@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 
 import xtp
+from conftest import requires_transformers5
 from parity_cases import CASES, V
 from thread_ranks import (
     Meeting,
@@ -174,6 +175,7 @@ def test_plan_70b_shape_on_meta():
     assert plan.spec("model.layers.79.self_attn.k_proj").local_extent(7) == 128  # 1 KV head
 
 
+@requires_transformers5
 def test_olmo2_differences_with_transformers_tp_plan():
     plan = xtp.plan(config_of("olmo2"), 2)
     diffs = plan.tp_plan_differences
@@ -201,6 +203,7 @@ def _column_partners(plan) -> dict[str, str]:
     return {s.name: plan.spec(s.group).role for s in plan.specs if s.role == COLUMN}
 
 
+@requires_transformers5
 @pytest.mark.parametrize("case_id", ["llama", "gpt2", "opt", "t5", "bert"])
 def test_every_column_feeds_a_row(case_id):
     partners = _column_partners(xtp.plan(config_of(case_id), 2))
@@ -216,11 +219,13 @@ def test_every_column_feeds_a_row(case_id):
 OPT_350M_LIKE = dict(word_embed_proj_dim=48)
 
 
+@requires_transformers5
 def test_every_column_feeds_a_row_opt_projected_embeddings():
     partners = _column_partners(xtp.plan(config_of("opt", **OPT_350M_LIKE), 2))
     assert set(partners.values()) == {ROW}, partners
 
 
+@requires_transformers5
 def test_opt_projected_embeddings_numerically():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(

@@ -553,7 +553,7 @@ class _Planner:
                     self.specs[n] = ModuleSpec(
                         n, partner.role, partner.kind, f"tied to {collapse(partner.name)}",
                         partner.split, partner.full, partner.ranges, partner.layout,
-                        weight_shape=partner.weight_shape, nbytes=(0,) * self.tp)
+                        weight_shape=partner.weight_shape, nbytes=partner.nbytes)
             specs = [self.specs.get(n) for n in names]
             sharded = [s for s in specs if s is not None and s.role in SHARDED_ROLES]
             if not sharded:
