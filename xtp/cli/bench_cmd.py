@@ -192,15 +192,19 @@ def _check(args) -> tuple[list[int], list[str], list[str]]:
     return tps, dtypes, vs
 
 
-def _bandwidth(threads: dict[int, int], tps: list[int]) -> dict[int, float]:
-    """Read bandwidth for 1 thread and for the threads each run uses in total."""
+def _bandwidth(threads: dict[int, int], tps: list[int], best: dict[int, float]) -> None:
+    """Measure read bandwidth for 1 thread and for the threads each run uses in total, and
+    keep the best figure seen in ``best`` (a busy machine only ever lowers it)."""
     from ..bench_prep import read_bandwidth
 
     wanted = {1} | {tp * threads[tp] for tp in tps} | {threads[1]}
+    before = _load_avg()
     bw = read_bandwidth(sorted(wanted))
-    print("memory read bandwidth (sum over 1 GiB): " + ", ".join(
-        f"{n} thread{'s' * (n > 1)} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items())))
-    return bw
+    for n, v in bw.items():
+        best[n] = max(best.get(n, 0.0), v)
+    print(f"memory read bandwidth (sum over 1 GiB; {before}): " + ", ".join(
+        f"{n} thread{'s' * (n > 1)} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items()))
+        + "; best so far: " + ", ".join(f"{best[n] / 1e9:.1f}" for n in sorted(bw)), flush=True)
 
 
 def _versions_line(rows: list[dict], python: str) -> str:
@@ -228,10 +232,14 @@ def run(args) -> int:
     threads = {tp: _threads(tp, args.threads) for tp in set(tps) | {1}}
     print(f"model {args.model}; {os.cpu_count()} CPUs; threads per rank: "
           + ", ".join(f"tp {tp} -> {n}" for tp, n in sorted(threads.items())), flush=True)
-    bw = {} if args.no_bandwidth or _has_device() else _bandwidth(threads, tps)
+    measure_bw = not (args.no_bandwidth or _has_device())
+    bw: dict[int, float] = {}
     rows: list[dict] = []
     for dtype in dtypes:
         path = checkpoint_for(args.model, dtype, Path(args.cache_dir))
+        if measure_bw:
+            _wait_for_quiet(args.max_load, args.load_retries)
+            _bandwidth(threads, tps, bw)
         total, per_token = weight_bytes(path, dtype)
         print(f"{dtype}: checkpoint {path}; weights {total / 1e9:.2f} GB, "
               f"{per_token / 1e9:.2f} GB read per decode step", flush=True)
@@ -241,14 +249,17 @@ def run(args) -> int:
                 before = _load_avg()
                 print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
                 ranks = launch(python, impl, path, tp, dtype, threads[tp], args)
-                used = bw.get(tp * threads[tp])
-                row = fold(ranks, per_token / used * 1e3 if used else None)
+                row = fold(ranks, None)
                 row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl,
-                           tp=tp, threads=row.get("threads") or threads[tp])
+                           tp=tp, threads=row.get("threads") or threads[tp],
+                           bytes_per_step=per_token)
                 rows.append(row)
                 print(f" {row['load_after']}; " + (
                     f"decode {row['decode_ms']:.1f} ms/token" if row["ok"]
                     else f"FAILED: {str(row.get('error'))[:300]}"), flush=True)
+    for row in rows:  # the floor with the best bandwidth measured in the whole run
+        used = bw.get(row["tp"] * row["threads"])
+        row["floor_ms"] = row["bytes_per_step"] / used * 1e3 if used else None
     print()
     print(f"ratios: implementation / xtp at the same tp and dtype (above 1: xtp is better); "
           f"prefill: 1 x {args.prefill_tokens} tokens; decode: median of "
