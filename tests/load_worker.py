@@ -122,6 +122,19 @@ def _persistent_buffers(model):
                 yield f"{mname}.{bname}", b
 
 
+def _stored_element_sizes(folder: str) -> dict[str, int]:
+    """Bytes per element of every tensor as stored in the folder's safetensors files."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                sizes[name] = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}.get(dtype, 4)
+    return sizes
+
+
 def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
                      dtype: torch.dtype | None = None) -> dict:
     """from_pretrained vs shard(transformers from_pretrained); then (with ``out``)
@@ -140,13 +153,16 @@ def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
     rank = got._xtp_context.tp_rank
     # bytes: each sharded tensor read as exactly its slice, never whole
     meta = xtp.build.meta_model(got.config, type(got), got.dtype)
+    stored = _stored_element_sizes(folder)
     whole, zero_bytes = [], 0
     for e in local_entries(meta, plan, rank):
         size = torch.empty((), dtype=e.meta.dtype).element_size()
         if e.zero:
             zero_bytes += torch.Size(e.local_shape).numel() * size
         elif e.dim is not None and e.local_shape != e.full_shape:
-            if report.per_tensor.get(e.aliases[0], 0) >= e.meta.numel() * size:
+            # "whole" in the checkpoint's own dtype (a load may convert, e.g. fp32 -> bf16)
+            file_size = stored.get(e.aliases[0], size)
+            if report.per_tensor.get(e.aliases[0], 0) >= e.meta.numel() * file_size:
                 whole.append(e.aliases[0])
     result = {
         "diffs": differences(ref, got),
