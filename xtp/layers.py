@@ -20,6 +20,7 @@ Shapes: ``x`` is ``(..., in_features)`` (local in-features for row layers); outp
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 import torch
@@ -56,18 +57,85 @@ def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tens
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
 
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The default random generator of ``device`` (``None`` when its backend has none)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    try:
+        mod = torch.get_device_module(device.type)
+        gens = mod.default_generators
+        return gens[device.index if device.index is not None else mod.current_device()]
+    except (AttributeError, RuntimeError, IndexError):
+        return None
+
+
+class RegionRNG:
+    """Random numbers drawn inside a tensor-parallel region (from a column layer's output to
+    its row layer's input: activations split by heads or features, e.g. attention-probability
+    dropout) come from a stream of their own, one per TP rank (Megatron-LM's model-parallel RNG).
+
+    Without it every rank draws region randomness from the default generator, and ranks with
+    different local head counts (6 heads over 4 ranks: 2, 2, 1, 1) consume different amounts
+    of it; the dropout on replicated activations after the row layer then differs across the TP
+    group (silently wrong training), and with equal counts the ranks' per-head masks are copies.
+
+    One instance per sharded model (``tp_rng`` of its column and row layers); only in training
+    mode. Entering (column layer) seeds the device's default generator from a hash of its state
+    and the TP rank; leaving (row layer) puts the state back and, if the region drew anything,
+    advances it by one draw (identically on every TP rank) so the next region gets another
+    seed. Everything is a function of the default generator's state: seeding it
+    (:func:`xtp.training.seed_everything`) seeds the regions, a checkpoint of it resumes them,
+    and activation-checkpointing recomputation (which restores it) redraws the same masks. A
+    region that draws nothing leaves the default stream exactly as the unsharded model's.
+    Not under ``torch.compile`` tracing (region draws then come from the default stream).
+    """
+
+    def __init__(self, tp_rank: int) -> None:
+        self.tp_rank = tp_rank
+        self._inside: tuple | None = None
+
+    def enter(self, device: torch.device) -> None:
+        if self._inside is not None or torch.compiler.is_compiling():
+            return
+        gen = default_generator(device)
+        if gen is None:
+            return
+        main = gen.get_state()
+        digest = hashlib.blake2b(main.numpy().tobytes() + self.tp_rank.to_bytes(4, "little"),
+                                 digest_size=8).digest()
+        gen.manual_seed(int.from_bytes(digest, "little") >> 1)
+        self._inside = (gen, main, gen.get_state())
+
+    def leave(self) -> None:
+        if self._inside is None:
+            return
+        gen, main, seeded = self._inside
+        self._inside = None
+        drew = not torch.equal(gen.get_state(), seeded)
+        gen.set_state(main)
+        if drew:
+            torch.empty(1, device=gen.device).uniform_(generator=gen)
+
+
 class ColumnParallel(TPModule):
     tp_role = COLUMN
+    tp_rng: RegionRNG | None = None
 
     def forward(self, x, *args, **kwargs):
-        return super().forward(copy_to_group(x, self.tp_comm), *args, **kwargs)
+        out = super().forward(copy_to_group(x, self.tp_comm), *args, **kwargs)
+        if self.training and self.tp_rng is not None:
+            self.tp_rng.enter(out.device)
+        return out
 
 
 class RowParallel(TPModule):
     tp_role = ROW
     tp_kind: str = OUT_IN
+    tp_rng: RegionRNG | None = None
 
     def forward(self, x):
+        if self.training and self.tp_rng is not None:
+            self.tp_rng.leave()
         out = reduce_from_group(_matmul_no_bias(self, self.tp_kind, x), self.tp_comm)
         return out if self.bias is None else out + self.bias
 
@@ -105,13 +173,21 @@ class HeadParallelEmbedding(TPModule):
 
 class ParallelExperts(TPModule):
     """Fused 3-D experts with the intermediate dimension split: every rank computes every
-    routed expert on its slice, and one all-reduce sums the partial outputs."""
+    routed expert on its slice, and one all-reduce sums the partial outputs.
+
+    The output is a sum of per-rank partial outputs, so the gradient of *every* differentiable
+    input (hidden states, and the routing weights the experts scale by) is partial on each
+    rank: all of them go through ``copy_to_group`` (all-reduce in backward)."""
 
     tp_role = EXPERTS
 
     def forward(self, hidden_states, *args, **kwargs):
-        out = super().forward(copy_to_group(hidden_states, self.tp_comm), *args, **kwargs)
-        return reduce_from_group(out, self.tp_comm)
+        comm = self.tp_comm
+        args = tuple(copy_to_group(a, comm) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: copy_to_group(v, comm) if isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
+        out = super().forward(copy_to_group(hidden_states, comm), *args, **kwargs)
+        return reduce_from_group(out, comm)
 
 
 MIXINS: dict[str, type] = {
@@ -186,5 +262,30 @@ def partial_grad_hook(comm: Communicator):
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         return comm.all_reduce(grad.clone())
+
+    return hook
+
+
+def shared_rows_grad_hook(comm: Communicator, dim: int,
+                          pieces: tuple[tuple[int, int, int], ...], shared: int):
+    """A tensor hook for a split parameter whose rows are held by several ranks (KV heads
+    replicated because there are fewer KV heads than ranks): each holder computes only its
+    own query heads' part of those rows' gradient, so they are summed over the TP group.
+
+    ``pieces``: ``(local_start, buffer_start, length)`` of this rank's shared rows along
+    ``dim``; ``shared``: the number of distinct shared rows (equal on every rank, which all
+    take part in the all-reduce, holders or not)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        shape = list(grad.shape)
+        shape[dim] = shared
+        buf = grad.new_zeros(shape)
+        for local, pos, n in pieces:
+            buf.narrow(dim, pos, n).add_(grad.narrow(dim, local, n))
+        buf = comm.all_reduce(buf)
+        grad = grad.clone()
+        for local, pos, n in pieces:
+            grad.narrow(dim, local, n).copy_(buf.narrow(dim, pos, n))
+        return grad
 
     return hook

@@ -18,18 +18,22 @@ from .consistency import check_fingerprints, fingerprint, verify_replicated
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
 from .layers import (
+    RegionRNG,
     TPModule,
     head_slicing_hook,
     parallel_class,
     partial_grad_hook,
     set_local_features,
+    shared_rows_grad_hook,
 )
 from .layouts import take_ranges
 from .plan import (
+    COLUMN,
     EMBEDDING,
     IN_OUT,
     LM_HEAD,
     OUT_IN,
+    ROW,
     VOCAB_EMBEDDING,
     ModuleSpec,
     ParamSplit,
@@ -130,10 +134,59 @@ def _prepare(model: nn.Module, plan: ShardPlan, rank: int) -> list[_Change]:
     return changes
 
 
+def shared_pieces(split: ParamSplit, rank: int) -> tuple[tuple[tuple[int, int, int], ...], int]:
+    """Rows of ``split`` that more than one rank holds (replicated KV heads): this rank's
+    ``(local_start, buffer_start, length)`` pieces of them, and how many such rows exist."""
+    cuts = sorted({x for ranges in split.ranges for a, b in ranges for x in (a, b)})
+    shared = []  # (start, stop) of rows held by >= 2 ranks, merged
+    for a, b in zip(cuts, cuts[1:]):
+        holders = sum(any(x <= a and b <= y for x, y in ranges) for ranges in split.ranges)
+        if holders >= 2:
+            if shared and shared[-1][1] == a:
+                shared[-1] = (shared[-1][0], b)
+            else:
+                shared.append((a, b))
+    starts, total = [], 0  # where each shared range begins in the compact buffer
+    for a, b in shared:
+        starts.append(total)
+        total += b - a
+    pieces, local = [], 0
+    for a, b in split.ranges[rank]:
+        for (x, y), start in zip(shared, starts):
+            lo, hi = max(a, x), min(b, y)
+            if lo < hi:
+                pieces.append((local + lo - a, start + lo - x, hi - lo))
+        local += b - a
+    return tuple(pieces), total
+
+
+def _register_split_grad_hooks(plan: ShardPlan, modules: dict, comm: Communicator, rank: int,
+                               undo: list) -> None:
+    """Gradient hooks for split parameters whose gradient is not complete on one rank: rows
+    held by several ranks (replicated KV heads) are summed over the group; a parameter only
+    rank 0 holds (``zero_off_rank0``) keeps a zero gradient elsewhere, so it stays zero."""
+    seen: set[int] = set()
+    for spec in plan.sharded():
+        for split in spec.param_splits():
+            p = modules[spec.name]._parameters.get(split.param)
+            if p is None or not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if split.zero_off_rank0:
+                if rank != 0:
+                    undo.append(p.register_hook(torch.zeros_like).remove)
+                continue
+            pieces, n_shared = shared_pieces(split, rank)
+            if n_shared:
+                hook = shared_rows_grad_hook(comm, split.dim, pieces, n_shared)
+                undo.append(p.register_hook(hook).remove)
+
+
 def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
     """Change the model in place; append to ``undo`` a callable per step that reverts it."""
     modules = dict(model.named_modules())
     new_params: dict[int, nn.Parameter] = {}
+    rng = RegionRNG(rank)  # one per model: shared by its column and row layers
     for ch in changes:
         mod = ch.module
         state = (mod.__class__, dict(mod.__dict__), dict(mod._parameters))
@@ -154,6 +207,8 @@ def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
             setattr(mod, name, new_params[id(tensor)])
         mod.__class__ = parallel_class(ch.role, type(mod))
         mod.tp_comm = comm
+        if ch.role in (COLUMN, ROW):
+            mod.tp_rng = rng
         for k, v in ch.meta.items():
             setattr(mod, k, v)
         set_local_features(mod, ch.kind)
@@ -173,6 +228,7 @@ def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
     for name in plan.partial_grad_params:
         if name in params and params[name].requires_grad:
             undo.append(params[name].register_hook(partial_grad_hook(comm)).remove)
+    _register_split_grad_hooks(plan, modules, comm, rank, undo)
     for name, values in plan.local_configs:
         mod = modules[name]
         undo.append(lambda m=mod, c=mod.config: setattr(m, "config", c))
