@@ -18,6 +18,7 @@ from .errors import (
     AcceleratorError,
     AcceleratorUnavailableError,
     BackendUnavailableError,
+    CollectiveError,
     CollectiveTimeoutError,
     UnknownAcceleratorError,
     XtpError,
@@ -39,7 +40,7 @@ from .registry import (
 
 __all__ = [
     "Accelerator", "Availability", "AcceleratorError", "AcceleratorSelectionWarning",
-    "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS",
+    "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS", "CollectiveError",
     "CollectiveMismatchError", "CollectiveRecord", "CollectiveTimeoutError", "Communicator",
     "CountingCommunicator", "DETECTION_ORDER", "ENV_ACCELERATOR", "ENV_DIST_BACKEND",
     "PLUGIN_GROUP", "Selection", "ShmCommunicator", "TorchCommunicator", "UnknownAcceleratorError",

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import XtpError
+
 
 class Communicator(abc.ABC):
     """Collectives on one process group. Implementations must be usable from any thread that
@@ -75,7 +77,13 @@ def _split_sizes(total: int, world: int, sizes: Sequence[int] | None) -> list[in
 
 class TorchCommunicator(Communicator):
     """Collectives through ``torch.distributed`` on ``group`` (``None``: the default group, or a
-    single process when torch.distributed is not initialised)."""
+    single process when torch.distributed is not initialised).
+
+    A collective that fails in torch (a peer died, a timeout) raises
+    :class:`~xtp.accelerators.errors.CollectiveError` (or its subclass
+    ``CollectiveTimeoutError``) naming the rank at fault (:mod:`.peers`)."""
+
+    _seq = 0  # collectives issued on this communicator (the same on every rank)
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
@@ -97,15 +105,24 @@ class TorchCommunicator(Communicator):
     def rank(self) -> int:
         return self._rank
 
+    def _failed(self, op: str, exc: RuntimeError) -> XtpError:
+        from .peers import collective_failure
+
+        return collective_failure(op, self.group, exc, self._seq)
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._world == 1:
             return tensor
-        if tensor.is_contiguous():
-            dist.all_reduce(tensor, group=self.group)
-        else:
-            buf = tensor.contiguous()
-            dist.all_reduce(buf, group=self.group)
-            tensor.copy_(buf)
+        self._seq += 1
+        try:
+            if tensor.is_contiguous():
+                dist.all_reduce(tensor, group=self.group)
+            else:
+                buf = tensor.contiguous()
+                dist.all_reduce(buf, group=self.group)
+                tensor.copy_(buf)
+        except RuntimeError as exc:
+            raise self._failed("all_reduce", exc) from exc
         return tensor
 
     def all_gather(
@@ -132,7 +149,11 @@ class TorchCommunicator(Communicator):
         # newer torch deprecates all_gather_into_tensor (a FutureWarning per call) in favour
         # of all_gather_single, which older torch lacks
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, local, group=self.group)
+        self._seq += 1
+        try:
+            gather(out, local, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed("all_gather", exc) from exc
         pieces = [out.narrow(0, r * width, n) for r, n in enumerate(sizes)]
         return torch.cat(pieces, 0).movedim(0, dim).contiguous()
 
@@ -141,11 +162,19 @@ class TorchCommunicator(Communicator):
             return tensor
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
-        dist.broadcast(buf, src=global_src, group=self.group)
+        self._seq += 1
+        try:
+            dist.broadcast(buf, src=global_src, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed("broadcast", exc) from exc
         if buf is not tensor:
             tensor.copy_(buf)
         return tensor
 
     def barrier(self) -> None:
         if self._world > 1:
-            dist.barrier(group=self.group)
+            self._seq += 1
+            try:
+                dist.barrier(group=self.group)
+            except RuntimeError as exc:
+                raise self._failed("barrier", exc) from exc

@@ -27,5 +27,10 @@ class BackendUnavailableError(AcceleratorError):
     """A collective backend cannot be used with the selected accelerator."""
 
 
-class CollectiveTimeoutError(XtpError, TimeoutError):
+class CollectiveError(XtpError, RuntimeError):
+    """A collective could not complete because a peer rank failed; the message names it (its
+    process has exited, or it did not reach the collective) and says where to look next."""
+
+
+class CollectiveTimeoutError(CollectiveError, TimeoutError):
     """A collective did not complete in time; the message names the rank(s) that did not arrive."""

@@ -92,8 +92,12 @@ class CheckpointIndex:
     def _from_index(cls, folder: Path, index: Path, kind: str) -> CheckpointIndex:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
             raise CheckpointError(f"{index} is not a valid index ({exc!r}); re-save it") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: its weight_map is not a map of tensor names to file "
+                                  "names; re-save the checkpoint")
         key_file = {k: folder / v for k, v in weight_map.items()}
         files = sorted(set(key_file.values()))
         missing = [p.name for p in files if not p.is_file()]

@@ -8,6 +8,7 @@ A single process without torchrun gets ``tp_size == 1`` and no process group at 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -21,7 +22,8 @@ from .accelerators import (
     get_accelerator,
     resolve_dist_backend,
 )
-from .errors import DistributedSetupError, TPSizeError
+from .accelerators.peers import guarded, record_peers
+from .errors import DistributedSetupError, RanksDisagreeError, TPSizeError
 
 ENV_TIMEOUT = "XTP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -54,8 +56,11 @@ class TPContext:
         """The Communicator on the TP group (the accelerator's fastest one), created once per
         context: creating one can be collective (shared-memory setup) and costs a segment."""
         if not self._comm:
-            self._comm.append(_SoloCommunicator() if self.tp_size == 1
-                              else self.accelerator.communicator(self.tp_group))
+            if self.tp_size == 1:
+                self._comm.append(_SoloCommunicator())
+            else:
+                with guarded("creating the TP group's communicator", self.tp_group):
+                    self._comm.append(self.accelerator.communicator(self.tp_group))
         return self._comm[0]
 
 
@@ -92,6 +97,51 @@ def _bind_device(acc: Accelerator, local_rank: int) -> torch.device:
     index = local_rank % count if count else 0
     acc.set_device(index)
     return acc.device(index)
+
+
+def _setup_failure(backend: str, exc: Exception, timeout: timedelta) -> DistributedSetupError:
+    """A one-paragraph account of a failed ``init_process_group``: how many ranks arrived."""
+    env = os.environ
+    rank, world = env.get("RANK"), env.get("WORLD_SIZE")
+    where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    text = str(exc)
+    reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    secs = f"{timeout.total_seconds():g} s"
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        came, want = int(joined[1]), int(joined[2])
+        what = (f"only {came} of {want} ranks reached the rendezvous at {where} within {secs} "
+                f"(this is rank {rank}); the other {want - came} never called "
+                "init_distributed: they crashed or hang before it (see their output), were "
+                "not started, or use another MASTER_ADDR/MASTER_PORT")
+    elif "connect" in text.lower() and ("timed out" in text.lower() or "refused" in text):
+        what = (f"rank {rank} of {world} could not reach the rendezvous at {where} within "
+                f"{secs}: rank 0, which hosts it, did not start, died, or listens elsewhere "
+                "(check MASTER_ADDR/MASTER_PORT and rank 0's output)")
+    elif "wait timeout" in text.lower() or "timed out" in text.lower():
+        what = (f"rank {rank} of {world} waited {secs} at the rendezvous ({where}) for the "
+                f"other ranks; not all {world} arrived (rank 0's error says how many did): the "
+                "missing ones crashed or hang before init_distributed (see their output)")
+    else:
+        what = (f"could not create the {backend!r} process group (rank {rank}/{world}, "
+                f"MASTER_ADDR={env.get('MASTER_ADDR')}, MASTER_PORT={env.get('MASTER_PORT')}); "
+                f"{world} ranks were expected")
+    return DistributedSetupError(f"{what}. Set XTP_TIMEOUT to wait longer. (torch: {reason})")
+
+
+def _exchange_identities(group, tp_size: int | None, timeout: timedelta) -> None:
+    """Record every rank's host and pid (for naming a failed rank later) and check the ranks
+    agree on the TP size and the software versions; collective over ``group``."""
+    from . import __version__
+    from .consistency import disagreement
+
+    mine = {"tp_size": str(tp_size or dist.get_world_size(group)), "xtp version": __version__,
+            "torch version": torch.__version__}
+    detail = disagreement(record_peers(group, mine, timeout.total_seconds()))
+    if detail:
+        raise RanksDisagreeError(
+            f"the ranks disagree at init_distributed on {detail}: start every rank with the "
+            "same tp_size and the same installed software")
 
 
 def _split_groups(world: int, rank: int, tp_size: int, timeout: timedelta):
@@ -136,7 +186,12 @@ def init_distributed(
 
     Raises:
         TPSizeError: ``tp_size`` is < 1 or does not divide the world size.
-        DistributedSetupError: tp_size > 1 without a launcher, or a bad group/mesh.
+        DistributedSetupError: tp_size > 1 without a launcher, a bad group/mesh, or ranks
+            that did not all reach the rendezvous within ``timeout`` (the message says how
+            many arrived).
+        RanksDisagreeError: the ranks asked for different tp_size or run different xtp/torch
+            versions (checked with one small all-gather that also records every rank's host
+            and pid, so a later failed collective can name a dead rank).
     """
     acc = get_accelerator(accelerator)
     if timeout is None:
@@ -170,12 +225,7 @@ def init_distributed(
         try:
             dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
         except Exception as exc:
-            raise DistributedSetupError(
-                f"could not create the {backend!r} process group (rank "
-                f"{os.environ.get('RANK')}/{os.environ.get('WORLD_SIZE')}, "
-                f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
-                f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}"
-            ) from exc
+            raise _setup_failure(backend, exc, timeout) from exc
     else:
         device = _bind_device(acc, local_rank)
         backend = dist.get_backend()
@@ -193,6 +243,8 @@ def init_distributed(
         size = dist.get_world_size(group)
         if tp_size is not None and tp_size != size:
             raise TPSizeError(f"tp_size={tp_size} but the given group has {size} ranks")
+        if size > 1:
+            _exchange_identities(group, tp_size, timeout)
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         return TPContext(
             acc, device, rank, world, local_rank, dist.get_rank(group), size,
@@ -201,13 +253,16 @@ def init_distributed(
             dp_group if dp_size > 1 else None, backend, timeout,
         )
 
+    if world > 1:
+        _exchange_identities(None, tp_size, timeout)
     tp = world if tp_size is None else tp_size
     if world % tp:
         divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise TPSizeError(
             f"tp_size={tp} does not divide the world size {world}; choose one of {divisors}"
         )
-    tp_group, dp_group = _split_groups(world, rank, tp, timeout)
+    with guarded("creating the TP and DP process groups"):
+        tp_group, dp_group = _split_groups(world, rank, tp, timeout)
     return TPContext(
         acc, device, rank, world, local_rank, rank % tp, tp,
         tp_group if tp > 1 else None, rank // tp, world // tp,

@@ -6,6 +6,7 @@ from .accelerators.errors import (  # noqa: F401  (re-exported: one place to imp
     AcceleratorError,
     AcceleratorUnavailableError,
     BackendUnavailableError,
+    CollectiveError,
     CollectiveTimeoutError,
     UnknownAcceleratorError,
     XtpError,
@@ -38,3 +39,7 @@ class AlreadyShardedError(XtpError):
 
 class CheckpointError(XtpError):
     """A checkpoint is missing a tensor, has an extra one, a wrong shape or is damaged."""
+
+
+class RanksDisagreeError(XtpError):
+    """Ranks of one TP group were given different models, sizes, plans or software versions."""

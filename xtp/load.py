@@ -31,7 +31,7 @@ from .assemble import Entry, finish_sharding, local_entries
 from .buffers import rebuild_non_persistent
 from .build import meta_model
 from .checkpoint_index import CheckpointIndex, ReadStats
-from .consistency import check_fingerprints, fingerprint
+from .consistency import check_fingerprints, checkpoint_digest, fingerprint
 from .distributed import TPContext, init_distributed
 from .errors import CheckpointError, TPSizeError
 from .plan import ShardPlan
@@ -151,7 +151,8 @@ def fill_model(model: nn.Module, plan: ShardPlan, ctx: TPContext, source, folder
     """Read every entry of ``model`` from ``source`` for ``ctx.tp_rank`` (in place)."""
     start = time.monotonic()
     if ctx.tp_size > 1:  # as shard() does: every rank has the same model, plan and versions
-        check_fingerprints(fingerprint(model, plan), ctx.tp_group)
+        check_fingerprints({**fingerprint(model, plan),  # ... and reads the same checkpoint
+                            "checkpoint contents": checkpoint_digest(folder)}, ctx.tp_group)
     entries: list[Entry] = local_entries(model, plan, ctx.tp_rank)
     missing = [e for e in entries if not source.has(e)]
     missing_params = [e.aliases[0] for e in missing if e.is_param]
@@ -231,6 +232,12 @@ def from_pretrained(
     """
     ctx = _context(context, tp_size)
     folder = Path(path)
+    left = [p.name for p in (folder.parent / f".{folder.name}.xtp-tmp",  # see presharded.py
+                             folder.parent / f".{folder.name}.xtp-old") if p.exists()]
+    if not folder.is_dir() and left:
+        raise CheckpointError(
+            f"{folder} is incomplete: its writing (save_sharded or xtp preshard) was "
+            f"interrupted and left {left} next to it; write it again")
     if not folder.is_dir():
         raise CheckpointError(
             f"{folder} is not a folder; xtp.from_pretrained reads a local checkpoint folder "

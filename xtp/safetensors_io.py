@@ -51,11 +51,21 @@ class TensorInfo:
     nbytes: int
 
 
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} has a damaged header: {what}; re-download or re-save it")
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)  # no bools, floats
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse ``path``'s header; check every tensor lies inside the file.
 
     Raises:
-        CheckpointError: not a safetensors file, or truncated (a tensor's bytes past the end).
+        CheckpointError: not a safetensors file, a damaged header (not JSON, wrong types,
+            negative or inconsistent offsets and shapes, unknown dtype), or truncated (a
+            tensor's bytes past the end). Never another exception type (fuzz-tested).
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -69,17 +79,30 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"file has {size}; re-download or re-save it")
         try:
             header = json.loads(f.read(n))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
             raise CheckpointError(f"{path} has a damaged header ({exc}); re-save it") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, f"it is a JSON {type(header).__name__}, not an object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _damaged(path, "__metadata__ is not a map of strings to strings")
     base = 8 + n
     infos = {}
     for name, h in header.items():
-        dtype = DTYPES.get(h.get("dtype"))
+        if not isinstance(h, dict):
+            raise _damaged(path, f"the entry of tensor {name!r} is not an object")
+        code = h.get("dtype")
+        dtype = DTYPES.get(code) if isinstance(code, str) else None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {h.get('dtype')}")
-        begin, end = h["data_offsets"]
-        shape = tuple(int(d) for d in h["shape"])
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        offsets, shape = h.get("data_offsets"), h.get("shape")
+        if not (_int_list(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise _damaged(path, f"tensor {name!r} has data_offsets {offsets!r}")
+        if not (_int_list(shape) and all(d >= 0 for d in shape)):
+            raise _damaged(path, f"tensor {name!r} has shape {shape!r}")
+        begin, end = offsets
+        shape = tuple(shape)
         numel = 1
         for d in shape:
             numel *= d

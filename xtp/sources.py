@@ -34,6 +34,19 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def check_dtype(key: str, file, stored: torch.dtype, entry: Entry) -> None:
+    """Raise CheckpointError when ``key``'s stored dtype cannot hold ``entry`` (a float weight
+    stored as integers or bools, or the reverse); other widths convert on read."""
+    want = entry.meta.dtype
+    if stored.is_floating_point == want.is_floating_point and (stored == torch.bool) == (
+            want == torch.bool):
+        return
+    raise CheckpointError(
+        f"tensor {key!r} in {file} is stored as {str(stored).removeprefix('torch.')}, the "
+        f"model's {entry.aliases[0]} is {str(want).removeprefix('torch.')}: the file is damaged "
+        "or belongs to another model; re-save the checkpoint")
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -91,6 +104,7 @@ class FullCheckpointSource:
                     f"tensor {key!r} in {self.ckpt.file_of(key)} has shape {list(info.shape)}, "
                     f"the model's {alias} needs {list(e.full_shape)}: config.json does not match "
                     "the weights (wrong vocab_size, hidden_size or head counts?)")
+            check_dtype(key, self.ckpt.file_of(key), info.dtype, e)
 
     def cost(self, entry: Entry) -> int:
         alias = self._alias(entry)
@@ -184,6 +198,7 @@ class RankFileSource:
                     f"tensor {alias!r} in {self.ckpt.file_of(alias)} has shape "
                     f"{list(info.shape)}, this rank needs {list(e.local_shape)}: the folder was "
                     "written for another model or plan; pre-shard it again")
+            check_dtype(alias, self.ckpt.file_of(alias), info.dtype, e)
         extra = sorted(self.keys - used)
         if extra:
             raise CheckpointError(

@@ -8,6 +8,7 @@ and their return values come back to this process.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -29,7 +30,8 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
     process, ``None`` on the other ranks of an outer ``torchrun``.
 
     Raises:
-        XtpError: a started rank failed (the message is that rank's last error line).
+        XtpError: a started rank failed; one line per :func:`describe_failures` (the
+            launcher's own tracebacks are kept out of the terminal).
     """
     if "RANK" in os.environ or tp == 1:
         result = fn(*params)
@@ -46,8 +48,45 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1)
+    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic",
+                                             "torch.multiprocessing.spawn")]
+    levels = [log.level for log in quiet]
+    for log in quiet:  # the agent logs each failure with a traceback; we say it in one line
+        log.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, fn)(*params)
-    except Exception as exc:  # ChildFailedError: one line, the failing rank's error
-        raise XtpError(f"a rank failed: {str(exc).strip().splitlines()[-1][:400]}") from exc
+    except Exception as exc:  # ChildFailedError
+        raise XtpError(describe_failures(exc, tp)) from exc
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return [results[r] for r in sorted(results)]
+
+
+def _one_failure(rank: int, failure) -> str:
+    if failure.exitcode < 0:
+        return (f"rank {rank} (pid {failure.pid}) was killed by signal "
+                f"{failure.signal_name()}")
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    message = " ".join(str(message or "").split())
+    if not message or message.startswith("To enable traceback"):
+        message = f"exit code {failure.exitcode}"
+    return f"rank {rank} (pid {failure.pid}) failed: {message}"
+
+
+def describe_failures(exc: BaseException, tp: int) -> str:
+    """One line for a launcher's ``ChildFailedError``: the first failed rank's error (a signal,
+    or its exception's type and message), then the others' in the order they failed."""
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip(" =-")]
+        return f"a rank failed: {(lines[-1] if lines else type(exc).__name__)[:400]}"
+    order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode >= 0, kv[0]))
+    parts = [_one_failure(rank, f) for rank, f in order]
+    first = parts[0] if len(parts[0]) <= 600 else parts[0][:597] + "..."
+    more = "; then " + "; ".join(p[:200] for p in parts[1:]) if len(parts) > 1 else ""
+    stopped = tp - len(failures)
+    rest = f"; the launcher stopped the other {stopped}" if stopped else ""
+    return f"{len(failures)} of {tp} ranks failed: {first}{more}{rest}"

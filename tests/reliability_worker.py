@@ -1,0 +1,213 @@
+"""Rank-side code for the reliability tests: a world where one rank fails on purpose.
+
+:func:`run_world` starts ``world`` fresh processes (torchrun-style environment) running
+``fn(*args)``; unlike :func:`ranks.spawn` it expects ranks to die, and returns what each
+surviving rank reported plus every process's exit code, within a hard wall-clock bound.
+
+The victim fails in one of three ways (``how``):
+
+* ``"kill"``: SIGKILL to itself (a crash, the OOM killer);
+* ``"exit"``: raises, so the harness reports it and the process ends (an uncaught exception);
+* ``"hang"``: sleeps (alive, but never reaches the next collective).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+
+from ranks import free_port
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+            tie_word_embeddings=False)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _main(rank, world, port, env, fn, args, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", XTP_ACCELERATOR="cpu")
+    os.environ.update(env or {})
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        item = (rank, True, fn(*args))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        item = (rank, False, traceback.format_exc())
+    out.put(item)
+    out.close()
+    out.join_thread()
+    os._exit(0)  # no destroy_process_group: it may block on a broken group
+
+
+def run_world(fn, world: int, args=(), env=None, wall: float = 90.0):
+    """Run ``fn(*args)`` on ``world`` ranks; return ``(results, exitcodes, pids)`` where
+    ``results[rank] = (ok, value)`` for every rank that reported within ``wall`` seconds.
+    Ranks still alive once the others reported (a hung victim) are killed."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_main, args=(r, world, port, env, fn, tuple(args), out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[bool, object]] = {}
+    deadline = time.monotonic() + wall
+    try:
+        while time.monotonic() < deadline:
+            alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in results]
+            try:
+                rank, ok, value = out.get(timeout=0.2)
+                results[rank] = (ok, value)
+                continue
+            except queue.Empty:
+                pass
+            if not alive and out.empty():
+                break
+            waiting = [r for r in alive if r not in results]
+            if waiting and all(_hangs(procs[r]) for r in waiting) and results:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=0.5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    return results, {r: p.exitcode for r, p in enumerate(procs)}, [p.pid for p in procs]
+
+
+def _hangs(proc) -> bool:
+    """True for a victim that marked itself hanging (see :func:`fail_here`)."""
+    return os.path.exists(f"/tmp/xtp-test-hang-{proc.pid}")
+
+
+def fail_here(how: str) -> None:
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "exit":
+        raise RuntimeError(f"rank {os.environ['RANK']} fails on purpose")
+    if how == "hang":
+        marker = f"/tmp/xtp-test-hang-{os.getpid()}"
+        open(marker, "w").close()
+        try:
+            time.sleep(600)
+        finally:
+            os.unlink(marker)
+
+
+def outcome(action, t0: float | None = None) -> dict:
+    """Run ``action``; report the exception it raised (type, message, seconds to raise)."""
+    import xtp
+
+    t0 = time.monotonic() if t0 is None else t0
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"type": type(exc).__name__, "xtp": isinstance(exc, xtp.XtpError),
+                "message": str(exc), "elapsed": time.monotonic() - t0,
+                "classes": [c.__name__ for c in type(exc).__mro__]}
+    return {"type": None, "elapsed": time.monotonic() - t0}
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -> dict:
+    """Every rank runs ``phase``; ``victim`` fails (``how``) just before its collective part.
+
+    phase: ``"init"`` (init_distributed), ``"shard"``, ``"load"`` (from_pretrained(folder)) or
+    ``"forward"`` (a forward pass after one that worked)."""
+    import torch
+
+    import xtp
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    victim_here = rank == victim
+    if phase == "init":
+        if victim_here:
+            fail_here(how)
+        return outcome(lambda: xtp.init_distributed(world))
+    ctx = xtp.init_distributed(world)
+    if phase == "shard":
+        model = tiny_model()
+        before = _snapshot(model)
+        if victim_here:
+            fail_here(how)
+        result = outcome(lambda: xtp.shard(model, context=ctx))
+        result["unchanged"] = _same(before, _snapshot(model))
+        return result
+    if phase == "load":
+        if victim_here:
+            fail_here(how)
+        return outcome(lambda: xtp.from_pretrained(folder, context=ctx))
+    if phase == "forward":
+        model = xtp.shard(tiny_model(), context=ctx)
+        ids = torch.arange(8).reshape(1, 8)
+        with torch.no_grad():
+            model(ids)
+            if victim_here:
+                fail_here(how)
+            return outcome(lambda: [model(ids) for _ in range(3)])
+    raise ValueError(phase)
+
+
+def disagree_worker(folders: list[str]) -> dict:
+    """Ranks that disagree, one case after the other on one healthy world of 2 ranks; each
+    case must raise RanksDisagreeError on every rank and leave the world usable. Last, the
+    opt-in ``verify=True``: other weights are caught, the same weights pass."""
+    import torch
+
+    import xtp
+    from xtp.errors import RanksDisagreeError
+
+    rank = int(os.environ["RANK"])
+    out: dict = {}
+
+    def case(name, action):
+        r = outcome(action)
+        assert r["type"] == "RanksDisagreeError", (name, r)
+        assert issubclass(RanksDisagreeError, xtp.XtpError)
+        out[name] = r
+
+    case("tp_size", lambda: xtp.init_distributed(2 if rank == 0 else 1))
+    real = xtp.__version__
+    if rank == 1:
+        xtp.__version__ = "0.0.0-other"
+    try:
+        case("xtp version", lambda: xtp.init_distributed(2))
+    finally:
+        xtp.__version__ = real
+    ctx = xtp.init_distributed(2)
+    model = tiny_model(num_hidden_layers=2 + rank)
+    before = _snapshot(model)
+    case("model", lambda: xtp.shard(model, context=ctx))
+    out["model"]["unchanged"] = _same(before, _snapshot(model))
+    case("checkpoint", lambda: xtp.from_pretrained(folders[rank], context=ctx))
+    case("weights", lambda: xtp.shard(tiny_model(seed=rank), context=ctx, verify=True))
+    out["same weights"] = outcome(lambda: xtp.shard(tiny_model(0), context=ctx, verify=True))
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)  # the world still works after all of that
+    out["world_ok"] = t.item() == 2
+    return out
