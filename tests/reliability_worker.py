@@ -65,6 +65,7 @@ def run_world(fn, world: int, args=(), env=None, wall: float = 90.0):
              for r in range(world)]
     for p in procs:
         p.start()
+        _unmark(p)  # a stale marker of an earlier process with this pid
     results: dict[int, tuple[bool, object]] = {}
     deadline = time.monotonic() + wall
     try:
@@ -88,12 +89,24 @@ def run_world(fn, world: int, args=(), env=None, wall: float = 90.0):
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
+            _unmark(p)
     return results, {r: p.exitcode for r, p in enumerate(procs)}, [p.pid for p in procs]
+
+
+def _marker(pid: int) -> str:
+    return f"/tmp/xtp-test-hang-{pid}"
 
 
 def _hangs(proc) -> bool:
     """True for a victim that marked itself hanging (see :func:`fail_here`)."""
-    return os.path.exists(f"/tmp/xtp-test-hang-{proc.pid}")
+    return os.path.exists(_marker(proc.pid))
+
+
+def _unmark(proc) -> None:
+    try:
+        os.unlink(_marker(proc.pid))
+    except FileNotFoundError:
+        pass
 
 
 def fail_here(how: str) -> None:
@@ -101,13 +114,9 @@ def fail_here(how: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if how == "exit":
         raise RuntimeError(f"rank {os.environ['RANK']} fails on purpose")
-    if how == "hang":
-        marker = f"/tmp/xtp-test-hang-{os.getpid()}"
-        open(marker, "w").close()
-        try:
-            time.sleep(600)
-        finally:
-            os.unlink(marker)
+    if how == "hang":  # the parent kills it once the others reported, and removes the marker
+        open(_marker(os.getpid()), "w").close()
+        time.sleep(600)
 
 
 def outcome(action, t0: float | None = None) -> dict:
