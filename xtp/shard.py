@@ -265,8 +265,8 @@ def shard(
         context: a :class:`~xtp.TPContext` from :func:`xtp.init_distributed` (default: made).
         communicator: a Communicator, or a wrapper ``f(comm) -> comm`` (e.g. counting).
         plan: a precomputed plan for this model and tp_size (default: derived).
-        verify: also check, before sharding, that every replicated parameter is identical on
-            all ranks (one all-gather of checksums).
+        verify: also check, before sharding, that every parameter is identical on all ranks
+            (one all-gather of checksums).
 
     The model's forward, ``generate()`` and hooks keep working; other ranks' weights are freed
     once nothing else references them. Raises :class:`~xtp.errors.XtpError` subclasses for bad
