@@ -135,3 +135,19 @@ def test_bench_table_ratios_and_failed_rows():
     assert "| deepspeed | float32 | 2 | 1 | 2.0 | 100 | 18.0 | 500 | 5.0 | 3.60 | 1.00 | 1.00 " \
            "| 1.50 | 1.00 |" in text
     assert "| transformers | float32 | 2 | - | failed: ValueError: boom |" in text
+
+
+def test_bench_rounds_take_the_median_time_and_the_largest_memory():
+    from xtp.bench_report import merge_rounds
+
+    rounds = [dict(impl="xtp", tp=2, dtype="float32", ok=True, ready_s=s, load_s=1.0,
+                   prefill_ms=p, decode_ms=d, peak_rss_mib=m, base_rss_mib=300.0)
+              for s, p, d, m in ((5.0, 100.0, 30.0, 500.0), (9.0, 300.0, 10.0, 520.0),
+                                 (7.0, 200.0, 20.0, 510.0))]
+    rounds.append(dict(impl="xtp", tp=2, dtype="float32", ok=False, error="killed"))
+    row = merge_rounds(rounds)
+    assert (row["ready_s"], row["prefill_ms"], row["decode_ms"]) == (7.0, 200.0, 20.0)
+    assert row["peak_rss_mib"] == 520.0 and len(row["rounds"]) == 4
+    assert row["rounds"][3] == {"ok": False, "ready_s": None, "prefill_ms": None,
+                                "decode_ms": None, "load_before": None, "load_after": None,
+                                "error": "killed"}

@@ -31,6 +31,24 @@ def fold(ranks: list[dict], floor_ms: float | None) -> dict:
     return row
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from repeated runs of the same implementation: the median of each time over
+    the successful rounds, the largest memory; every round's figures kept under ``rounds``."""
+    ok = [r for r in rounds if r.get("ok")]
+    if len(rounds) == 1 or not ok:
+        return rounds[0]
+    row = dict(ok[0])
+    for key in ("ready_s", "load_s", "prefill_ms", "decode_ms"):
+        row[key] = statistics.median(r[key] for r in ok)
+    for key in ("peak_rss_mib", "base_rss_mib", "peak_device_mib"):
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = max(vals) if vals else None
+    row["rounds"] = [{k: r.get(k) for k in ("ok", "ready_s", "prefill_ms", "decode_ms",
+                                            "load_before", "load_after", "error")}
+                     for r in rounds]
+    return row
+
+
 def _ratio(row: dict, base: dict | None, key: str) -> str:
     if not base or not base.get("ok") or not row.get("ok") or not base.get(key):
         return "-"

@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
                    help="before each run wait (60 s steps, up to --load-retries) while the "
                    "1-minute load average exceeds this")
     p.add_argument("--load-retries", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every implementation this many times, alternating the order, and "
+                   "report the median of each time (default 1; use 3+ on a shared machine)")
     p.add_argument("--profile", action="store_true",
                    help="profile the decode steps (top operators per token)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run (default 1800)")
@@ -181,7 +184,7 @@ def _check(args) -> tuple[list[int], list[str], list[str]]:
         if name not in PEERS:
             raise BenchUsageError(f"--vs {name!r}: unknown implementation; known peers: "
                                   f"{', '.join(PEERS)} (or 'none')")
-    for name in ("prefill_tokens", "decode_steps", "repeats"):
+    for name in ("prefill_tokens", "decode_steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
             raise BenchUsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.plot:
@@ -214,9 +217,27 @@ def _versions_line(rows: list[dict], python: str) -> str:
     return f"ranks' interpreter {python}: " + ", ".join(f"{k} {v}" for k, v in seen.items())
 
 
+def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int,
+             per_token: int, args) -> dict:
+    """One fresh set of ranks, waited for a quiet machine; its row, with the load around it."""
+    from ..bench_report import fold
+
+    _wait_for_quiet(args.max_load, args.load_retries)
+    before = _load_avg()
+    print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
+    row = fold(launch(python, impl, path, tp, dtype, threads, args), None)
+    row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl, tp=tp,
+               threads=row.get("threads") or threads, bytes_per_step=per_token)
+    print(f" {row['load_after']}; " + (
+        f"ready {row['ready_s']:.1f} s, prefill {row['prefill_ms']:.0f} ms, decode "
+        f"{row['decode_ms']:.1f} ms/token" if row["ok"]
+        else f"FAILED: {str(row.get('error'))[:300]}"), flush=True)
+    return row
+
+
 def run(args) -> int:
     from ..bench_prep import checkpoint_for, weight_bytes
-    from ..bench_report import fold, plot, profile_text, table
+    from ..bench_report import merge_rounds, plot, profile_text, table
     from ..builtin_models import resolve_config
 
     tps, dtypes, vs = _check(args)
@@ -243,27 +264,23 @@ def run(args) -> int:
         total, per_token = weight_bytes(path, dtype)
         print(f"{dtype}: checkpoint {path}; weights {total / 1e9:.2f} GB, "
               f"{per_token / 1e9:.2f} GB read per decode step", flush=True)
-        for impl in impls:
-            for tp in [1] if impl == "unsharded" else tps:
-                _wait_for_quiet(args.max_load, args.load_retries)
-                before = _load_avg()
-                print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
-                ranks = launch(python, impl, path, tp, dtype, threads[tp], args)
-                row = fold(ranks, None)
-                row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl,
-                           tp=tp, threads=row.get("threads") or threads[tp],
-                           bytes_per_step=per_token)
-                rows.append(row)
-                print(f" {row['load_after']}; " + (
-                    f"decode {row['decode_ms']:.1f} ms/token" if row["ok"]
-                    else f"FAILED: {str(row.get('error'))[:300]}"), flush=True)
+        runs = [(impl, tp) for impl in impls for tp in ([1] if impl == "unsharded" else tps)]
+        done: dict[tuple[str, int], list[dict]] = {run: [] for run in runs}
+        for rnd in range(args.rounds):
+            if args.rounds > 1:
+                print(f" round {rnd + 1}/{args.rounds}", flush=True)
+            for impl, tp in runs if rnd % 2 == 0 else runs[::-1]:  # alternate the order
+                done[impl, tp].append(_one_run(python, impl, path, tp, dtype, threads[tp],
+                                               per_token, args))
+        rows += [merge_rounds(done[run]) for run in runs]
     for row in rows:  # the floor with the best bandwidth measured in the whole run
         used = bw.get(row["tp"] * row["threads"])
         row["floor_ms"] = row["bytes_per_step"] / used * 1e3 if used else None
     print()
     print(f"ratios: implementation / xtp at the same tp and dtype (above 1: xtp is better); "
           f"prefill: 1 x {args.prefill_tokens} tokens; decode: median of "
-          f"{args.decode_steps} steps; floor: weight bytes per step / read bandwidth")
+          f"{args.decode_steps} steps; floor: weight bytes per step / read bandwidth"
+          + (f"; times: median of {args.rounds} rounds" if args.rounds > 1 else ""))
     print(table(rows))
     print(_versions_line(rows, python))
     if args.profile:
