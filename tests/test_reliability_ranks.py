@@ -14,6 +14,11 @@ pytestmark = pytest.mark.distributed
 TIMEOUT = 3.0
 ENV = {"XTP_TIMEOUT": str(TIMEOUT)}
 GLOO = {**ENV, "XTP_CPU_SHM": "0"}
+# a killed rank is found by its pid, not by the timeout: a long timeout keeps the healthy steps
+# before the kill (setup, a first forward) from timing out on a loaded machine, and the
+# PROMPT_S bound still proves the failure is reported promptly
+KILL_ENV = {"XTP_TIMEOUT": "60"}
+KILL_GLOO = {**KILL_ENV, "XTP_CPU_SHM": "0"}
 # killed/raised: noticed at once (closed connection, /proc); hung: the timeout plus the
 # roll call's grace (timeout / 2); the rest is slack for a loaded 2-core CI machine
 PROMPT_S, HUNG_S = 3.0, TIMEOUT * 1.5 + 3.0
@@ -36,11 +41,11 @@ def _survivors(world, victim, phase, how, env, folder=None):
 
 
 @pytest.mark.parametrize("phase,how,env,kind,limit", [
-    ("shard", "kill", ENV, "CollectiveError", PROMPT_S),
+    ("shard", "kill", KILL_ENV, "CollectiveError", PROMPT_S),
     ("shard", "hang", ENV, "CollectiveTimeoutError", HUNG_S),
-    ("forward", "kill", GLOO, "CollectiveError", PROMPT_S),
+    ("forward", "kill", KILL_GLOO, "CollectiveError", PROMPT_S),
     ("forward", "hang", GLOO, "CollectiveTimeoutError", HUNG_S),
-    ("forward", "kill", ENV, "CollectiveTimeoutError", PROMPT_S),  # shared-memory all-reduce
+    ("forward", "kill", KILL_ENV, "CollectiveTimeoutError", PROMPT_S),  # shared memory
 ], ids=["shard-killed", "shard-hung", "forward-gloo-killed", "forward-gloo-hung",
         "forward-shm-killed"])
 def test_failed_rank_is_named(phase, how, env, kind, limit):
