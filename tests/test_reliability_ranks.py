@@ -71,9 +71,13 @@ def test_rank_raising_during_from_pretrained_is_named(tmp_path):
 
 def test_rank_missing_at_setup_is_counted():
     """Rank 2 of 3 dies before init_distributed: rank 0 (the rendezvous host) says how many
-    arrived, rank 1 that it waited; both within the timeout plus torch's slack."""
+    arrived, rank 1 that it waited (or that rank 0 gave up first); both within the timeout
+    plus torch's slack."""
     out, _ = _survivors(3, 2, "init", "kill", ENV)
     assert out[0]["type"] == "DistributedSetupError"
     assert "only 2 of 3 ranks reached the rendezvous" in out[0]["message"]
-    assert "waited 3 s at the rendezvous" in out[1]["message"]
+    # rank 1 either times out itself or sees rank 0 (the store's host) give up first
+    assert out[1]["type"] == "DistributedSetupError"
+    assert ("waited 3 s at the rendezvous" in out[1]["message"]
+            or "lost the rendezvous" in out[1]["message"]), out[1]["message"]
     assert all(v["elapsed"] < TIMEOUT + 5 for v in out.values()), out

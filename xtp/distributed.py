@@ -118,6 +118,10 @@ def _setup_failure(backend: str, exc: Exception, timeout: timedelta) -> Distribu
         what = (f"rank {rank} of {world} could not reach the rendezvous at {where} within "
                 f"{secs}: rank 0, which hosts it, did not start, died, or listens elsewhere "
                 "(check MASTER_ADDR/MASTER_PORT and rank 0's output)")
+    elif "connection was likely closed" in text.lower() or "failed to recv" in text.lower():
+        what = (f"rank {rank} of {world} lost the rendezvous at {where} while waiting for the "
+                f"other ranks: rank 0, which hosts it, gave up (rank 0's error says how many "
+                "ranks arrived) or died")
     elif "wait timeout" in text.lower() or "timed out" in text.lower():
         what = (f"rank {rank} of {world} waited {secs} at the rendezvous ({where}) for the "
                 f"other ranks; not all {world} arrived (rank 0's error says how many did): the "
