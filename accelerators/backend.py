@@ -9,6 +9,8 @@ from .base import Accelerator
 from .errors import BackendUnavailableError
 
 ENV_DIST_BACKEND = "XTP_DIST_BACKEND"
+#: collective backends ``xtp env`` reports on (whether this torch can create each)
+KNOWN_BACKENDS = ("gloo", "nccl", "xccl", "ccl", "hccl", "mpi", "ucc")
 
 
 def resolve_dist_backend(acc: Accelerator, override: str | None = None) -> str:

@@ -11,9 +11,8 @@ import torch
 
 from ..accelerators import ENV_ACCELERATOR, ENV_DIST_BACKEND, XtpError, create, plugins, select
 from ..accelerators._torch_compat import backend_available
+from ..accelerators.backend import KNOWN_BACKENDS
 from ..accelerators.registry import BUILTINS
-
-KNOWN_BACKENDS = ("gloo", "nccl", "xccl", "ccl", "hccl", "mpi", "ucc")
 
 
 def add_parser(sub) -> None:
