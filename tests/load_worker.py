@@ -154,6 +154,9 @@ def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
     # bytes: each sharded tensor read as exactly its slice, never whole
     meta = xtp.build.meta_model(got.config, type(got), got.dtype)
     stored = _stored_element_sizes(folder)
+    # tensors converted on load (per-expert keys fused into one parameter) have no stored key
+    # of their own: judge them in the checkpoint's widest dtype
+    stored_default = max(stored.values(), default=4)
     whole, zero_bytes = [], 0
     for e in local_entries(meta, plan, rank):
         size = torch.empty((), dtype=e.meta.dtype).element_size()
@@ -161,7 +164,7 @@ def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
             zero_bytes += torch.Size(e.local_shape).numel() * size
         elif e.dim is not None and e.local_shape != e.full_shape:
             # "whole" in the checkpoint's own dtype (a load may convert, e.g. fp32 -> bf16)
-            file_size = stored.get(e.aliases[0], size)
+            file_size = stored.get(e.aliases[0], stored_default)
             if report.per_tensor.get(e.aliases[0], 0) >= e.meta.numel() * file_size:
                 whole.append(e.aliases[0])
     result = {
