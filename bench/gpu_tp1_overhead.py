@@ -2,16 +2,17 @@
 
 Run on a machine with one CUDA GPU:
 
-    python bench/gpu_tp1_overhead.py [--model llama-1b] [--steps 64]
+    python bench/gpu_tp1_overhead.py [--model llama-1b] [--steps 200] [--dtype bfloat16]
 
 Measures, for a ~1B Llama-style model (xtp's built-in ``llama-1b``: hidden 2048, 16 layers,
-32 heads, 8 KV heads, intermediate 5632, vocab 32000; random seeded weights) in bf16, batch 1:
-prefill latency (128 tokens, median of 20, CUDA events) and per-token decode latency (median
-over ``--steps`` single-token steps with the KV cache), for the plain model and the model after
-``xtp.shard()`` at tp 1, measured alternately (A B A B A B, after one discarded warm-up run each) so drift hits both. Then decode through
-transformers' compiled static-cache ``generate()`` (``torch.compile`` with CUDA graphs) on the
-xtp model.
-Prints one table.
+32 heads, 8 KV heads, intermediate 5632, vocab 32000; random seeded weights), batch 1: prefill
+latency (128 tokens, CUDA events) and per-token decode latency (single-token steps with a KV
+cache), medians over ``--steps`` steps, for the plain model and the model after ``xtp.shard()``
+at tp 1. The two are measured step by step in turn (the order flipped every step), so host
+noise on a shared machine hits both alike. Then greedy decode through transformers' compiled
+static-cache ``generate()`` (``torch.compile`` with CUDA graphs) for both models, with where
+their tokens first differ from the plain model's eager ones.
+Prints two tables.
 """
 
 from __future__ import annotations
@@ -25,40 +26,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def prefill_ms(model, ids, reps=20) -> float:
-    times = []
-    with torch.no_grad():
-        for _ in range(3):
-            model(ids, use_cache=False)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(ids, use_cache=False)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def decode_ms(model, ids, steps: int) -> float:
-    """Median latency of one-token steps with a dynamic KV cache."""
-    times = []
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(steps + 5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model(tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            if i >= 5:
-                times.append((time.perf_counter() - t0) * 1e3)
-            cache = out.past_key_values
-    return statistics.median(times)
 
 
 def generate_per_token_ms(model, ids, steps: int) -> float:
@@ -77,17 +44,75 @@ def generate_per_token_ms(model, ids, steps: int) -> float:
     return (res[1] - res[0]) / steps * 1e3, out
 
 
+def ordered(models: dict, i: int) -> list:
+    """The models in turn, the order flipped every step so neither always goes first."""
+    items = list(models.items())
+    return items if i % 2 == 0 else items[::-1]
+
+
+def interleaved_steps(plain, sharded, ids, steps: int) -> dict[str, dict[str, float]]:
+    """Prefill and decode medians for both models, measured step by step in turn (plain, xtp,
+    plain, xtp, ...) so that host noise on this shared, launch-bound machine hits both alike."""
+    models = {"plain": plain, "xtp tp1": sharded}
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    state = {}
+    with torch.no_grad():
+        for i in range(steps + 8):
+            for name, m in ordered(models, i):  # prefill, 128 tokens, timed with CUDA events
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                m(ids, use_cache=False)
+                end.record()
+                torch.cuda.synchronize()
+                if i >= 8:
+                    times[name]["prefill"].append(start.elapsed_time(end))
+        for name, m in models.items():
+            out = m(ids, use_cache=True)
+            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        for i in range(steps + 8):
+            for name, m in ordered(models, i):  # one decode step with the KV cache
+                cache, tok = state[name]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = m(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                if i >= 8:
+                    times[name]["decode"].append((time.perf_counter() - t0) * 1e3)
+                state[name] = (out.past_key_values, tok)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def eager_table(plain, sharded, ids, args, ready: float) -> None:
+    """Prefill and decode of the plain and the xtp model, interleaved; prints the table."""
+    rows = interleaved_steps(plain, sharded, ids, args.steps)
+    print(f"GPU {torch.cuda.get_device_name(0)}  torch {torch.__version__}  "
+          f"model {args.model} ({sum(p.numel() for p in plain.parameters()) / 1e9:.2f} B params) "
+          f"{args.dtype} batch 1  prefill 128 tokens  decode {args.steps} steps; xtp.shard() took "
+          f"{ready:.2f} s")
+    print(f"{'variant':<28} {'prefill ms':>11} {'decode ms/token':>16}")
+    base = rows["plain"]
+    for name, r in rows.items():
+        p, d = r["prefill"], r["decode"]
+        print(f"{name:<28} {p:>11.3f} {d:>16.3f}   ratio vs plain: prefill "
+              f"{p / base['prefill']:.3f}, decode {d / base['decode']:.3f}")
+
+
 def main() -> int:
     import xtp
     from xtp.builtin_models import build_random, resolve_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-1b")
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--compile-only", action="store_true",
+                    help="skip the eager timing table; only the compiled-generate comparison")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     config = resolve_config(args.model)
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     plain = build_random(config, dtype).to(dev)
     sharded = build_random(config, dtype)
     t0 = time.perf_counter()
@@ -96,36 +121,32 @@ def main() -> int:
     sharded.to(dev)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, 128), generator=g).to(dev)
-    rows = {"plain": {"prefill": [], "decode": []}, "xtp tp1": {"prefill": [], "decode": []}}
-    for m in (plain, sharded):  # warm-up: allocator growth, kernel selection, cache shapes
-        prefill_ms(m, ids, reps=3)
-        decode_ms(m, ids, 8)
-    for _ in range(3):
-        for name, m in (("plain", plain), ("xtp tp1", sharded)):
-            rows[name]["prefill"].append(prefill_ms(m, ids))
-            rows[name]["decode"].append(decode_ms(m, ids, args.steps))
-    print(f"GPU {torch.cuda.get_device_name(0)}  torch {torch.__version__}  "
-          f"model {args.model} ({sum(p.numel() for p in plain.parameters()) / 1e9:.2f} B params) "
-          f"bf16 batch 1  prefill 128 tokens  decode {args.steps} steps; xtp.shard() took "
-          f"{ready:.2f} s")
-    print(f"{'variant':<28} {'prefill ms':>11} {'decode ms/token':>16}")
-    base = {k: statistics.median(v) for k, v in rows["plain"].items()}
-    for name, r in rows.items():
-        p, d = statistics.median(r["prefill"]), statistics.median(r["decode"])
-        print(f"{name:<28} {p:>11.3f} {d:>16.3f}   ratio vs plain: prefill "
-              f"{p / base['prefill']:.3f}, decode {d / base['decode']:.3f}")
-    # compiled decode with CUDA graphs on the xtp model: transformers' own path (a static KV
-    # cache makes generate() compile the forward with mode="reduce-overhead", i.e. CUDA graphs)
-    eager_gen, eager_out = generate_per_token_ms(sharded, ids[:, :16], 32)
-    sharded.generation_config.cache_implementation = "static"
-    try:
-        comp_gen, comp_out = generate_per_token_ms(sharded, ids[:, :16], 32)
-        same = bool(torch.equal(comp_out, eager_out))
-        print(f"{'xtp tp1 generate eager':<28} {'':>11} {eager_gen:>16.3f}")
-        print(f"{'xtp tp1 compile+cudagraphs':<28} {'':>11} {comp_gen:>16.3f}   "
-              f"same tokens as eager: {same}")
-    except Exception as exc:  # report precisely instead of failing the whole run
-        print(f"compiled static-cache generate failed: {type(exc).__name__}: {str(exc)[:300]}")
+    if not args.compile_only:
+        eager_table(plain, sharded, ids, args, ready)
+    # compiled decode with CUDA graphs: transformers' own path (a static KV cache makes
+    # generate() compile the forward with mode="reduce-overhead", i.e. CUDA graphs). The plain
+    # model goes through the same path, so a token difference can be told apart: compiled vs
+    # eager rounding (both models differ alike) or xtp (only the xtp model differs).
+    prompt = ids[:, :16]
+    results = {}
+    for name, m in (("plain", plain), ("xtp tp1", sharded)):
+        m.generation_config.cache_implementation = None
+        results[(name, "eager")] = generate_per_token_ms(m, prompt, 32)
+        m.generation_config.cache_implementation = "static"
+        try:
+            results[(name, "compiled")] = generate_per_token_ms(m, prompt, 32)
+        except Exception as exc:  # report precisely instead of failing the whole run
+            print(f"{name}: compiled static-cache generate failed: {type(exc).__name__}: "
+                  f"{str(exc)[:300]}")
+    print(f"{'generate() per token':<28} {'ms/token':>16}   tokens")
+    ref = results[("plain", "eager")][1]
+    for (name, mode), (ms, out) in results.items():
+        first = int((out != ref).int().argmax()) if not torch.equal(out, ref) else None
+        where = "= plain eager" if first is None else f"differ from plain eager at position {first}"
+        print(f"{name + ' ' + mode:<28} {ms:>16.3f}   {where}")
+    if ("plain", "compiled") in results and ("xtp tp1", "compiled") in results:
+        same = torch.equal(results[("plain", "compiled")][1], results[("xtp tp1", "compiled")][1])
+        print(f"xtp compiled tokens == plain compiled tokens: {same}")
     return 0
 
 
