@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
     from .communicator import Communicator
+    from .packed_linear import PackedLinear
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ class Accelerator(abc.ABC):
 
     def reset_peak_memory_stats(self, index: int | None = None) -> None:
         """Start a new peak-memory window."""
+
+    def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
+        """``weight`` (``(out, in)``, on this device) in a faster layout for inference
+        matmuls, or ``None`` (the default: keep it dense). See :mod:`packed_linear`."""
+        return None
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """The Communicator for ``group``; an accelerator may return a faster one."""

@@ -19,16 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
     from .communicator import Communicator
+    from .packed_linear import PackedLinear
 
 
 class CpuAccelerator(Accelerator):
     name = "cpu"
     device_type = "cpu"
 
-    def __init__(self, shm: bool | None = None) -> None:
+    def __init__(self, shm: bool | None = None, pack_min_bytes: int | None = None) -> None:
         """``shm``: use shared-memory collectives between ranks of one host; ``None`` (default)
-        lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo."""
+        lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo.
+        ``pack_min_bytes``: the smallest weight :meth:`pack_linear_weight` packs (default
+        :data:`cpu_packed_linear.MIN_BYTES`)."""
         self.shm = shm
+        self.pack_min_bytes = pack_min_bytes
 
     def availability(self) -> Availability:
         return Availability(True)
@@ -54,6 +58,13 @@ class CpuAccelerator(Accelerator):
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
+
+    def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
+        """oneDNN's blocked layout (:mod:`cpu_packed_linear`); ``XTP_CPU_PACK=0`` turns it off."""
+        from .cpu_packed_linear import MIN_BYTES, pack_cpu_linear
+
+        return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
+                               else self.pack_min_bytes)
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

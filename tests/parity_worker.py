@@ -72,3 +72,76 @@ def parity(case_id: str, tp: int) -> dict:
     out["rel_err"] = float((got - want).norm() / want.norm())
     out["layers"] = getattr(model.config, "num_hidden_layers", None)
     return out
+
+
+def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
+    """Shard, then pack for inference (every weight, however small) and compare: with the
+    unsharded model, with the dense sharded model, state_dict and unpack bit for bit, and the
+    typed errors of operations that need dense weights."""
+    import os
+    import tempfile
+
+    import xtp
+    from xtp.accelerators.cpu import CpuAccelerator
+    from xtp.errors import PackedWeightsError
+
+    dtype = getattr(torch, dtype_name)
+    case = next(c for c in CASES if c.id == case_id)
+    ref = _build(case).to(dtype)
+    model = _build(case).to(dtype)
+    ids = _inputs(model.config, case.kind)
+    xtp.shard(model, tp_size=tp)
+
+    def forward(m):
+        if case.kind == "seq2seq":
+            return m(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+        out = m(ids)
+        return out.logits if case.kind == "causal" else out.last_hidden_state
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want, dense = forward(ref), forward(model)
+    out: dict = {"packed": xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0))}
+    out["packed_again"] = xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0))
+    out["grad_off"] = not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        got = forward(model)
+        if case.kind != "encoder":
+            kw = dict(max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+            out["tokens_equal"] = bool(torch.equal(ref.generate(ids[:1], **kw),
+                                                   model.generate(ids[:1], **kw)))
+    out["rel_err"] = float((got.float() - want.float()).norm() / want.float().norm())
+    out["rel_err_vs_dense"] = float((got.float() - dense.float()).norm() / dense.float().norm())
+    state = model.state_dict()
+    out["state_equal"] = sorted(k for k in dense_state if not torch.equal(state[k], dense_state[k]))
+    out["save_error"], out["save_left_nothing"] = None, True
+    with tempfile.TemporaryDirectory() as tmp:  # each rank its own folder: only the error
+        target = os.path.join(tmp, "out")       # path can be tested this way
+        if not out["packed"]:
+            target = None
+        try:
+            if target is not None:
+                xtp.save_sharded(model, target)
+        except PackedWeightsError as exc:
+            out["save_error"] = str(exc)
+        out["save_left_nothing"] = not os.listdir(tmp)
+    model.train()
+    try:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        if case.kind == "seq2seq":
+            model(inputs_embeds=emb, decoder_input_ids=ids[:, :3])
+        else:
+            model(inputs_embeds=emb)
+        out["grad_error"] = None
+    except PackedWeightsError as exc:
+        out["grad_error"] = str(exc)
+    model.eval()
+    out["unpacked"] = xtp.unpack(model)
+    state = model.state_dict()
+    out["unpacked_state_equal"] = sorted(
+        k for k in dense_state if not torch.equal(state[k], dense_state[k]))
+    out["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        out["unpacked_equal_dense"] = bool(torch.equal(forward(model), dense))
+    return out

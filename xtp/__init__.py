@@ -14,6 +14,7 @@ from .distributed import TPContext, init_distributed  # noqa: E402
 from .errors import XtpError  # noqa: E402
 from .export import gather, preshard  # noqa: E402, F401
 from .load import from_pretrained, load_report  # noqa: E402, F401
+from .packing import pack_for_inference, unpack  # noqa: E402, F401
 from .plan import ShardPlan  # noqa: E402
 from .presharded import save_sharded  # noqa: E402, F401
 from .shard import shard  # noqa: E402

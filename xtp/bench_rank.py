@@ -130,10 +130,14 @@ def load(impl: str, path: str, tp: int, dtype, device, profile: bool = False):
 
         comm = timed_communicator if profile else None
         if hasattr(xtp, "from_pretrained"):
-            return xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False,
-                                       communicator=comm)
-        return xtp.shard(auto.from_pretrained(path, dtype=dtype).eval(), tp_size=tp,
-                         communicator=comm)
+            model = xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False,
+                                        communicator=comm)
+        else:
+            model = xtp.shard(auto.from_pretrained(path, dtype=dtype).eval(), tp_size=tp,
+                              communicator=comm)
+        if hasattr(xtp, "pack_for_inference"):  # XTP_CPU_PACK=0 (bench --no-pack): a no-op
+            xtp.pack_for_inference(model)
+        return model
     if impl == "unsharded":
         return auto.from_pretrained(path, dtype=dtype).to(device).eval()
     if impl == "transformers":

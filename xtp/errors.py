@@ -43,3 +43,8 @@ class CheckpointError(XtpError):
 
 class RanksDisagreeError(XtpError):
     """Ranks of one TP group were given different models, sizes, plans or software versions."""
+
+
+class PackedWeightsError(XtpError):
+    """An operation that needs dense weights (training, saving) on a model whose linear
+    weights are packed for inference (:func:`xtp.pack_for_inference`)."""

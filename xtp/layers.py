@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accelerators import Communicator, copy_to_group, gather_from_group, reduce_from_group
+from .packing import packed_matmul
 from .plan import (
     COLUMN,
     EMBEDDING,
@@ -51,6 +52,9 @@ class TPModule:
 
 
 def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    packed = packed_matmul(module, x, None)
+    if packed is not None:
+        return packed
     if kind == OUT_IN:
         return F.linear(x, module.weight)
     w = module.weight  # IN_OUT (Conv1D): (in, out)
@@ -122,7 +126,10 @@ class ColumnParallel(TPModule):
     tp_rng: RegionRNG | None = None
 
     def forward(self, x, *args, **kwargs):
-        out = super().forward(copy_to_group(x, self.tp_comm), *args, **kwargs)
+        x = copy_to_group(x, self.tp_comm)
+        out = packed_matmul(self, x, self.bias)
+        if out is None:
+            out = super().forward(x, *args, **kwargs)
         if self.training and self.tp_rng is not None:
             self.tp_rng.enter(out.device)
         return out
@@ -149,7 +156,10 @@ class ParallelLMHead(TPModule):
     tp_gather_output: bool = True
 
     def forward(self, x, *args, **kwargs):
-        local = super().forward(copy_to_group(x, self.tp_comm), *args, **kwargs)
+        x = copy_to_group(x, self.tp_comm)
+        local = packed_matmul(self, x, self.bias)
+        if local is None:
+            local = super().forward(x, *args, **kwargs)
         if not self.tp_gather_output:
             return local
         return gather_from_group(local, self.tp_comm, -1, self.tp_sizes)

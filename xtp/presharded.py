@@ -44,6 +44,7 @@ from .load import (
     resolve_dtype,
     skeleton,
 )
+from .packing import require_dense
 from .plan import ShardPlan
 from .plan_io import fingerprint, plan_from_json, plan_to_json
 from .safetensors_io import StreamWriter, read_header
@@ -170,6 +171,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
     if plan is None or ctx is None:
         raise XtpError("save_sharded needs a model sharded by xtp.shard() or loaded by "
                        "xtp.from_pretrained(); use model.save_pretrained() for an unsharded one")
+    require_dense(model, "xtp.save_sharded")
     final = Path(path)
     tmp = prepare_target(final)
     leader = ctx.rank == 0

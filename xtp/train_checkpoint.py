@@ -43,6 +43,7 @@ from .assemble import param_split
 from .errors import CheckpointError, XtpError
 from .layers import default_generator
 from .layouts import gather_ranges, take_ranges
+from .packing import require_dense
 from .plan import ShardPlan
 
 FORMAT, FORMAT_VERSION = "xtp-training-state", 1
@@ -300,6 +301,7 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     saved ranks' files and keeps its slice; random state is not restored (the TP layout of
     the random streams changed). Returns ``{"step": ..., "extra": ...}``.
     """
+    require_dense(model, "xtp.load_training_state")
     from .plan_io import fingerprint
 
     folder = Path(path)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import XtpError
+from .pack_option import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
@@ -73,6 +74,7 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run (default 1800)")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--plot", default=None, help="draw the table to this PNG (needs matplotlib)")
+    add_pack_option(p)
     p.set_defaults(func=run)
 
 
@@ -241,6 +243,7 @@ def run(args) -> int:
     from ..builtin_models import resolve_config
 
     tps, dtypes, vs = _check(args)
+    apply_pack_option(args)
     resolve_config(args.model)  # a wrong MODEL fails here, before anything starts
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable
     impls = ["xtp", "unsharded"]

@@ -13,6 +13,7 @@ import resource
 import time
 
 from ..builtin_models import DEFAULT_MODEL
+from .pack_option import add_pack_option, apply_pack_option
 
 
 def add_parser(sub) -> None:
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-check", action="store_true",
                    help="skip the comparison with the unsharded model")
+    add_pack_option(p)
     p.set_defaults(func=run)
 
 
@@ -72,6 +74,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         model = build_random(config, dtype)
         ref = build_random(config, dtype) if check else None
         xtp.shard(model, context=ctx)
+    packed = xtp.pack_for_inference(model)
     ready = time.perf_counter() - t0
     if tokenizer is not None and not prompt.replace(" ", "").isdigit():
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -97,7 +100,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         "tok_per_s": len(new) / elapsed if elapsed else float("nan"),
         "ready_s": ready, "peak_rss_mib": _peak_rss_mib(),
         "peak_device_mib": gpu_peak / 2**20 if gpu_peak else None,
-        "matches_unsharded": matches, "device": str(ctx.device),
+        "matches_unsharded": matches, "device": str(ctx.device), "packed": packed,
         "bytes_per_rank": sharded_plan(model).bytes_per_rank(ctx.tp_rank)
         if sharded_plan(model) else None,
     }
@@ -109,7 +112,9 @@ def _report(results: list[dict], args) -> int:
     print(f"generated token ids: {r0['tokens']}")
     if r0["text"] is not None:
         print(f"text: {r0['text']}")
-    print(f"decode speed: {r0['tok_per_s']:.1f} tokens/s")
+    print(f"decode speed: {r0['tok_per_s']:.1f} tokens/s"
+          + (f" ({r0['packed']} linear weights per rank packed for inference)"
+             if r0["packed"] else ""))
     for r in results:
         mem = f"peak RSS {r['peak_rss_mib']:.0f} MiB"
         if r["peak_device_mib"]:
@@ -130,5 +135,6 @@ def run(args) -> int:
     params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
     from .launch import run_on_ranks
 
+    apply_pack_option(args)
     results = run_on_ranks(rank_main, params, args.tp, "xtp-run")
     return 0 if results is None else _report(results, args)

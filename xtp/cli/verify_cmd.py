@@ -24,6 +24,7 @@ import copy
 import os
 
 from ..builtin_models import DEFAULT_MODEL
+from .pack_option import add_pack_option, apply_pack_option
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 8 * 2.0**-8, "float16": 8 * 2.0**-11}
 
@@ -51,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted relative error (default: float32 1e-05; half "
                    "types: max(8 units of roundoff, 2 x the half type's own error))")
+    add_pack_option(p)
     p.set_defaults(func=run)
 
 
@@ -141,9 +143,10 @@ def rank_main(model_name: str, tp: int, dtype_name: str, batches: int, batch_siz
     ctx = xtp.init_distributed(tp)
     lead = ctx.tp_rank == 0
     sharded, ref, ref32 = _models(model_name, getattr(torch, dtype_name), ctx, lead)
+    packed = xtp.pack_for_inference(sharded)  # what xtp run and bench use (--no-pack: 0)
     vocab = resolve_config(model_name).get_text_config().vocab_size
     gen = torch.Generator().manual_seed(seed)
-    result: dict = {"device": str(ctx.device), "batches": []}
+    result: dict = {"device": str(ctx.device), "batches": [], "packed": packed}
     err, own = _ErrorSum(), _ErrorSum()
     with torch.no_grad():
         prompts = []
@@ -184,7 +187,9 @@ def tolerance(dtype_name: str, half_rel: float | None, override: float | None) -
 
 def _report(r: dict, args) -> int:
     tol = tolerance(args.dtype, r.get("half_rel"), args.tolerance)
-    print(f"model {args.model}  tp {args.tp}  dtype {args.dtype}  device {r['device']}")
+    print(f"model {args.model}  tp {args.tp}  dtype {args.dtype}  device {r['device']}"
+          + (f"  ({r['packed']} linear weights per rank packed for inference)"
+             if r.get("packed") else ""))
     for i, b in enumerate(r["batches"]):
         print(f"batch {i + 1}/{args.batches} ({args.batch_size} x {args.seq_len} tokens): "
               f"max abs error {b['max_abs']:.3g}, relative error {b['rel']:.3g}")
@@ -229,6 +234,7 @@ def run(args) -> int:
     resolve_config(args.model)  # a wrong MODEL fails here, once, not on every rank
     params = (args.model, args.tp, args.dtype, args.batches, args.batch_size, args.seq_len,
               args.new_tokens, args.seed)
+    apply_pack_option(args)
     results = run_on_ranks(rank_main, params, args.tp, "xtp-verify")
     if results is None:
         return 0

@@ -1,0 +1,22 @@
+"""``--no-pack``, shared by ``xtp run``, ``verify`` and ``bench``: keep linear weights dense
+instead of packing them for inference (:func:`xtp.pack_for_inference`; on CPU oneDNN's
+layout). It sets ``XTP_CPU_PACK=0``, which the ranks inherit."""
+
+from __future__ import annotations
+
+import os
+
+from ..accelerators.cpu_packed_linear import ENV
+
+
+def add_pack_option(parser) -> None:
+    parser.add_argument("--no-pack", action="store_true",
+                        help="keep the sharded linear weights dense (default: packed in the "
+                        f"accelerator's fastest layout for inference, on CPU oneDNN's; {ENV}=0 "
+                        "does the same)")
+
+
+def apply_pack_option(args) -> None:
+    """Call in the parent process, before ranks start."""
+    if getattr(args, "no_pack", False):
+        os.environ[ENV] = "0"
