@@ -93,7 +93,7 @@ def test_bench_tiny_tp_1_2_skips_missing_peer(tmp_path):
 def test_bench_unknown_peer_is_a_user_error():
     proc = xtp("bench", "tiny-llama", "--vs", "nonexistentpeer")
     assert proc.returncode == 2
-    assert "unknown implementation; known peers: deepspeed, transformers" in proc.stderr
+    assert "unknown implementation; known peers: deepspeed, transformers, xtp-dense" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -26,6 +26,8 @@ from ..errors import XtpError
 from .pack_option import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
+#: --vs names that are xtp itself with other settings: (implementation, extra environment)
+VARIANTS = {"xtp-dense": ("xtp", {"XTP_CPU_PACK": "0"})}  # xtp without inference packing
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
 
@@ -46,7 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="built-in name, config JSON or checkpoint folder")
     p.add_argument("--tp", default="1,2", help="comma-separated TP sizes (default 1,2)")
     p.add_argument("--vs", default=",".join(PEERS),
-                   help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)})")
+                   help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)}"
+                   "); also xtp-dense: xtp with its weights left unpacked (--no-pack)")
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
     p.add_argument("--python", default=None,
                    help=f"interpreter for all ranks (default ${ENV_PYTHON}, else this one); "
@@ -127,14 +130,15 @@ def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int
     from .. import bench_rank
 
     out = Path(tempfile.mkdtemp(prefix="xtp-bench-"))
+    rank_impl, extra_env = VARIANTS.get(impl, (impl, {}))
     cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-           bench_rank.__file__, str(path), "--impl", impl, "--tp", str(tp), "--dtype", dtype,
+           bench_rank.__file__, str(path), "--impl", rank_impl, "--tp", str(tp), "--dtype", dtype,
            "--threads", str(threads), "--prefill-tokens", str(args.prefill_tokens),
            "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
            "--warmup", str(args.warmup), "--out", str(out)] + (
                ["--profile"] if args.profile else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_SIZE=str(tp),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **extra_env)
     if impl == "deepspeed" and not _has_device():
         env.setdefault("DS_ACCELERATOR", "cpu")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -183,9 +187,9 @@ def _check(args) -> tuple[list[int], list[str], list[str]]:
                                   "or float16")
     vs = [] if args.vs.strip().lower() == "none" else _split(args.vs, "--vs")
     for name in vs:
-        if name not in PEERS:
+        if name not in PEERS and name not in VARIANTS:
             raise BenchUsageError(f"--vs {name!r}: unknown implementation; known peers: "
-                                  f"{', '.join(PEERS)} (or 'none')")
+                                  f"{', '.join(PEERS + tuple(VARIANTS))} (or 'none')")
     for name in ("prefill_tokens", "decode_steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
             raise BenchUsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -248,7 +252,7 @@ def run(args) -> int:
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable
     impls = ["xtp", "unsharded"]
     for peer in vs:
-        why = _importable(python, peer)
+        why = _importable(python, VARIANTS.get(peer, (peer, {}))[0])
         if why:
             print(f"{peer}: skipped ({why}; to install the peers: {PEER_SETUP})", flush=True)
         else:
