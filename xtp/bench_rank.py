@@ -7,7 +7,8 @@ neither ``xtp`` nor a peer at module level, so a peer's rank needs only that pee
 Implementations (``--impl``):
 
 * ``xtp``: ``xtp.from_pretrained(path)`` (each rank reads its slices), or, on an xtp without
-  it, ``transformers`` ``from_pretrained`` + ``xtp.shard``;
+  it, ``transformers`` ``from_pretrained`` + ``xtp.shard``; then ``xtp.pack_for_inference``
+  (counted in the time to ready; ``XTP_CPU_PACK=0``, i.e. ``xtp bench --vs xtp-dense``, skips it);
 * ``unsharded``: ``transformers`` ``AutoModelForCausalLM.from_pretrained(path)``, one process;
 * ``transformers``: ``from_pretrained(path, tp_plan="auto")`` (transformers' own TP);
 * ``deepspeed``: ``from_pretrained`` on every rank, then ``deepspeed.init_inference(model,
