@@ -48,6 +48,9 @@ class OneDNNPackedLinear(PackedLinear):
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
+    # torch.compile: inductor cannot lower the op on an opaque oneDNN tensor, so the call runs
+    # eagerly (a graph break per packed layer; unpack before compiling for one graph)
+    @torch.compiler.disable
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.dtype or x.device != self.device:
             raise TypeError(f"input ({x.dtype} on {x.device}) does not match the packed weight "

@@ -49,7 +49,8 @@ def main() -> int:
     torch.set_num_threads(1)
     model = xtp.from_pretrained(args.checkpoint, progress=False)
     rank = torch.distributed.get_rank()
-    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=gen)
     times = {"dense": [], "packed": []}
     with torch.no_grad():
         for i in range(args.blocks * 2 + 1):

@@ -8,14 +8,17 @@ import torch
 from ranks import spawn
 
 
-def _compiled_vs_reference():
+def _compiled_vs_reference(pack: bool = False):
     import xtp
     from parity_cases import CASES
     from parity_worker import _build
+    from xtp.accelerators.cpu import CpuAccelerator
 
     case = next(c for c in CASES if c.id == "llama")
     ref, model = _build(case), _build(case)
     xtp.shard(model)
+    if pack:  # every weight, however small: the packed matmul must trace too
+        assert xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0)) > 0
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
@@ -25,6 +28,7 @@ def _compiled_vs_reference():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torch_compile_of_sharded_model_matches_unsharded():
-    errors = spawn(_compiled_vs_reference, 2, timeout=900)
+@pytest.mark.parametrize("pack", [False, True], ids=["dense", "packed"])
+def test_torch_compile_of_sharded_model_matches_unsharded(pack):
+    errors = spawn(_compiled_vs_reference, 2, args=(pack,), timeout=900)
     assert all(e <= 1e-5 for e in errors), errors
