@@ -126,6 +126,17 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
         except PackedWeightsError as exc:
             out["save_error"] = str(exc)
         out["save_left_nothing"] = not os.listdir(tmp)
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in dense_state.items()}
+    try:
+        model.load_state_dict(other)
+        out["load_error"] = None
+    except PackedWeightsError as exc:
+        out["load_error"] = str(exc)
+    state = model.state_dict()
+    out["state_after_failed_load"] = sorted(
+        k for k in dense_state if not torch.equal(state[k], dense_state[k]))
+    if out["load_error"] is None:  # nothing packed: the load went through; undo it
+        model.load_state_dict(dense_state)
     model.train()
     try:
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)

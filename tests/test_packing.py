@@ -99,8 +99,11 @@ def test_packed_sharded_model_matches_unsharded(rank_pool, case_id):
             assert r["save_error"].endswith("call xtp.unpack(model) first")
             assert r["save_left_nothing"]
             assert r["grad_error"].startswith("a forward that needs gradients needs the dense")
+            assert r["load_error"].startswith("load_state_dict needs the dense weights")
+            assert r["state_after_failed_load"] == [], r["state_after_failed_load"][:5]
         else:
             assert r["save_error"] is None and r["grad_error"] is None
+            assert r["load_error"] is None
 
 
 @needs_onednn

@@ -25,6 +25,8 @@ from .plan import COLUMN, LM_HEAD, OUT_IN, ROW
 
 PACKED_ATTR = "tp_packed"          # on a module: its PackedLinear
 GRAD_FLAGS_ATTR = "_xtp_packed_requires_grad"  # on the model: requires_grad before packing
+HOOKS_ATTR = "_xtp_packed_hooks"   # on a module: its state_dict / load_state_dict hook handles
+ROOT_HOOK_ATTR = "_xtp_packed_root_hook"  # on the model: its load_state_dict refusal
 PACKABLE_ROLES = (COLUMN, ROW, LM_HEAD)
 
 
@@ -59,13 +61,20 @@ def _dense_state_hook(module, state_dict, prefix, local_metadata) -> None:
         state_dict[prefix + "weight"] = packed.unpack()
 
 
+def _refuse_load(module, state_dict, prefix, *args) -> None:
+    raise PackedWeightsError(_hint("load_state_dict"))
+
+
 def pack_for_inference(model: nn.Module, accelerator=None) -> int:
     """Pack the sharded linear weights of ``model`` (from :func:`xtp.shard` or
     :func:`xtp.from_pretrained`) for fast inference; returns how many were packed (0 where the
-    accelerator keeps weights dense, e.g. GPUs, ``XTP_CPU_PACK=0``, or an unsharded model).
+    accelerator keeps weights dense, e.g. GPUs or ``XTP_CPU_PACK=0``, and at tp 1, where no
+    layer is sharded). ``accelerator`` defaults to the one the model was sharded with; a model
+    xtp did not shard (and no ``accelerator``) raises :class:`~xtp.errors.XtpError`.
 
     Turns ``requires_grad`` off on every parameter (restored by :func:`unpack`). Calling it
-    again packs nothing more.
+    again packs nothing more. ``load_state_dict`` on a packed module raises
+    :class:`~xtp.errors.PackedWeightsError`.
     """
     from .shard import CONTEXT_ATTR
 
@@ -89,13 +98,16 @@ def pack_for_inference(model: nn.Module, accelerator=None) -> int:
             continue
         placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device)
         module.__dict__[PACKED_ATTR] = packed
-        module.__dict__["_xtp_dense_hook"] = module._register_state_dict_hook(_dense_state_hook)
+        module.__dict__[HOOKS_ATTR] = (module._register_state_dict_hook(_dense_state_hook),
+                                       module.register_load_state_dict_pre_hook(_refuse_load))
         module.weight = nn.Parameter(placeholder.expand(weight.shape), requires_grad=False)
         del weight  # the dense weight is freed here unless the caller holds it
         count += 1
     if count and GRAD_FLAGS_ATTR not in model.__dict__:
         model.__dict__[GRAD_FLAGS_ATTR] = flags
         model.requires_grad_(False)
+        # on the root too: it runs before any submodule is loaded, so nothing changes
+        model.__dict__[ROOT_HOOK_ATTR] = model.register_load_state_dict_pre_hook(_refuse_load)
     return count
 
 
@@ -107,9 +119,13 @@ def unpack(model: nn.Module) -> int:
         packed = module.__dict__.pop(PACKED_ATTR, None)
         if packed is None:
             continue
-        module.__dict__.pop("_xtp_dense_hook").remove()
+        for handle in module.__dict__.pop(HOOKS_ATTR):
+            handle.remove()
         module.weight = nn.Parameter(packed.unpack(), requires_grad=False)
         count += 1
+    root_hook = model.__dict__.pop(ROOT_HOOK_ATTR, None)
+    if root_hook is not None:
+        root_hook.remove()
     flags = model.__dict__.pop(GRAD_FLAGS_ATTR, None)
     if flags is not None:
         for name, p in model.named_parameters(remove_duplicate=False):
