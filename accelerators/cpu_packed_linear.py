@@ -1,13 +1,14 @@
 """CPU linear weights prepacked in oneDNN's blocked layout, for fast inference matmuls.
 
-torch's CPU ``F.linear`` reads a plain ``(out, in)`` weight and re-blocks it on every call; at
-decode (one token: a matrix-vector product bound by memory bandwidth) that costs 10-25% of the
-matmul time. Prepacking once, with torch's own oneDNN ops (``torch.ops.mkldnn``, part of every
-x86 CPU build of torch: nothing to compile), removes that: measured on a 2-core AMD EPYC VM
-(bench/RESULTS.md, same ranks, packed and dense blocks interleaved) decode of a 0.85B Llama at
-tp 2 takes 0.73x the dense time in bf16 and 0.96-0.98x in fp32. Results equal ``F.linear``'s
-within rounding (bf16 bit for bit in our measurements); ``unpack()`` returns the original
-weight bit for bit.
+torch's CPU ``F.linear`` in bf16 hands the plain ``(out, in)`` weight to oneDNN, which re-blocks
+it on every call; at decode (one token: a matrix-vector product) that makes the call
+compute-bound at ~10 GB/s per core. fp32 goes to MKL's GEMV, which streams the plain weight
+near the memory bandwidth already. Prepacking once, with torch's own oneDNN ops
+(``torch.ops.mkldnn``, part of every x86 CPU build of torch: nothing to compile), removes the
+re-blocking: measured on a 2-core AMD EPYC VM (bench/RESULTS.md, same ranks, packed and dense
+blocks interleaved) decode of a 0.85B Llama at tp 2 takes 0.73x the dense time in bf16 and
+0.96-0.98x in fp32. Results equal ``F.linear``'s within rounding (bf16 bit for bit in our
+measurements); ``unpack()`` returns the original weight bit for bit.
 
 ``XTP_CPU_PACK=0`` switches packing off. A weight oneDNN cannot pack here (fp16 without the
 CPU instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
