@@ -118,6 +118,10 @@ class Accelerator(abc.ABC):
         matmuls, or ``None`` (the default: keep it dense). See :mod:`packed_linear`."""
         return None
 
+    def linear_packing(self) -> str:
+        """What :meth:`pack_linear_weight` does here, in words (for ``xtp env``)."""
+        return "none: weights stay as they are"
+
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """The Communicator for ``group``; an accelerator may return a faster one."""
         from .communicator import TorchCommunicator
@@ -139,6 +143,7 @@ class Accelerator(abc.ABC):
             "hint": avail.hint,
             "device_count": self.device_count() if avail.available else 0,
         }
+        info["linear_packing"] = self.linear_packing()
         try:
             info["dist_backend"] = self.default_dist_backend()
             info["dist_backend_error"] = ""

@@ -7,6 +7,7 @@ group falls back to gloo where that cannot serve it.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,16 @@ class CpuAccelerator(Accelerator):
 
         return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
                                else self.pack_min_bytes)
+
+    def linear_packing(self) -> str:
+        from .cpu_packed_linear import ENV, MIN_BYTES, onednn_available, packing_enabled
+
+        if not packing_enabled():
+            return f"off ({ENV}={os.environ.get(ENV)})"
+        if not onednn_available():
+            return "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)"
+        size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
+        return f"oneDNN blocked layout, weights >= {size / 2**20:g} MiB ({ENV}=0 turns it off)"
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

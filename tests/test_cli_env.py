@@ -59,6 +59,16 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
         assert info[key]
     cpu = info["accelerators"][-1]
     assert cpu["available"] and cpu["dist_backend"] == "gloo" and cpu["device_count"] == 1
+    assert cpu["linear_packing"] in (
+        "oneDNN blocked layout, weights >= 1 MiB (XTP_CPU_PACK=0 turns it off)",
+        "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)")
+
+
+def test_env_says_when_packing_is_switched_off(fake, capsys, monkeypatch):
+    monkeypatch.setenv("XTP_CPU_PACK", "0")
+    rc, out = run_main(capsys, "env")
+    assert rc == 0
+    assert "inference packing (cpu): off (XTP_CPU_PACK=0)" in out
 
 
 def test_env_shows_fake_xpu_with_its_backend(fake, capsys, monkeypatch):

@@ -87,6 +87,9 @@ def render(info: dict) -> str:
         )
     usable = ", ".join(b for b, ok in info["collective_backends"].items() if ok) or "none"
     lines += ["", f"collective backends this torch can create: {usable}"]
+    for r in info["accelerators"]:
+        if r.get("available") and r.get("linear_packing"):
+            lines.append(f"inference packing ({r['name']}): {r['linear_packing']}")
     for k, v in info["env"].items():
         if v:
             lines.append(f"{k}={v}")
