@@ -9,10 +9,11 @@ from parity_cases import CASES
 STEPS = 16
 
 
-def _build(case):
+def _build(case, seed: int = 0):
+    """The model of ``case`` with weights seeded by ``seed``, in eval mode."""
     import transformers
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = case.config()
     if case.kind == "causal":
         model = transformers.AutoModelForCausalLM.from_config(config)

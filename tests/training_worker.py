@@ -42,16 +42,9 @@ def build(case: Case, seed: int = 0):
 
     Parameters initialised to zero (biases) get random values too: a zero bias hides a bias
     added on every rank instead of once, and its updated value would be round-off only."""
-    import transformers
+    from parity_worker import _build
 
-    torch.manual_seed(seed)
-    config = case.config()
-    if case.kind == "causal":
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    elif case.kind == "seq2seq":
-        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        model = transformers.AutoModel.from_config(config)
+    model = _build(case, seed)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
