@@ -27,13 +27,17 @@ class CpuAccelerator(Accelerator):
     name = "cpu"
     device_type = "cpu"
 
-    def __init__(self, shm: bool | None = None, pack_min_bytes: int | None = None) -> None:
+    def __init__(self, shm: bool | None = None, pack_min_bytes: int | None = None,
+                 pack_dtypes: tuple[torch.dtype, ...] | None = None) -> None:
         """``shm``: use shared-memory collectives between ranks of one host; ``None`` (default)
         lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo.
         ``pack_min_bytes``: the smallest weight :meth:`pack_linear_weight` packs (default
-        :data:`cpu_packed_linear.MIN_BYTES`)."""
+        :data:`cpu_packed_linear.MIN_BYTES`); ``pack_dtypes``: the dtypes it packs (default:
+        what ``XTP_CPU_PACK`` asks for, bf16 and fp16 unless it says ``all``; ``XTP_CPU_PACK=0``
+        packs nothing whatever this says)."""
         self.shm = shm
         self.pack_min_bytes = pack_min_bytes
+        self.pack_dtypes = pack_dtypes
 
     def availability(self) -> Availability:
         return Availability(True)
@@ -61,21 +65,30 @@ class CpuAccelerator(Accelerator):
         return (torch.float32, torch.bfloat16, torch.float16)
 
     def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
-        """oneDNN's blocked layout (:mod:`cpu_packed_linear`); ``XTP_CPU_PACK=0`` turns it off."""
+        """oneDNN's blocked layout for bf16/fp16 weights (:mod:`cpu_packed_linear`);
+        ``XTP_CPU_PACK`` chooses the dtypes (``0``: none, ``all``: fp32 too)."""
         from .cpu_packed_linear import MIN_BYTES, pack_cpu_linear
 
         return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
-                               else self.pack_min_bytes)
+                               else self.pack_min_bytes, self.pack_dtypes)
 
     def linear_packing(self) -> str:
-        from .cpu_packed_linear import ENV, MIN_BYTES, onednn_available, packing_enabled
+        from .cpu_packed_linear import ENV, MIN_BYTES, dtypes_to_pack, onednn_available
+        from .errors import AcceleratorError
 
-        if not packing_enabled():
+        try:
+            wanted = dtypes_to_pack(self.pack_dtypes)
+        except AcceleratorError as exc:
+            return f"not set up: {exc}"
+        if not wanted:
             return f"off ({ENV}={os.environ.get(ENV)})"
         if not onednn_available():
             return "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)"
         size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
-        return f"oneDNN blocked layout, weights >= {size / 2**20:g} MiB ({ENV}=0 turns it off)"
+        names = "/".join(str(d).removeprefix("torch.") for d in wanted)
+        fp32 = "" if torch.float32 in wanted else f"; {ENV}=all packs float32 too"
+        return (f"oneDNN blocked layout for {names} weights >= {size / 2**20:g} MiB{fp32} "
+                f"({ENV}=0 turns it off)")
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

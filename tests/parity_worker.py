@@ -76,7 +76,8 @@ def parity(case_id: str, tp: int) -> dict:
 
 
 def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
-    """Shard, then pack for inference (every weight, however small) and compare: with the
+    """Shard, then pack for inference (every weight, however small, in every dtype oneDNN
+    packs: fp32 too, which the default leaves dense) and compare: with the
     unsharded model, with the dense sharded model, state_dict and unpack bit for bit, and the
     typed errors of operations that need dense weights."""
     import os
@@ -84,6 +85,7 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
 
     import xtp
     from xtp.accelerators.cpu import CpuAccelerator
+    from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
     from xtp.errors import PackedWeightsError
 
     dtype = getattr(torch, dtype_name)
@@ -103,8 +105,9 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         want, dense = forward(ref), forward(model)
-    out: dict = {"packed": xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0))}
-    out["packed_again"] = xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0))
+    cpu = CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
+    out: dict = {"packed": xtp.pack_for_inference(model, cpu)}
+    out["packed_again"] = xtp.pack_for_inference(model, cpu)
     out["grad_off"] = not any(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         got = forward(model)

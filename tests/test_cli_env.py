@@ -60,7 +60,8 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
     cpu = info["accelerators"][-1]
     assert cpu["available"] and cpu["dist_backend"] == "gloo" and cpu["device_count"] == 1
     assert cpu["linear_packing"] in (
-        "oneDNN blocked layout, weights >= 1 MiB (XTP_CPU_PACK=0 turns it off)",
+        "oneDNN blocked layout for bfloat16/float16 weights >= 1 MiB; XTP_CPU_PACK=all packs "
+        "float32 too (XTP_CPU_PACK=0 turns it off)",
         "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)")
 
 
@@ -69,6 +70,15 @@ def test_env_says_when_packing_is_switched_off(fake, capsys, monkeypatch):
     rc, out = run_main(capsys, "env")
     assert rc == 0
     assert "inference packing (cpu): off (XTP_CPU_PACK=0)" in out
+
+
+def test_env_says_what_is_wrong_with_the_packing_switch(fake, capsys, monkeypatch):
+    monkeypatch.setenv("XTP_CPU_PACK", "fp32")
+    rc, out = run_main(capsys, "env")
+    assert rc == 0
+    assert ("inference packing (cpu): not set up: XTP_CPU_PACK='fp32' is not understood; use 1 "
+            "(pack bf16 and fp16 weights, the default), all (fp32 too) or 0 (no packing)") in out
+    assert "cpu (plugin)" not in out
 
 
 def test_env_shows_fake_xpu_with_its_backend(fake, capsys, monkeypatch):

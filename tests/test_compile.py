@@ -13,12 +13,14 @@ def _compiled_vs_reference(pack: bool = False):
     from parity_cases import CASES
     from parity_worker import _build
     from xtp.accelerators.cpu import CpuAccelerator
+    from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
 
     case = next(c for c in CASES if c.id == "llama")
     ref, model = _build(case), _build(case)
     xtp.shard(model)
-    if pack:  # every weight, however small: the packed matmul must trace too
-        assert xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0)) > 0
+    if pack:  # every weight, however small, fp32 too: the packed matmul must trace
+        cpu = CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
+        assert xtp.pack_for_inference(model, cpu) > 0
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits

@@ -13,7 +13,14 @@ import torch
 
 from parity_worker import packed_parity
 from xtp.accelerators.cpu import CpuAccelerator
-from xtp.accelerators.cpu_packed_linear import ENV, MIN_BYTES, onednn_available, pack_cpu_linear
+from xtp.accelerators.cpu_packed_linear import (
+    ENV,
+    MIN_BYTES,
+    PACKABLE_DTYPES,
+    onednn_available,
+    pack_cpu_linear,
+)
+from xtp.accelerators.errors import AcceleratorError
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),
                                   reason="this torch build has no oneDNN (torch.ops.mkldnn)")
@@ -26,7 +33,7 @@ def test_cpu_pack_matches_linear_and_unpacks_bit_for_bit(dtype):
     w = torch.randn(300, 256, generator=g).to(dtype)
     b = torch.randn(300, generator=g).to(dtype)
     x = torch.randn(2, 3, 256, generator=g).to(dtype)
-    packed = pack_cpu_linear(w, min_bytes=0)
+    packed = pack_cpu_linear(w, min_bytes=0, dtypes=PACKABLE_DTYPES)
     assert packed is not None and packed.shape == w.shape and packed.dtype == dtype
     assert torch.equal(packed.unpack(), w)
     want = torch.nn.functional.linear(x, w, b)
@@ -41,22 +48,39 @@ def test_cpu_pack_matches_linear_and_unpacks_bit_for_bit(dtype):
 
 @needs_onednn
 def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
-    w = torch.randn(64, 64)
-    assert pack_cpu_linear(w) is None  # 16 KiB < MIN_BYTES: the packed call would be slower
+    w = torch.randn(64, 64, dtype=torch.bfloat16)
+    assert pack_cpu_linear(w) is None  # 8 KiB < MIN_BYTES: the packed call would be slower
     assert MIN_BYTES == 1 << 20
     assert pack_cpu_linear(w, min_bytes=0) is not None
     assert pack_cpu_linear(w.to(torch.int32), min_bytes=0) is None
+    assert pack_cpu_linear(w.float(), min_bytes=0) is None  # fp32 stays dense by default
+    assert pack_cpu_linear(w.float(), min_bytes=0, dtypes=(torch.float32,)) is not None
+    assert pack_cpu_linear(w, min_bytes=0, dtypes=(torch.float32,)) is None
+    assert CpuAccelerator(pack_min_bytes=0).pack_linear_weight(w.float()) is None
+    assert CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES).pack_linear_weight(
+        w.float()) is not None
     half = pack_cpu_linear(w.half(), min_bytes=0)  # only where the CPU has fp16 instructions
     if half is not None:
         assert torch.equal(half.unpack(), w.half())
+    monkeypatch.setenv(ENV, "all")
+    assert pack_cpu_linear(w.float(), min_bytes=0) is not None
     monkeypatch.setenv(ENV, "0")
     assert pack_cpu_linear(w, min_bytes=0) is None
-    assert CpuAccelerator(pack_min_bytes=0).pack_linear_weight(w) is None
+    assert CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES).pack_linear_weight(
+        w.float()) is None  # off means off, whatever the accelerator was built with
+
+
+def test_cpu_pack_rejects_an_unknown_switch_value(monkeypatch):
+    monkeypatch.setenv(ENV, "fp32")
+    with pytest.raises(AcceleratorError) as err:
+        pack_cpu_linear(torch.randn(8, 8, dtype=torch.bfloat16), min_bytes=0)
+    assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (pack bf16 and fp16 "
+                              "weights, the default), all (fp32 too) or 0 (no packing)")
 
 
 @needs_onednn
 def test_packed_matmul_rejects_other_dtype_and_device():
-    packed = pack_cpu_linear(torch.randn(8, 8), min_bytes=0)
+    packed = pack_cpu_linear(torch.randn(8, 8), min_bytes=0, dtypes=PACKABLE_DTYPES)
     with pytest.raises(TypeError, match="a packed model cannot be moved or cast"):
         packed.matmul(torch.randn(1, 8, dtype=torch.bfloat16))
 

@@ -42,7 +42,8 @@ def collect() -> dict:
         try:
             rows.append({**create(name).describe(), "plugin": name not in BUILTINS})
         except Exception as exc:
-            rows.append({"name": name, "available": False, "reason": str(exc), "plugin": True})
+            rows.append({"name": name, "available": False, "reason": str(exc),
+                         "plugin": name not in BUILTINS})
     for name, err in sorted(broken.items()):
         rows.append({"name": name, "available": False, "reason": f"plugin failed to load: {err}",
                      "plugin": True})
