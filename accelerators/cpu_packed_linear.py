@@ -102,8 +102,9 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
     """``weight`` packed for oneDNN, or ``None`` where that is off (``XTP_CPU_PACK=0``), its
     dtype is not in ``dtypes`` (default: what ``XTP_CPU_PACK`` asks for, :func:`env_dtypes`),
     unsupported, fails, or the weight is smaller than ``min_bytes``."""
-    if (weight.dtype not in dtypes_to_pack(dtypes) or weight.device.type != "cpu" or weight.dim() != 2
-            or weight.numel() * weight.element_size() < min_bytes or not onednn_available()):
+    if (weight.dtype not in dtypes_to_pack(dtypes) or weight.device.type != "cpu"
+            or weight.dim() != 2 or weight.numel() * weight.element_size() < min_bytes
+            or not onednn_available()):
         return None
     try:
         return OneDNNPackedLinear(weight)

@@ -12,8 +12,8 @@ from ..accelerators.cpu_packed_linear import ENV
 def add_pack_option(parser) -> None:
     parser.add_argument("--no-pack", action="store_true",
                         help="keep the sharded linear weights dense (default: packed in the "
-                        f"accelerator's fastest layout for inference, on CPU oneDNN's for bf16/fp16; "
-                        f"{ENV}=0 does the same, {ENV}=all packs fp32 too)")
+                        "accelerator's fastest layout for inference, on CPU oneDNN's for "
+                        f"bf16/fp16; {ENV}=0 does the same, {ENV}=all packs fp32 too)")
 
 
 def apply_pack_option(args) -> None:
