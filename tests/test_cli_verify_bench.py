@@ -74,7 +74,7 @@ def test_bench_tiny_tp_1_2_skips_missing_peer(tmp_path):
     out = proc.stdout
     assert "deepspeed: skipped (deepspeed is not importable by" in out
     assert "threads per rank: tp 1 -> " in out and "tp 2 -> " in out
-    assert "memory read bandwidth (sum over 1 GiB; load " in out and "GB/s; best so far" in out
+    assert out.count("GB/s (all ranks) -> floor ") == 3  # every run measured its bandwidth
     assert "saving tiny-llama with seeded random weights (float32)" in out
     assert "| xtp | float32 | 1 |" in out and "| xtp | float32 | 2 |" in out
     assert "| unsharded | float32 | 1 |" in out
@@ -125,29 +125,37 @@ def test_bench_table_ratios_and_failed_rows():
                     ready_s=2.0, load_s=1.0, prefill_ms=100.0, decode_ms=decode,
                     peak_rss_mib=500.0, base_rss_mib=300.0, tokens=[1, 2], **kw)
 
-    rows = [fold([rank("xtp", 2, 10.0), rank("xtp", 2, 12.0, rank=1)], 5.0),
-            fold([rank("deepspeed", 2, 18.0), rank("deepspeed", 2, 18.0, rank=1)], 5.0),
+    # each rank read 50 bytes/ms while both read: 500 bytes per step -> floor 5 ms
+    bw = {"read_bytes_per_s": 50e3}
+    rows = [fold([rank("xtp", 2, 10.0, **bw), rank("xtp", 2, 12.0, rank=1, **bw)], 500),
+            fold([rank("deepspeed", 2, 18.0, **bw), rank("deepspeed", 2, 18.0, rank=1, **bw)],
+                 500),
             fold([{"rank": 0, "impl": "transformers", "tp": 2, "dtype": "float32",
-                   "ok": False, "error": "ValueError: boom"}], 5.0)]
+                   "ok": False, "error": "ValueError: boom"}], 500),
+            fold([rank("xtp", 1, 20.0)], 500)]  # no bandwidth measured: no floor
+    assert rows[0]["read_bytes_per_s"] == 100e3 and rows[3]["floor_ms"] is None
     text = table(rows)
     # the slowest rank counts: xtp decode 12 ms, deepspeed 18 -> 1.50x; floor 5 ms -> 2.40
     assert "| xtp | float32 | 2 | 1 | 2.0 | 100 | 12.0 | 500 | 5.0 | 2.40 | 1.00 |" in text
     assert "| deepspeed | float32 | 2 | 1 | 2.0 | 100 | 18.0 | 500 | 5.0 | 3.60 | 1.00 | 1.00 " \
            "| 1.50 | 1.00 |" in text
     assert "| transformers | float32 | 2 | - | failed: ValueError: boom |" in text
+    assert "| xtp | float32 | 1 | 1 | 2.0 | 100 | 20.0 | 500 | - | - | 1.00 |" in text
 
 
 def test_bench_rounds_take_the_median_time_and_the_largest_memory():
     from xtp.bench_report import merge_rounds
 
     rounds = [dict(impl="xtp", tp=2, dtype="float32", ok=True, ready_s=s, load_s=1.0,
-                   prefill_ms=p, decode_ms=d, peak_rss_mib=m, base_rss_mib=300.0)
-              for s, p, d, m in ((5.0, 100.0, 30.0, 500.0), (9.0, 300.0, 10.0, 520.0),
-                                 (7.0, 200.0, 20.0, 510.0))]
+                   prefill_ms=p, decode_ms=d, peak_rss_mib=m, base_rss_mib=300.0, floor_ms=f,
+                   read_bytes_per_s=1e3 / f)
+              for s, p, d, m, f in ((5.0, 100.0, 30.0, 500.0, 4.0), (9.0, 300.0, 10.0, 520.0, 6.0),
+                                    (7.0, 200.0, 20.0, 510.0, 5.0))]
     rounds.append(dict(impl="xtp", tp=2, dtype="float32", ok=False, error="killed"))
     row = merge_rounds(rounds)
     assert (row["ready_s"], row["prefill_ms"], row["decode_ms"]) == (7.0, 200.0, 20.0)
+    assert row["floor_ms"] == 5.0 and row["read_bytes_per_s"] == 200.0
     assert row["peak_rss_mib"] == 520.0 and len(row["rounds"]) == 4
     assert row["rounds"][3] == {"ok": False, "ready_s": None, "prefill_ms": None,
-                                "decode_ms": None, "load_before": None, "load_after": None,
-                                "error": "killed"}
+                                "decode_ms": None, "floor_ms": None, "load_before": None,
+                                "load_after": None, "error": "killed"}

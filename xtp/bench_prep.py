@@ -1,5 +1,6 @@
-"""What ``xtp bench`` prepares before starting ranks: a checkpoint folder to load, the weight
-bytes a decode step reads, and the machine's memory read bandwidth (the decode floor)."""
+"""What ``xtp bench`` prepares before starting ranks: a checkpoint folder to load and the weight
+bytes a decode step reads (the numerator of the decode floor; the ranks measure the read
+bandwidth themselves, :func:`xtp.bench_rank.read_bandwidth`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -82,27 +82,3 @@ def weight_bytes(path: Path, dtype_name: str) -> tuple[int, int]:
     tied = any(p is emb for p in (getattr(model.get_output_embeddings(), "weight", None),))
     per_token = total if tied else total - emb.numel() * emb.element_size()
     return total, per_token + emb.shape[1] * emb.element_size()
-
-
-def read_bandwidth(threads: list[int], gib: float = 1.0, repeats: int = 5) -> dict[int, float]:
-    """Memory read bandwidth in bytes/s with each thread count: the median time of ``sum()``
-    over a ``gib`` GiB float32 tensor (larger than any cache)."""
-    import torch
-
-    before = torch.get_num_threads()
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    found = {}
-    try:
-        for n in sorted(set(threads)):
-            torch.set_num_threads(n)
-            x.sum()  # warm-up
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                x.sum()
-                times.append(time.perf_counter() - t)
-            found[n] = x.numel() * 4 / statistics.median(times)
-    finally:
-        torch.set_num_threads(before)
-        del x
-    return found

@@ -19,7 +19,9 @@ to the model being loaded and sharded on every rank), ``load_s`` (the loading ca
 prefill latency (batch 1 x P tokens with the KV cache, median of ``--repeats`` after one
 warm-up), per-token decode latency (median over ``--decode-steps`` single-token steps with the
 KV cache, after ``--warmup`` steps), peak RSS (``VmHWM``) and RSS after ``import torch``,
-peak device memory where there is a device. With ``--profile``, another ``--decode-steps``
+peak device memory where there is a device, and with ``--bandwidth`` (CPU) this rank's memory
+read bandwidth while all ranks of the run read at once (:func:`read_bandwidth`; after the peak
+RSS is taken, so its buffer is not counted). With ``--profile``, another ``--decode-steps``
 steps run under ``torch.profiler`` after the timed ones (and xtp's collectives are timed by a
 wrapping communicator, which is only installed then).
 """
@@ -153,6 +155,28 @@ def load(impl: str, path: str, tp: int, dtype, device, profile: bool = False):
     raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s this rank reads while every rank of the run reads at the same time: the median
+    time of ``sum()`` over a ``mib`` MiB float32 tensor (larger than any cache) with the
+    rank's threads, the ranks lined up by a barrier before each read. Measured in the same
+    processes right after the decode steps, so it sees the same machine (neighbours included)
+    as the figures it is set against."""
+    import torch
+
+    dist = torch.distributed
+    together = dist.is_available() and dist.is_initialized()
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    times = []
+    for i in range(repeats + 1):  # the first read is a warm-up
+        if together:
+            dist.barrier()
+        t = time.perf_counter()
+        x.sum()
+        if i:
+            times.append(time.perf_counter() - t)
+    return x.numel() * x.element_size() / statistics.median(times)
+
+
 def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode_steps: int,
             warmup: int, profile: bool) -> dict:
     """Prefill and decode timings (milliseconds) and the greedy decode tokens."""
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="measure memory read bandwidth after the run (CPU only)")
     p.add_argument("--out", required=True, help="folder for rank{RANK}.json")
     a = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -259,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type != "cpu":
             mod = torch.get_device_module(device.type)
             result["peak_device_mib"] = mod.max_memory_allocated(device) / 2**20
+        elif a.bandwidth:
+            result["read_bytes_per_s"] = read_bandwidth()
         result.update(ok=True, versions=_versions())
     except Exception as exc:  # noqa: BLE001 - the driver prints it in the table
         result.update(error=f"{type(exc).__name__}: {exc}"[:600],

@@ -11,8 +11,11 @@ METRICS = (("ready_s", "ready s", "{:.1f}"), ("prefill_ms", "prefill ms", "{:.0f
                                                         "{:.0f}"))
 
 
-def fold(ranks: list[dict], floor_ms: float | None) -> dict:
-    """One row from the ranks of one run: times of the slowest rank, memory of the largest."""
+def fold(ranks: list[dict], bytes_per_step: int | None = None) -> dict:
+    """One row from the ranks of one run: times of the slowest rank, memory of the largest,
+    and the decode floor where the ranks measured their read bandwidth: ``bytes_per_step``
+    (weight bytes one decode step reads, all ranks together) / the ranks' bandwidths summed
+    (each measured while all read at once)."""
     ok = [r for r in ranks if r.get("ok")]
     r0 = min(ranks, key=lambda r: r.get("rank", 0)) if ranks else {}
     row = {k: r0.get(k) for k in ("impl", "tp", "dtype", "threads", "tokens", "profile",
@@ -27,7 +30,10 @@ def fold(ranks: list[dict], floor_ms: float | None) -> dict:
         vals = [r[key] for r in ok if r.get(key) is not None]
         row[key] = max(vals) if vals else None
     row["decode_ms_median_of_ranks"] = statistics.median(r["decode_ms"] for r in ok)
-    row["floor_ms"] = floor_ms
+    bw = [r.get("read_bytes_per_s") for r in ok]
+    row["read_bytes_per_s"] = sum(bw) if all(bw) else None
+    row["floor_ms"] = (bytes_per_step / row["read_bytes_per_s"] * 1e3
+                       if bytes_per_step and row["read_bytes_per_s"] else None)
     return row
 
 
@@ -38,13 +44,14 @@ def merge_rounds(rounds: list[dict]) -> dict:
     if len(rounds) == 1 or not ok:
         return rounds[0]
     row = dict(ok[0])
-    for key in ("ready_s", "load_s", "prefill_ms", "decode_ms"):
-        row[key] = statistics.median(r[key] for r in ok)
+    for key in ("ready_s", "load_s", "prefill_ms", "decode_ms", "floor_ms", "read_bytes_per_s"):
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = statistics.median(vals) if len(vals) == len(ok) else None
     for key in ("peak_rss_mib", "base_rss_mib", "peak_device_mib"):
         vals = [r[key] for r in ok if r.get(key) is not None]
         row[key] = max(vals) if vals else None
     row["rounds"] = [{k: r.get(k) for k in ("ok", "ready_s", "prefill_ms", "decode_ms",
-                                            "load_before", "load_after", "error")}
+                                            "floor_ms", "load_before", "load_after", "error")}
                      for r in rounds]
     return row
 

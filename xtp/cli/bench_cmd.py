@@ -7,7 +7,9 @@ plain transformers) always runs at tp 1. A peer that the ranks' interpreter cann
 skipped with a message. Built-in names and config JSONs are first saved once with seeded
 random weights to ``--cache-dir``. The table gives each metric also as a ratio to xtp at the
 same tp and dtype, and next to each decode figure the memory-bandwidth floor: weight bytes one
-decode step reads / the machine's read bandwidth with the threads all ranks use together.
+decode step reads / the memory read bandwidth the same ranks measure right after their decode
+steps, all reading at once (a shared machine's bandwidth moves with its neighbours, so it is
+measured in every run, not once).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default="bench/out",
                    help="where built-in models are saved (default bench/out)")
     p.add_argument("--no-bandwidth", action="store_true",
-                   help="skip measuring memory bandwidth (no decode floor)")
+                   help="skip measuring memory read bandwidth after each run (no decode floor)")
     p.add_argument("--max-load", type=float, default=None,
                    help="before each run wait (60 s steps, up to --load-retries) while the "
                    "1-minute load average exceeds this")
@@ -136,7 +138,8 @@ def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int
            "--threads", str(threads), "--prefill-tokens", str(args.prefill_tokens),
            "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
            "--warmup", str(args.warmup), "--out", str(out)] + (
-               ["--profile"] if args.profile else [])
+               ["--profile"] if args.profile else []) + (
+               ["--bandwidth"] if not (args.no_bandwidth or _has_device()) else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_SIZE=str(tp),
                PYTHONUNBUFFERED="1", **extra_env)
     if impl == "deepspeed" and not _has_device():
@@ -201,21 +204,6 @@ def _check(args) -> tuple[list[int], list[str], list[str]]:
     return tps, dtypes, vs
 
 
-def _bandwidth(threads: dict[int, int], tps: list[int], best: dict[int, float]) -> None:
-    """Measure read bandwidth for 1 thread and for the threads each run uses in total, and
-    keep the best figure seen in ``best`` (a busy machine only ever lowers it)."""
-    from ..bench_prep import read_bandwidth
-
-    wanted = {1} | {tp * threads[tp] for tp in tps} | {threads[1]}
-    before = _load_avg()
-    bw = read_bandwidth(sorted(wanted))
-    for n, v in bw.items():
-        best[n] = max(best.get(n, 0.0), v)
-    print(f"memory read bandwidth (sum over 1 GiB; {before}): " + ", ".join(
-        f"{n} thread{'s' * (n > 1)} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items()))
-        + "; best so far: " + ", ".join(f"{best[n] / 1e9:.1f}" for n in sorted(bw)), flush=True)
-
-
 def _versions_line(rows: list[dict], python: str) -> str:
     seen: dict[str, str] = {}
     for r in rows:
@@ -231,12 +219,15 @@ def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: i
     _wait_for_quiet(args.max_load, args.load_retries)
     before = _load_avg()
     print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
-    row = fold(launch(python, impl, path, tp, dtype, threads, args), None)
+    row = fold(launch(python, impl, path, tp, dtype, threads, args), per_token)
     row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl, tp=tp,
                threads=row.get("threads") or threads, bytes_per_step=per_token)
+    bw = row.get("read_bytes_per_s")
     print(f" {row['load_after']}; " + (
         f"ready {row['ready_s']:.1f} s, prefill {row['prefill_ms']:.0f} ms, decode "
-        f"{row['decode_ms']:.1f} ms/token" if row["ok"]
+        f"{row['decode_ms']:.1f} ms/token" + (
+            f", then read {bw / 1e9:.1f} GB/s (all ranks) -> floor {row['floor_ms']:.1f} ms"
+            if bw else "") if row["ok"]
         else f"FAILED: {str(row.get('error'))[:300]}"), flush=True)
     return row
 
@@ -260,14 +251,9 @@ def run(args) -> int:
     threads = {tp: _threads(tp, args.threads) for tp in set(tps) | {1}}
     print(f"model {args.model}; {os.cpu_count()} CPUs; threads per rank: "
           + ", ".join(f"tp {tp} -> {n}" for tp, n in sorted(threads.items())), flush=True)
-    measure_bw = not (args.no_bandwidth or _has_device())
-    bw: dict[int, float] = {}
     rows: list[dict] = []
     for dtype in dtypes:
         path = checkpoint_for(args.model, dtype, Path(args.cache_dir))
-        if measure_bw:
-            _wait_for_quiet(args.max_load, args.load_retries)
-            _bandwidth(threads, tps, bw)
         total, per_token = weight_bytes(path, dtype)
         print(f"{dtype}: checkpoint {path}; weights {total / 1e9:.2f} GB, "
               f"{per_token / 1e9:.2f} GB read per decode step", flush=True)
@@ -280,13 +266,11 @@ def run(args) -> int:
                 done[impl, tp].append(_one_run(python, impl, path, tp, dtype, threads[tp],
                                                per_token, args))
         rows += [merge_rounds(done[run]) for run in runs]
-    for row in rows:  # the floor with the best bandwidth measured in the whole run
-        used = bw.get(row["tp"] * row["threads"])
-        row["floor_ms"] = row["bytes_per_step"] / used * 1e3 if used else None
     print()
     print(f"ratios: implementation / xtp at the same tp and dtype (above 1: xtp is better); "
           f"prefill: 1 x {args.prefill_tokens} tokens; decode: median of "
-          f"{args.decode_steps} steps; floor: weight bytes per step / read bandwidth"
+          f"{args.decode_steps} steps; floor: weight bytes per step / the read bandwidth "
+          "the run's ranks measured after decoding"
           + (f"; times: median of {args.rounds} rounds" if args.rounds > 1 else ""))
     print(table(rows))
     print(_versions_line(rows, python))
@@ -295,7 +279,7 @@ def run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"model": args.model, "tp": tps, "dtypes": dtypes, "python": python,
-             "bandwidth_bytes_per_s": bw, "rows": rows, "argv": sys.argv}, indent=1))
+             "rows": rows, "argv": sys.argv}, indent=1))
         print(f"results written to {args.json}")
     if args.plot:
         plot(rows, Path(args.plot), f"xtp bench {args.model}")
