@@ -156,11 +156,13 @@ def load(impl: str, path: str, tp: int, dtype, device, profile: bool = False):
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s this rank reads while every rank of the run reads at the same time: the median
-    time of ``sum()`` over a ``mib`` MiB float32 tensor (larger than any cache) with the
-    rank's threads, the ranks lined up by a barrier before each read. Measured in the same
-    processes right after the decode steps, so it sees the same machine (neighbours included)
-    as the figures it is set against."""
+    """This rank's share of the memory read bandwidth while every rank of the run reads at
+    once, in bytes/s: ``sum()`` over a ``mib`` MiB float32 tensor (larger than any cache) with
+    the rank's threads, timed from a barrier before the read to a barrier after it, so each
+    rank's time is the time until the slowest rank is done (ranks that do not overlap make the
+    figure lower, not higher); the median of ``repeats``. The ranks' figures add up to the
+    run's bandwidth. Measured in the same processes right after the decode steps, so it sees
+    the same machine (neighbours included) as the figures it is set against."""
     import torch
 
     dist = torch.distributed
@@ -172,6 +174,8 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
             dist.barrier()
         t = time.perf_counter()
         x.sum()
+        if together:
+            dist.barrier()
         if i:
             times.append(time.perf_counter() - t)
     return x.numel() * x.element_size() / statistics.median(times)
