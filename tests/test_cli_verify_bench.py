@@ -159,3 +159,22 @@ def test_bench_rounds_take_the_median_time_and_the_largest_memory():
     assert row["rounds"][3] == {"ok": False, "ready_s": None, "prefill_ms": None,
                                 "decode_ms": None, "floor_ms": None, "load_before": None,
                                 "load_after": None, "error": "killed"}
+
+
+def test_bench_ratios_pair_runs_within_each_round():
+    from xtp.bench_report import merge_rounds, table
+
+    def rounds(impl, decodes, floors):
+        return [dict(impl=impl, tp=2, dtype="float32", ok=True, threads=1, ready_s=2.0,
+                     load_s=1.0, prefill_ms=100.0, decode_ms=d, floor_ms=f,
+                     peak_rss_mib=500.0, base_rss_mib=300.0) for d, f in zip(decodes, floors)]
+
+    # the machine is slow in round 2; deepspeed takes 1.1x xtp's time in two rounds of three
+    xtp_row = merge_rounds(rounds("xtp", [100.0, 200.0, 105.0], [50.0, 100.0, 50.0]))
+    ds_row = merge_rounds(rounds("deepspeed", [110.0, 220.0, 99.0], [55.0, 100.0, 45.0]))
+    text = table([xtp_row, ds_row])
+    # decode/floor per round: xtp 2.0, 2.0, 2.1 -> 2.00; deepspeed 2.0, 2.2, 2.2 -> 2.20
+    # deepspeed / xtp per round: 1.10, 1.10, 0.943 -> 1.10 (the medians' ratio: 110/105 = 1.05)
+    assert "| xtp | float32 | 2 | 1 | 2.0 | 100 | 105.0 | 500 | 50.0 | 2.00 | 1.00 |" in text
+    assert ("| deepspeed | float32 | 2 | 1 | 2.0 | 100 | 110.0 | 500 | 55.0 | 2.20 | 1.00 | "
+            "1.00 | 1.10 | 1.00 |") in text

@@ -56,15 +56,38 @@ def merge_rounds(rounds: list[dict]) -> dict:
     return row
 
 
+def _per_round(rounds_a: list[dict] | None, rounds_b: list[dict] | None, key_a: str,
+               key_b: str) -> float | None:
+    """The median over rounds of ``a[key_a] / b[key_b]`` taken within each round (where both
+    succeeded), or None without rounds on both sides. On a shared machine whose speed moves
+    between rounds, this pairs runs minutes apart instead of medians taken over the whole run."""
+    if not rounds_a or not rounds_b or len(rounds_a) != len(rounds_b):
+        return None
+    ratios = [a[key_a] / b[key_b] for a, b in zip(rounds_a, rounds_b)
+              if a.get("ok") and b.get("ok") and a.get(key_a) and b.get(key_b)]
+    return statistics.median(ratios) if ratios else None
+
+
 def _ratio(row: dict, base: dict | None, key: str) -> str:
     if not base or not base.get("ok") or not row.get("ok") or not base.get(key):
         return "-"
-    return f"{row[key] / base[key]:.2f}"
+    paired = _per_round(row.get("rounds"), base.get("rounds"), key, key)
+    return f"{row[key] / base[key] if paired is None else paired:.2f}"
+
+
+def _over_floor(row: dict) -> str:
+    rounds = row.get("rounds")
+    paired = _per_round(rounds, rounds, "decode_ms", "floor_ms")
+    if paired is not None:
+        return f"{paired:.2f}"
+    return f"{row['decode_ms'] / row['floor_ms']:.2f}" if row.get("floor_ms") else "-"
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table: metrics, the decode floor, and each metric as a ratio to xtp at the
-    same tp and dtype (above 1: xtp is better)."""
+    same tp and dtype (above 1: xtp is better). With several rounds, the times are medians
+    over rounds and the ratios (decode / floor included) medians of the ratios within each
+    round."""
     device = any(r.get("peak_device_mib") for r in rows)
     head = ["impl", "dtype", "tp", "threads/rank"] + [m[1] for m in METRICS]
     head += ["peak device MiB"] if device else []
@@ -82,8 +105,7 @@ def table(rows: list[dict]) -> str:
         if device:
             cells.append(f"{r['peak_device_mib']:.0f}" if r.get("peak_device_mib") else "-")
         floor = r.get("floor_ms")
-        cells += [f"{floor:.1f}" if floor else "-",
-                  f"{r['decode_ms'] / floor:.2f}" if floor else "-"]
+        cells += [f"{floor:.1f}" if floor else "-", _over_floor(r)]
         base = next((b for b in rows if b["impl"] == "xtp" and b["tp"] == r["tp"]
                      and b["dtype"] == r["dtype"]), None)
         cells += [_ratio(r, base, key) for key, _, _ in METRICS]

@@ -271,7 +271,8 @@ def run(args) -> int:
           f"prefill: 1 x {args.prefill_tokens} tokens; decode: median of "
           f"{args.decode_steps} steps; floor: weight bytes per step / the read bandwidth "
           "the run's ranks measured after decoding"
-          + (f"; times: median of {args.rounds} rounds" if args.rounds > 1 else ""))
+          + (f"; times: median of {args.rounds} rounds, ratios: median of the ratios within "
+             "each round" if args.rounds > 1 else ""))
     print(table(rows))
     print(_versions_line(rows, python))
     if args.profile:
