@@ -178,3 +178,18 @@ def test_bench_ratios_pair_runs_within_each_round():
     assert "| xtp | float32 | 2 | 1 | 2.0 | 100 | 105.0 | 500 | 50.0 | 2.00 | 1.00 |" in text
     assert ("| deepspeed | float32 | 2 | 1 | 2.0 | 100 | 110.0 | 500 | 55.0 | 2.20 | 1.00 | "
             "1.00 | 1.10 | 1.00 |") in text
+
+
+def test_bench_counts_what_a_run_leaves_in_shm_and_removes_deepspeeds_leak(tmp_path):
+    from xtp.bench_leaks import collect_leaks, shm_files
+
+    (tmp_path / "older").write_bytes(b"x" * 10)
+    before = shm_files(tmp_path)
+    (tmp_path / "deepspeed_allreduce_buffer_0_localhost_29500_1").write_bytes(b"x" * 2**20)
+    (tmp_path / "someone_elses").write_bytes(b"x" * 2**20)
+    leaks = collect_leaks(before, tmp_path)
+    assert leaks == {"files": 2, "mib": 2.0, "removed": ["DeepSpeed's CPU all-reduce buffers"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["older", "someone_elses"]
+    assert collect_leaks(shm_files(tmp_path), tmp_path) == {"files": 0, "mib": 0.0,
+                                                            "removed": []}
+    assert shm_files(tmp_path / "missing") == set()

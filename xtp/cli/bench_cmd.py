@@ -214,14 +214,22 @@ def _versions_line(rows: list[dict], python: str) -> str:
 def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int,
              per_token: int, args) -> dict:
     """One fresh set of ranks, waited for a quiet machine; its row, with the load around it."""
+    from ..bench_leaks import collect_leaks, shm_files
     from ..bench_report import fold
 
     _wait_for_quiet(args.max_load, args.load_retries)
     before = _load_avg()
     print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
+    shm_before = shm_files()
     row = fold(launch(python, impl, path, tp, dtype, threads, args), per_token)
+    leaks = collect_leaks(shm_before)
     row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl, tp=tp,
-               threads=row.get("threads") or threads, bytes_per_step=per_token)
+               threads=row.get("threads") or threads, bytes_per_step=per_token,
+               shm_left=leaks)
+    if leaks["files"]:
+        print(f" [left {leaks['files']} file(s), {leaks['mib']:.0f} MiB, in /dev/shm"
+              + (f"; removed: {', '.join(leaks['removed'])}" if leaks["removed"] else "") + "]",
+              end="", flush=True)
     bw = row.get("read_bytes_per_s")
     print(f" {row['load_after']}; " + (
         f"ready {row['ready_s']:.1f} s, prefill {row['prefill_ms']:.0f} ms, decode "
