@@ -11,6 +11,8 @@ function                    forward                       backward
 
 When autograd is not recording (inference, ``torch.no_grad()``), each function runs the bare
 collective with no graph bookkeeping. Every function is a no-op when ``world_size == 1``.
+Under ``torch.compile`` the collectives are custom ops (:mod:`compiled_collectives`), so
+they stay inside the compiled graph.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .communicator import Communicator
+from .compiled_collectives import all_gather, all_reduce
 
 
 def _needs_graph(x: torch.Tensor) -> bool:
@@ -42,13 +45,13 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad.contiguous().clone()), None
+        return all_reduce(ctx.comm, grad.contiguous().clone()), None
 
 
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
-        return comm.all_reduce(x.clone())
+        return all_reduce(comm, x.clone())
 
     @staticmethod
     def backward(ctx, grad):
@@ -59,7 +62,7 @@ class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, dim, sizes):
         ctx.comm, ctx.dim, ctx.sizes = comm, dim, sizes
-        return comm.all_gather(x, dim, sizes)
+        return all_gather(comm, x, dim, sizes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,7 +77,7 @@ class _ScatterToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.all_gather(grad.contiguous(), ctx.dim, ctx.sizes), None, None, None
+        return all_gather(ctx.comm, grad.contiguous(), ctx.dim, ctx.sizes), None, None, None
 
 
 def copy_to_group(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
@@ -89,7 +92,7 @@ def reduce_from_group(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     if comm.world_size == 1:
         return x
     if not _needs_graph(x):
-        return comm.all_reduce(x)
+        return all_reduce(comm, x)
     return _ReduceFromGroup.apply(x, comm)
 
 
@@ -101,7 +104,7 @@ def gather_from_group(
         return x
     dim = dim % x.dim()
     if not _needs_graph(x):
-        return comm.all_gather(x, dim, sizes)
+        return all_gather(comm, x, dim, sizes)
     return _GatherFromGroup.apply(x, comm, dim, None if sizes is None else tuple(sizes))
 
 

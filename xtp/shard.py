@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .accelerators import Communicator
+from .accelerators.compiled_collectives import handle as op_handle
 from .consistency import check_fingerprints, fingerprint, verify_replicated
 from .distributed import TPContext, init_distributed
 from .errors import AlreadyShardedError, PlanError
@@ -207,6 +208,7 @@ def _apply(model, plan, changes, comm, rank, device, undo: list) -> None:
             setattr(mod, name, new_params[id(tensor)])
         mod.__class__ = parallel_class(ch.role, type(mod))
         mod.tp_comm = comm
+        op_handle(comm)  # named for torch.compile's collective ops before any tracing
         if ch.role in (COLUMN, ROW):
             mod.tp_rng = rng
         for k, v in ch.meta.items():
