@@ -8,8 +8,7 @@ protocol, gloo calls), which it cannot trace and would split the graph at, once 
 layer. At run time the compiled code calls the op, which calls the same communicator.
 
 Ops take tensors and plain values only, so a communicator is named by an integer handle
-(:func:`handle`), kept in a table for the life of the process (communicators are few: one per
-TP group).
+(:func:`handle`, :mod:`op_handles`).
 
 Shapes: ``all_reduce(x)`` -> ``x.shape``; ``all_gather(x, dim, sizes)`` -> ``x.shape`` with
 ``sizes`` summed along ``dim`` (``world * x.shape[dim]`` when ``sizes`` is empty).
@@ -17,39 +16,24 @@ Shapes: ``all_reduce(x)`` -> ``x.shape``; ``all_gather(x, dim, sizes)`` -> ``x.s
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 
 from .communicator import Communicator
+from .op_handles import HandleTable
 
-HANDLE_ATTR = "_xtp_op_handle"
-_COMMS: dict[int, Communicator] = {}
-_NEXT = itertools.count(1)
+_COMMS = HandleTable("_xtp_op_handle", "communicator")
 
 
 def handle(comm: Communicator) -> int:
-    """The integer that names ``comm`` in the custom ops (assigned on first call)."""
-    found = comm.__dict__.get(HANDLE_ATTR)
-    if found is None:
-        found = next(_NEXT)
-        comm.__dict__[HANDLE_ATTR] = found
-        _COMMS[found] = comm
-    return found
-
-
-def _comm(h: int) -> Communicator:
-    try:
-        return _COMMS[h]
-    except KeyError:
-        raise RuntimeError(f"xtp collective op: no communicator with handle {h} in this process "
-                           "(a graph compiled in another process?)") from None
+    """The integer that names ``comm`` in the custom ops (assigned on the first call)."""
+    return _COMMS.handle(comm)
 
 
 @torch.library.custom_op("xtp::all_reduce", mutates_args=())
 def _all_reduce_op(x: torch.Tensor, comm: int) -> torch.Tensor:
-    return _comm(comm).all_reduce(x.clone())
+    return _COMMS.get(comm).all_reduce(x.clone())
 
 
 @_all_reduce_op.register_fake
@@ -59,13 +43,13 @@ def _(x: torch.Tensor, comm: int) -> torch.Tensor:
 
 @torch.library.custom_op("xtp::all_gather", mutates_args=())
 def _all_gather_op(x: torch.Tensor, comm: int, dim: int, sizes: list[int]) -> torch.Tensor:
-    return _comm(comm).all_gather(x, dim, sizes or None)
+    return _COMMS.get(comm).all_gather(x, dim, sizes or None)
 
 
 @_all_gather_op.register_fake
 def _(x: torch.Tensor, comm: int, dim: int, sizes: list[int]) -> torch.Tensor:
     shape = list(x.shape)
-    shape[dim] = sum(sizes) if sizes else shape[dim] * _comm(comm).world_size
+    shape[dim] = sum(sizes) if sizes else shape[dim] * _COMMS.get(comm).world_size
     return x.new_empty(shape)
 
 

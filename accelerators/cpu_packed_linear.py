@@ -77,9 +77,8 @@ class OneDNNPackedLinear(PackedLinear):
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
-    # torch.compile: inductor cannot lower the op on an opaque oneDNN tensor, so the call runs
-    # eagerly (a graph break per packed layer; unpack before compiling for one graph)
-    @torch.compiler.disable
+    # torch.compile never traces this: the core calls it through the xtp::packed_linear op
+    # (compiled_packed_linear), since inductor cannot lower oneDNN's op on an opaque tensor
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.dtype or x.device != self.device:
             raise TypeError(f"input ({x.dtype} on {x.device}) does not match the packed weight "

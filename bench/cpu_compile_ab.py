@@ -7,9 +7,10 @@ Run under torchrun, one thread per rank (DeepSpeed from the peers' venv, see set
         torch.distributed.run --nproc-per-node 2 bench/cpu_compile_ab.py \\
         bench/out/llama-1b-float32 --impl deepspeed
 
-Each rank loads the checkpoint once (``--impl xtp``: ``xtp.from_pretrained``; ``deepspeed``:
-transformers then ``deepspeed.init_inference`` AutoTP) and decodes ``--steps`` tokens after a
-128-token prompt three ways, in turn for ``--rounds`` rounds (order reversed every other round):
+Each rank loads the checkpoint once in ``--dtype`` (``--impl xtp``: ``xtp.from_pretrained``,
+packed for inference with ``--pack``; ``deepspeed``: transformers then
+``deepspeed.init_inference`` AutoTP) and decodes ``--steps`` tokens after a 128-token prompt
+three ways, in turn for ``--rounds`` rounds (order reversed every other round):
 eager with transformers' ``DynamicCache`` (what ``xtp bench`` times), eager with a
 ``StaticCache``, and ``torch.compile(model)`` with a ``StaticCache`` (compiled once before the
 rounds; the seconds are printed). Rank 0 prints each variant's median ms/token, its ratio to
@@ -32,17 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PROMPT = 128
 
 
-def load(impl: str, path: str, tp: int):
+def load(impl: str, path: str, tp: int, dtype: torch.dtype, pack: bool):
     if impl == "xtp":
         import xtp
 
-        return xtp.from_pretrained(path, tp_size=tp, progress=False)
+        model = xtp.from_pretrained(path, tp_size=tp, dtype=dtype, progress=False)
+        if pack:
+            xtp.pack_for_inference(model)
+        return model
     import deepspeed
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp},
-                                      dtype=torch.float32, replace_with_kernel_inject=False)
+                                      dtype=dtype, replace_with_kernel_inject=False)
     return engine.module.eval()
 
 
@@ -74,10 +78,13 @@ def main() -> int:
     ap.add_argument("--impl", choices=("xtp", "deepspeed"), default="xtp")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per block")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--pack", action="store_true",
+                    help="xtp: pack for inference first (bf16/fp16 weights on CPU)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tp = int(os.environ.get("WORLD_SIZE", "1"))
-    model = load(args.impl, args.checkpoint, tp)
+    model = load(args.impl, args.checkpoint, tp, getattr(torch, args.dtype), args.pack)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT),
                         generator=torch.Generator().manual_seed(0))
@@ -96,7 +103,8 @@ def main() -> int:
             times[name] += got
     if rank == 0:
         base = statistics.median(times["eager-dynamic"])
-        print(f"{args.impl} tp {tp}, {args.checkpoint}: compiled in {warm:.1f} s; decode "
+        print(f"{args.impl}{' packed' if args.pack else ''} tp {tp}, {args.checkpoint} "
+              f"({args.dtype}): compiled in {warm:.1f} s; decode "
               f"ms/token, median of {len(times['eager-dynamic'])} steps per variant:")
         for name, got in times.items():
             med = statistics.median(got)

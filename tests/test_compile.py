@@ -1,5 +1,6 @@
 """torch.compile over a sharded model: the class-swapped TP layers trace, outputs unchanged;
-the collectives are custom ops, so a dense sharded model compiles into one graph."""
+the collectives and the packed matmul are custom ops, so a sharded model, packed or not,
+compiles into one graph."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ def _compiled_vs_reference(pack: bool = False):
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
-        # dense: fullgraph, which raises at any graph break (a collective dynamo cannot trace);
-        # packed layers run outside the graph by design (torch.compiler.disable)
-        got = torch.compile(model, fullgraph=not pack)(ids, use_cache=False).logits
+        # fullgraph raises at any graph break: a collective or a packed matmul dynamo could not
+        # trace (both are custom ops while compiling)
+        got = torch.compile(model, fullgraph=True)(ids, use_cache=False).logits
     return float((got - want).norm() / want.norm())
 
 
@@ -74,3 +75,34 @@ def test_collective_custom_ops_match_the_communicator_and_their_fake_shapes():
         return all_gather(comm, all_reduce(comm, t * 1.0) + 1, 1, None)
 
     assert torch.equal(step(x), torch.cat([x * 2 + 1, x * 2 + 1], 1))
+
+
+class _ScaledPacked:
+    """A stand-in packed weight: ``x @ (2 W).T + bias``."""
+
+    def __init__(self, weight):
+        self.weight, self.shape, self.dtype = weight, weight.shape, weight.dtype
+
+    def matmul(self, x, bias=None):
+        return torch.nn.functional.linear(x, self.weight * 2, bias)
+
+
+def test_packed_linear_custom_op_matches_matmul_and_its_fake_shape():
+    import gc
+
+    from xtp.accelerators.compiled_packed_linear import handle, packed_linear
+
+    w, b = torch.randn(5, 3), torch.randn(5)
+    packed = _ScaledPacked(w)
+    h = handle(packed)
+    x = torch.randn(2, 4, 3)
+    want = torch.nn.functional.linear(x, w * 2, b)
+    assert torch.equal(torch.ops.xtp.packed_linear(x, h, b), want)
+    torch.library.opcheck(torch.ops.xtp.packed_linear.default, (x, h, b))
+    torch.library.opcheck(torch.ops.xtp.packed_linear.default, (x, h, None))
+    assert torch.equal(packed_linear(packed, x, b), want)
+    assert torch.equal(torch.compile(packed_linear, fullgraph=True)(packed, x, b), want)
+    del packed
+    gc.collect()  # the table holds packed weights weakly: a freed one is gone from it
+    with pytest.raises(RuntimeError, match=f"no packed weight with handle {h} in this process"):
+        torch.ops.xtp.packed_linear(x, h, b)

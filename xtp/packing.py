@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .accelerators.compiled_packed_linear import handle as op_handle
+from .accelerators.compiled_packed_linear import packed_linear
 from .errors import PackedWeightsError, XtpError
 from .plan import COLUMN, LM_HEAD, OUT_IN, ROW
 
@@ -98,6 +100,7 @@ def pack_for_inference(model: nn.Module, accelerator=None) -> int:
         packed = accelerator.pack_linear_weight(weight.detach())
         if packed is None:
             continue
+        op_handle(packed)  # named for torch.compile's packed-matmul op before any tracing
         placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device)
         module.__dict__[PACKED_ATTR] = packed
         module.__dict__[HOOKS_ATTR] = (module._register_state_dict_hook(_dense_state_hook),
@@ -144,4 +147,4 @@ def packed_matmul(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
         return None
     if x.requires_grad and torch.is_grad_enabled():
         raise PackedWeightsError(_hint("a forward that needs gradients"))
-    return packed.matmul(x, bias)
+    return packed_linear(packed, x, bias)

@@ -1,0 +1,42 @@
+"""Integer names for the Python objects that xtp's torch custom ops act on.
+
+A custom op takes tensors and plain values only, so an op that must reach a communicator or a
+packed weight is given an integer, and looks the object up here at run time. The table holds
+its objects weakly: a communicator or packed weight that nothing else holds any more is
+dropped from it (a packed weight can be gigabytes). The integer is stored on the object, so
+asking again gives the same one; it is assigned eagerly (when a model is sharded or packed),
+before ``torch.compile`` traces anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+_NEXT = itertools.count(1)
+
+
+class HandleTable:
+    """Objects of one kind (``what``: named in errors), by integer handle."""
+
+    def __init__(self, attr: str, what: str) -> None:
+        self._attr = attr
+        self._what = what
+        self._objects: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+
+    def handle(self, obj: object) -> int:
+        """``obj``'s handle (assigned on the first call)."""
+        found = obj.__dict__.get(self._attr)
+        if found is None:
+            found = next(_NEXT)
+            obj.__dict__[self._attr] = found
+            self._objects[found] = obj
+        return found
+
+    def get(self, handle: int):
+        """The object named ``handle``; RuntimeError when it is gone or was never here."""
+        obj = self._objects.get(handle)
+        if obj is None:
+            raise RuntimeError(f"xtp custom op: no {self._what} with handle {handle} in this "
+                               "process (freed, or a graph compiled in another process)")
+        return obj
