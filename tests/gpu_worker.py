@@ -62,3 +62,21 @@ def gpu_parity(case_id: str, dtype_name: str) -> dict:
     return {"rel_vs_same_dtype": rel(got, want), "sharded_vs_fp32": rel(got, want32),
             "unsharded_vs_fp32": rel(want, want32), "tokens_equal": tokens_equal,
             "param_devices": sorted(devices), "tp": ctx.tp_size}
+
+
+def gpu_compiled_parity(case_id: str) -> dict:
+    """The sharded fp32 model under ``torch.compile(fullgraph=True)`` on the GPU (so its
+    collectives must be the xtp custom ops) against the unsharded eager model."""
+    import xtp
+
+    case = next(c for c in CASES if c.id == case_id)
+    ctx = xtp.init_distributed()
+    ref = _build(case).to(ctx.device)
+    model = _build(case)
+    xtp.shard(model, context=ctx)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7),
+                        generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+        got = torch.compile(model, fullgraph=True)(ids, use_cache=False).logits.float()
+    return {"rel": float((got - want).norm() / want.norm()), "device": str(got.device)}

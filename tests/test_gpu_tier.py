@@ -2,8 +2,9 @@
 
 Skipped, with the reason shown by ``-ra``, wherever torch sees no CUDA device. What runs:
 NCCL process-group setup through xtp's own init path; the parity suite with the model on the
-GPU at tp 1 over NCCL, and at tp 2 with two ranks sharing one GPU over
-``XTP_DIST_BACKEND=gloo`` (placement and sharding, not speed), in fp32 and bf16.
+GPU at tp 1 over NCCL, at tp 2 with two ranks sharing one GPU over ``XTP_DIST_BACKEND=gloo``
+(placement and sharding, not speed), and at tp 2, 4 and 8 over NCCL with a GPU per rank where
+the host has that many (skipped with the count otherwise), in fp32 and bf16.
 
 bf16 tolerance: a bf16 model differs from its own fp32 version by rounding alone (8-bit
 mantissa, eps 2**-8); a sharded bf16 model sums in a different order, so its error is of the
@@ -50,20 +51,49 @@ def test_two_ranks_share_one_gpu_over_gloo():
     assert all(r["value"] == 3.0 for r in results)
 
 
+#: (tp, backend): tp 1 over NCCL; tp 2 with both ranks on one GPU over gloo (runs anywhere with
+#: a GPU); tp 2, 4, 8 over NCCL with one GPU per rank, where the host has that many GPUs
+TP_BACKENDS = [(1, "nccl"), (2, "gloo"), (2, "nccl"), (4, "nccl"), (8, "nccl")]
+
+
+def _needs_gpus(tp: int, backend: str) -> None:
+    have = torch.cuda.device_count()
+    if backend == "nccl" and tp > have:
+        pytest.skip(f"tp {tp} over NCCL needs {tp} GPUs; this host has {have}")
+
+
+def _rank_device(tp: int, backend: str, rank: int) -> str:
+    return f"cuda:{rank}" if backend == "nccl" and tp > 1 else "cuda:0"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case_id", GPU_CASES)
-@pytest.mark.parametrize("tp,backend", [(1, "nccl"), (2, "gloo")])
+@pytest.mark.parametrize("tp,backend", TP_BACKENDS)
 def test_parity_on_gpu(case_id, dtype, tp, backend):
     from gpu_worker import gpu_parity
 
     if case_id == "llama_6heads_tp4" and tp == 1:
         pytest.skip("covered by llama at tp 1")
+    _needs_gpus(tp, backend)
     env = {**NVLS_OFF, "XTP_ACCELERATOR": "cuda", "XTP_DIST_BACKEND": backend}
     results = spawn(gpu_parity, tp, args=(case_id, dtype), env=env)
     for rank, r in enumerate(results):
-        assert r["param_devices"] == ["cuda:0"], f"rank {rank}: parameters on {r['param_devices']}"
+        want = [_rank_device(tp, backend, rank)]
+        assert r["param_devices"] == want, f"rank {rank}: parameters on {r['param_devices']}"
         if dtype == "float32":
             assert r["rel_vs_same_dtype"] <= 1e-5, f"rank {rank}: {r}"
             assert r["tokens_equal"], f"rank {rank}: greedy tokens differ"
         else:
             assert r["sharded_vs_fp32"] <= 2 * r["unsharded_vs_fp32"] + 1e-3, f"rank {rank}: {r}"
+
+
+@pytest.mark.parametrize("tp,backend", TP_BACKENDS)
+def test_compiled_sharded_model_on_gpu_is_one_graph_and_matches(tp, backend):
+    from gpu_worker import gpu_compiled_parity
+
+    _needs_gpus(tp, backend)
+    env = {**NVLS_OFF, "XTP_ACCELERATOR": "cuda", "XTP_DIST_BACKEND": backend}
+    for rank, r in enumerate(spawn(gpu_compiled_parity, tp, args=("llama",), env=env,
+                                   timeout=900)):
+        assert r["device"] == _rank_device(tp, backend, rank), f"rank {rank}: {r}"
+        assert r["rel"] <= 1e-5, f"rank {rank}: {r}"
