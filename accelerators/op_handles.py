@@ -23,19 +23,34 @@ class HandleTable:
         self._attr = attr
         self._what = what
         self._objects: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+        self._pinned: dict[int, object] = {}  # objects that cannot be referenced weakly
 
     def handle(self, obj: object) -> int:
-        """``obj``'s handle (assigned on the first call)."""
-        found = obj.__dict__.get(self._attr)
+        """``obj``'s handle (assigned on the first call). Objects without a ``__dict__`` (a
+        plugin's class with ``__slots__``) are found by identity; those that cannot be
+        referenced weakly are kept alive by the table."""
+        state = getattr(obj, "__dict__", None)
+        found = state.get(self._attr) if state is not None else self._find(obj)
         if found is None:
             found = next(_NEXT)
-            obj.__dict__[self._attr] = found
-            self._objects[found] = obj
+            if state is not None:
+                state[self._attr] = found
+            try:
+                self._objects[found] = obj
+            except TypeError:
+                self._pinned[found] = obj
         return found
+
+    def _find(self, obj: object) -> int | None:
+        for table in (self._objects, self._pinned):
+            for h, known in list(table.items()):
+                if known is obj:
+                    return h
+        return None
 
     def get(self, handle: int):
         """The object named ``handle``; RuntimeError when it is gone or was never here."""
-        obj = self._objects.get(handle)
+        obj = self._objects.get(handle, self._pinned.get(handle))
         if obj is None:
             raise RuntimeError(f"xtp custom op: no {self._what} with handle {handle} in this "
                                "process (freed, or a graph compiled in another process)")

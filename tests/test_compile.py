@@ -106,3 +106,20 @@ def test_packed_linear_custom_op_matches_matmul_and_its_fake_shape():
     gc.collect()  # the table holds packed weights weakly: a freed one is gone from it
     with pytest.raises(RuntimeError, match=f"no packed weight with handle {h} in this process"):
         torch.ops.xtp.packed_linear(x, h, b)
+
+
+def test_op_handles_for_objects_with_slots():
+    from xtp.accelerators.op_handles import HandleTable
+
+    class Slotted:
+        __slots__ = ("x",)
+
+    class SlottedWeak:
+        __slots__ = ("x", "__weakref__")
+
+    table = HandleTable("_h", "thing")
+    a, b, plain = Slotted(), SlottedWeak(), _DoublingComm()
+    ha, hb, hp = table.handle(a), table.handle(b), table.handle(plain)
+    assert len({ha, hb, hp}) == 3
+    assert (table.handle(a), table.handle(b), table.handle(plain)) == (ha, hb, hp)
+    assert table.get(ha) is a and table.get(hb) is b and table.get(hp) is plain
