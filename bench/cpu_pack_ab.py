@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import statistics
 import sys
 import time
@@ -44,14 +45,19 @@ MADV_COLLAPSE = 25
 KNOWN = ("dense", "packed", "dense-huge", "packed-huge")
 
 
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
 def collapse_to_huge_pages(ptr: int, nbytes: int) -> int:
     """Bytes of ``[ptr, ptr + nbytes)`` (its whole 2 MiB pages) now in huge pages; 0 where the
     kernel refused (older than 6.1, THP off, no free huge pages)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     start = -(-ptr // HUGE_PAGE) * HUGE_PAGE
     end = (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
-    if end - start < HUGE_PAGE or libc.madvise(start, end - start, MADV_COLLAPSE) != 0:
+    if end - start < HUGE_PAGE or _madvise()(start, end - start, MADV_COLLAPSE) != 0:
         return 0
     return end - start
 
