@@ -65,30 +65,37 @@ class CpuAccelerator(Accelerator):
         return (torch.float32, torch.bfloat16, torch.float16)
 
     def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
-        """oneDNN's blocked layout for bf16/fp16 weights (:mod:`cpu_packed_linear`);
-        ``XTP_CPU_PACK`` chooses the dtypes (``0``: none, ``all``: fp32 too)."""
+        """oneDNN's blocked layout for bf16/fp16 weights, xtp's GEMV kernel for fp32
+        (:mod:`cpu_packed_linear`); ``XTP_CPU_PACK`` chooses (``0``: none, ``all``: oneDNN for
+        fp32 too)."""
         from .cpu_packed_linear import MIN_BYTES, pack_cpu_linear
 
         return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
                                else self.pack_min_bytes, self.pack_dtypes)
 
     def linear_packing(self) -> str:
-        from .cpu_packed_linear import ENV, MIN_BYTES, dtypes_to_pack, onednn_available
+        from .cpu_gemv import kernel_isa, unavailable_reason
+        from .cpu_packed_linear import ENV, GEMV, MIN_BYTES, layouts_to_use, onednn_available
         from .errors import AcceleratorError
 
         try:
-            wanted = dtypes_to_pack(self.pack_dtypes)
+            layouts = layouts_to_use(self.pack_dtypes)
         except AcceleratorError as exc:
             return f"not set up: {exc}"
-        if not wanted:
+        if not layouts:
             return f"off ({ENV}={os.environ.get(ENV)})"
-        if not onednn_available():
-            return "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)"
         size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
-        names = "/".join(str(d).removeprefix("torch.") for d in wanted)
-        fp32 = "" if torch.float32 in wanted else f"; {ENV}=all packs float32 too"
-        return (f"oneDNN blocked layout for {names} weights >= {size / 2**20:g} MiB{fp32} "
-                f"({ENV}=0 turns it off)")
+        onednn = [str(d).removeprefix("torch.") for d, how in layouts.items() if how != GEMV]
+        parts = []
+        if onednn:
+            parts.append(f"oneDNN blocked layout for {'/'.join(onednn)}" if onednn_available()
+                         else "no oneDNN in this torch build (torch.ops.mkldnn): "
+                              f"{'/'.join(onednn)} stay dense")
+        if GEMV in layouts.values():
+            parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for one-token float32 products"
+                         if kernel_isa() else f"float32 dense: {unavailable_reason()}")
+        return (f"{'; '.join(parts)}; weights >= {size / 2**20:g} MiB ({ENV}=all: oneDNN for "
+                f"float32 too, {ENV}=0: off)")
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

@@ -1,24 +1,27 @@
-"""CPU linear weights prepacked in oneDNN's blocked layout, for fast inference matmuls.
+"""CPU linear weights in their fastest layout for inference matmuls: oneDNN's blocked layout
+for bf16/fp16, the plain one served by xtp's GEMV kernel for fp32.
 
 torch's CPU ``F.linear`` in bf16 hands the plain ``(out, in)`` weight to oneDNN, which re-blocks
 it on every call; at decode (one token: a matrix-vector product) that makes the call
 compute-bound at ~10 GB/s per core. fp32 goes to MKL's GEMV, which streams the plain weight
-near the memory bandwidth already. Prepacking once, with torch's own oneDNN ops
+at ~17 GB/s per core, below what one core can read. Prepacking once, with torch's own oneDNN ops
 (``torch.ops.mkldnn``, part of every x86 CPU build of torch: nothing to compile), removes the
 re-blocking: measured on a 2-core AMD EPYC VM (bench/RESULTS.md, same ranks, packed and dense
 blocks interleaved) decode of a 0.85B Llama at tp 2 takes 0.73x the dense time in bf16.
 Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measurements);
 ``unpack()`` returns the original weight bit for bit.
 
-Which dtypes are packed (:data:`DEFAULT_DTYPES`): bf16 and fp16. fp32 stays dense by default:
-MKL's fp32 GEMV already streams the plain weight near the memory bandwidth, and packed fp32
-measured anywhere from 0.96x to 1.10x the dense decode time on that VM (RESULTS.md), not worth
-the packing copy at load. ``XTP_CPU_PACK`` chooses: ``1`` (default) bf16/fp16, ``all`` fp32
-too, ``0`` nothing. A weight oneDNN cannot pack here (fp16 without the CPU instructions for it,
-a torch build without oneDNN) is left dense, and so is a weight under :data:`MIN_BYTES`: the
-packed call costs about 13 us more per call, which only a large enough matrix wins back (same
-VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1 MiB) even, 1024x512 0.81x; bf16
-256x256 0.80x, 1024x1024 0.51x).
+Which layout each dtype gets (:func:`env_layouts`): bf16 and fp16 are packed for oneDNN; fp32
+keeps its plain layout and its one-token products go to xtp's own GEMV kernel
+(:mod:`cpu_gemv`, ~1.35x MKL's read speed on that VM), where it is built and the CPU has
+AVX-512 or AVX2 (else fp32 stays dense: MKL). oneDNN's packed fp32 measured 0.96x-1.10x the
+dense decode time there, not worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1``
+(default) as above, ``all`` every dtype in oneDNN's layout (fp32 too), ``0`` nothing. A weight
+that cannot be packed (fp16 without the CPU instructions for it, a torch build without oneDNN)
+is left dense, and so is a weight under :data:`MIN_BYTES`: the packed call costs about 13 us
+more per call, which only a large enough matrix wins back (same VM, one thread, one token:
+fp32 64x64 3.3x slower, 512x512 (1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024
+0.51x); the GEMV kernel's call costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
 """
 
 from __future__ import annotations
@@ -32,34 +35,36 @@ from .packed_linear import PackedLinear
 
 #: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: the dtypes packed by default: fp32 gains nothing measurable (see the module docstring)
-DEFAULT_DTYPES = (torch.bfloat16, torch.float16)
+ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
+#: the default: oneDNN for the half types, xtp's GEMV kernel for fp32 (module docstring)
+DEFAULT_LAYOUTS = {torch.bfloat16: ONEDNN, torch.float16: ONEDNN, torch.float32: GEMV}
 ENV = "XTP_CPU_PACK"
 MIN_BYTES = 1 << 20
 _OFF, _ON, _ALL = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes"), ("all",)
 
 
-def env_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes ``XTP_CPU_PACK`` asks to pack: ``1``/unset -> :data:`DEFAULT_DTYPES`,
-    ``all`` -> :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value raises
-    :class:`~xtp.accelerators.errors.AcceleratorError`."""
+def env_layouts() -> dict[torch.dtype, str]:
+    """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`,
+    ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value
+    raises :class:`~xtp.accelerators.errors.AcceleratorError`."""
     value = os.environ.get(ENV, "1").strip().lower()
     if value in _OFF:
-        return ()
+        return {}
     if value in _ON:
-        return DEFAULT_DTYPES
+        return dict(DEFAULT_LAYOUTS)
     if value in _ALL:
-        return PACKABLE_DTYPES
-    raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (pack bf16 and "
-                           "fp16 weights, the default), all (fp32 too) or 0 (no packing)")
+        return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
+    raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (the default: "
+                           "bf16 and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), "
+                           "all (every dtype packed for oneDNN) or 0 (no packing)")
 
 
-def dtypes_to_pack(dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[torch.dtype, ...]:
-    """``dtypes`` (those oneDNN can pack), or :func:`env_dtypes` where ``dtypes`` is None;
-    nothing at all when ``XTP_CPU_PACK=0``."""
-    wanted = env_dtypes()
+def layouts_to_use(dtypes: tuple[torch.dtype, ...] | None = None) -> dict[torch.dtype, str]:
+    """:func:`env_layouts`, or, where ``dtypes`` is given, oneDNN's layout for those of them
+    oneDNN can pack; nothing at all when ``XTP_CPU_PACK=0``."""
+    wanted = env_layouts()
     if wanted and dtypes is not None:
-        wanted = tuple(d for d in dtypes if d in PACKABLE_DTYPES)
+        wanted = {d: ONEDNN for d in dtypes if d in PACKABLE_DTYPES}
     return wanted
 
 
@@ -80,10 +85,7 @@ class OneDNNPackedLinear(PackedLinear):
     # torch.compile never traces this: the core calls it through the xtp::packed_linear op
     # (compiled_packed_linear), since inductor cannot lower oneDNN's op on an opaque tensor
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != self.dtype or x.device != self.device:
-            raise TypeError(f"input ({x.dtype} on {x.device}) does not match the packed weight "
-                            f"({self.dtype} on {self.device}); a packed model cannot be moved "
-                            "or cast: xtp.unpack(model) first")
+        self.check_input(x)
         if bias is not None:
             bias = bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
@@ -98,12 +100,21 @@ class OneDNNPackedLinear(PackedLinear):
 
 def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
                     dtypes: tuple[torch.dtype, ...] | None = None) -> PackedLinear | None:
-    """``weight`` packed for oneDNN, or ``None`` where that is off (``XTP_CPU_PACK=0``), its
-    dtype is not in ``dtypes`` (default: what ``XTP_CPU_PACK`` asks for, :func:`env_dtypes`),
-    unsupported, fails, or the weight is smaller than ``min_bytes``."""
-    if (weight.dtype not in dtypes_to_pack(dtypes) or weight.device.type != "cpu"
-            or weight.dim() != 2 or weight.numel() * weight.element_size() < min_bytes
-            or not onednn_available()):
+    """``weight`` in the layout its dtype gets (:func:`layouts_to_use`: oneDNN's, or the plain
+    one served by xtp's GEMV kernel for fp32), or ``None`` where that is off
+    (``XTP_CPU_PACK=0``), its dtype gets no layout, the layout is unavailable here or fails,
+    the weight is not a 2-D CPU tensor or is smaller than ``min_bytes``."""
+    layout = layouts_to_use(dtypes).get(weight.dtype)
+    if (layout is None or weight.device.type != "cpu" or weight.dim() != 2
+            or weight.numel() * weight.element_size() < min_bytes):
+        return None
+    if layout == GEMV:
+        from .cpu_gemv import GemvLinear, unavailable_reason
+
+        if unavailable_reason() or not weight.is_contiguous():
+            return None
+        return GemvLinear(weight)
+    if not onednn_available():
         return None
     try:
         return OneDNNPackedLinear(weight)

@@ -23,6 +23,14 @@ class PackedLinear(abc.ABC):
     dtype: torch.dtype
     device: torch.device
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``TypeError`` when ``x`` is not of the weight's dtype and device: a packed weight
+        cannot follow ``model.to(...)``."""
+        if x.dtype != self.dtype or x.device != self.device:
+            raise TypeError(f"input ({x.dtype} on {x.device}) does not match the packed weight "
+                            f"({self.dtype} on {self.device}); a packed model cannot be moved "
+                            "or cast: xtp.unpack(model) first")
+
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)``: ``(..., in_features)`` -> ``(..., out_features)``."""

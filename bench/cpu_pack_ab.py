@@ -17,6 +17,8 @@ variant twice (``dense,dense``) to see the spread between identical models.
 Variants (comma-separated, any order; the first is the baseline of the ratios):
 
 * ``dense``: the weights as loaded;
+* ``default``: ``xtp.pack_for_inference`` as ``xtp run``/``bench`` call it (bf16/fp16 packed
+  for oneDNN, fp32 through xtp's GEMV kernel);
 * ``packed``: ``xtp.pack_for_inference`` with every dtype oneDNN packs (fp32 included, which the
   default leaves dense: this is how that default was measured);
 * ``*-huge``: after loading (and packing), every weight of 4 MiB or more is moved into 2 MiB
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25
-KNOWN = ("dense", "packed", "dense-huge", "packed-huge")
+KNOWN = ("dense", "default", "packed", "dense-huge", "packed-huge")
 
 
 @functools.cache
@@ -111,6 +113,11 @@ def main() -> int:
     models, notes = [], []
     for name in variants:
         model = xtp.from_pretrained(args.checkpoint, progress=False)
+        if name == "default":
+            n = xtp.pack_for_inference(model)
+            kinds = sorted({type(m.__dict__["tp_packed"]).__name__ for m in model.modules()
+                            if "tp_packed" in m.__dict__})
+            notes.append(f"{name}: {n} weights in {'/'.join(kinds) or 'no other layout'}")
         if name.startswith("packed"):
             n = xtp.pack_for_inference(model, CpuAccelerator(pack_dtypes=PACKABLE_DTYPES))
             notes.append(f"{name}: {n} weights packed")

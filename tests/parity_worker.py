@@ -75,19 +75,37 @@ def parity(case_id: str, tp: int) -> dict:
     return out
 
 
-def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
-    """Shard, then pack for inference (every weight, however small, in every dtype oneDNN
-    packs: fp32 too, which the default leaves dense) and compare: with the
+def packed_parity(case_id: str, tp: int, dtype_name: str = "float32",
+                  layouts: str = "onednn") -> dict:
+    """Shard, then pack for inference (every weight, however small; ``layouts="onednn"``: in
+    oneDNN's layout for every dtype, fp32 too; ``"default"``: the default layouts, i.e. fp32
+    through xtp's GEMV kernel, counted in ``gemv_calls``, with one thread per rank as the
+    kernel needs) and compare: with the
     unsharded model, with the dense sharded model, state_dict and unpack bit for bit, and the
     typed errors of operations that need dense weights."""
     import os
     import tempfile
 
     import xtp
+    from xtp.accelerators import cpu_gemv
     from xtp.accelerators.cpu import CpuAccelerator
     from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
     from xtp.errors import PackedWeightsError
 
+    calls = [0]
+    if layouts == "default":
+        torch.set_num_threads(1)
+        kernel = cpu_gemv._kernel
+
+        class Counting:  # the extension module, with its gemv calls counted
+            isa = staticmethod(kernel.isa)
+
+            @staticmethod
+            def gemv(*args):
+                calls[0] += 1
+                return kernel.gemv(*args)
+
+        cpu_gemv._kernel = Counting()
     dtype = getattr(torch, dtype_name)
     case = next(c for c in CASES if c.id == case_id)
     ref = _build(case).to(dtype)
@@ -105,7 +123,8 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         want, dense = forward(ref), forward(model)
-    cpu = CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
+    cpu = CpuAccelerator(pack_min_bytes=0,
+                         pack_dtypes=PACKABLE_DTYPES if layouts == "onednn" else None)
     out: dict = {"packed": xtp.pack_for_inference(model, cpu)}
     out["packed_again"] = xtp.pack_for_inference(model, cpu)
     out["grad_off"] = not any(p.requires_grad for p in model.parameters())
@@ -159,4 +178,5 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32") -> dict:
     out["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
         out["unpacked_equal_dense"] = bool(torch.equal(forward(model), dense))
+    out["gemv_calls"] = calls[0]
     return out

@@ -59,10 +59,13 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
         assert info[key]
     cpu = info["accelerators"][-1]
     assert cpu["available"] and cpu["dist_backend"] == "gloo" and cpu["device_count"] == 1
-    assert cpu["linear_packing"] in (
-        "oneDNN blocked layout for bfloat16/float16 weights >= 1 MiB; XTP_CPU_PACK=all packs "
-        "float32 too (XTP_CPU_PACK=0 turns it off)",
-        "unavailable: this torch build has no oneDNN (torch.ops.mkldnn)")
+    # this torch build has oneDNN and the kernel is built on x86-64 (test_cpu_gemv checks it)
+    from xtp.accelerators.cpu_gemv import kernel_isa
+
+    assert cpu["linear_packing"] == (
+        f"oneDNN blocked layout for bfloat16/float16; xtp's GEMV kernel ({kernel_isa()}) for "
+        "one-token float32 products; weights >= 1 MiB (XTP_CPU_PACK=all: oneDNN for float32 "
+        "too, XTP_CPU_PACK=0: off)")
 
 
 def test_env_says_when_packing_is_switched_off(fake, capsys, monkeypatch):
@@ -77,7 +80,8 @@ def test_env_says_what_is_wrong_with_the_packing_switch(fake, capsys, monkeypatc
     rc, out = run_main(capsys, "env")
     assert rc == 0
     assert ("inference packing (cpu): not set up: XTP_CPU_PACK='fp32' is not understood; use 1 "
-            "(pack bf16 and fp16 weights, the default), all (fp32 too) or 0 (no packing)") in out
+            "(the default: bf16 and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), all "
+            "(every dtype packed for oneDNN) or 0 (no packing)") in out
     assert "cpu (plugin)" not in out
 
 

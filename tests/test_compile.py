@@ -10,34 +10,56 @@ import torch
 from ranks import spawn
 
 
-def _compiled_vs_reference(pack: bool = False):
+def _compiled_vs_reference(pack: str = "dense"):
     import xtp
     from parity_cases import CASES
     from parity_worker import _build
+    from xtp.accelerators import cpu_gemv
     from xtp.accelerators.cpu import CpuAccelerator
     from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
 
     case = next(c for c in CASES if c.id == "llama")
     ref, model = _build(case), _build(case)
     xtp.shard(model)
-    if pack:  # every weight, however small, fp32 too: the packed matmul must trace
+    shape, calls = (2, 7), []
+    if pack == "onednn":  # every weight, however small, fp32 too: the packed matmul must trace
         cpu = CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
         assert xtp.pack_for_inference(model, cpu) > 0
-    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    elif pack == "gemv":  # fp32's default: one token, one thread, xtp's GEMV kernel
+        assert xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0)) > 0
+        torch.set_num_threads(1)
+        shape, kernel = (1, 1), cpu_gemv._kernel
+
+        class Counting:
+            isa = staticmethod(kernel.isa)
+
+            @staticmethod
+            def gemv(*args):
+                calls.append(1)
+                return kernel.gemv(*args)
+
+        cpu_gemv._kernel = Counting()
+    ids = torch.randint(0, 101, shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
         # fullgraph raises at any graph break: a collective or a packed matmul dynamo could not
         # trace (both are custom ops while compiling)
         got = torch.compile(model, fullgraph=True)(ids, use_cache=False).logits
-    return float((got - want).norm() / want.norm())
+    return float((got - want).norm() / want.norm()), len(calls)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("pack", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("pack", ["dense", "onednn", "gemv"])
 def test_torch_compile_of_sharded_model_matches_unsharded(pack):
-    errors = spawn(_compiled_vs_reference, 2, args=(pack,), timeout=900)
-    assert all(e <= 1e-5 for e in errors), errors
+    if pack == "gemv":
+        from xtp.accelerators.cpu_gemv import kernel_isa, unavailable_reason
+
+        if not kernel_isa():
+            pytest.skip(f"no GEMV kernel: {unavailable_reason()}")
+    results = spawn(_compiled_vs_reference, 2, args=(pack,), timeout=900)
+    assert all(err <= 1e-5 for err, _ in results), results
+    assert all((calls > 0) == (pack == "gemv") for _, calls in results), results
 
 
 class _DoublingComm:

@@ -13,10 +13,12 @@ import torch
 
 from parity_worker import packed_parity
 from xtp.accelerators.cpu import CpuAccelerator
+from xtp.accelerators.cpu_gemv import GemvLinear, kernel_isa, unavailable_reason
 from xtp.accelerators.cpu_packed_linear import (
     ENV,
     MIN_BYTES,
     PACKABLE_DTYPES,
+    OneDNNPackedLinear,
     onednn_available,
     pack_cpu_linear,
 )
@@ -24,6 +26,7 @@ from xtp.accelerators.errors import AcceleratorError
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),
                                   reason="this torch build has no oneDNN (torch.ops.mkldnn)")
+needs_gemv = pytest.mark.skipif(not kernel_isa(), reason=f"no GEMV kernel: {unavailable_reason()}")
 
 
 @needs_onednn
@@ -53,17 +56,25 @@ def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
     assert MIN_BYTES == 1 << 20
     assert pack_cpu_linear(w, min_bytes=0) is not None
     assert pack_cpu_linear(w.to(torch.int32), min_bytes=0) is None
-    assert pack_cpu_linear(w.float(), min_bytes=0) is None  # fp32 stays dense by default
-    assert pack_cpu_linear(w.float(), min_bytes=0, dtypes=(torch.float32,)) is not None
+    # fp32: xtp's GEMV kernel by default (where built), oneDNN when asked for by dtype
+    assert isinstance(pack_cpu_linear(w.float(), min_bytes=0, dtypes=(torch.float32,)),
+                      OneDNNPackedLinear)
     assert pack_cpu_linear(w, min_bytes=0, dtypes=(torch.float32,)) is None
-    assert CpuAccelerator(pack_min_bytes=0).pack_linear_weight(w.float()) is None
-    assert CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES).pack_linear_weight(
-        w.float()) is not None
+    assert isinstance(CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
+                      .pack_linear_weight(w.float()), OneDNNPackedLinear)
+    default_fp32 = pack_cpu_linear(w.float(), min_bytes=0)
+    if kernel_isa():
+        assert isinstance(default_fp32, GemvLinear)
+        assert isinstance(CpuAccelerator(pack_min_bytes=0).pack_linear_weight(w.float()),
+                          GemvLinear)
+        assert pack_cpu_linear(w.float().t(), min_bytes=0) is None  # not row-major: dense
+    else:
+        assert default_fp32 is None
     half = pack_cpu_linear(w.half(), min_bytes=0)  # only where the CPU has fp16 instructions
     if half is not None:
         assert torch.equal(half.unpack(), w.half())
     monkeypatch.setenv(ENV, "all")
-    assert pack_cpu_linear(w.float(), min_bytes=0) is not None
+    assert isinstance(pack_cpu_linear(w.float(), min_bytes=0), OneDNNPackedLinear)
     monkeypatch.setenv(ENV, "0")
     assert pack_cpu_linear(w, min_bytes=0) is None
     assert CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES).pack_linear_weight(
@@ -74,8 +85,9 @@ def test_cpu_pack_rejects_an_unknown_switch_value(monkeypatch):
     monkeypatch.setenv(ENV, "fp32")
     with pytest.raises(AcceleratorError) as err:
         pack_cpu_linear(torch.randn(8, 8, dtype=torch.bfloat16), min_bytes=0)
-    assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (pack bf16 and fp16 "
-                              "weights, the default), all (fp32 too) or 0 (no packing)")
+    assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (the default: bf16 "
+                              "and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), all "
+                              "(every dtype packed for oneDNN) or 0 (no packing)")
 
 
 @needs_onednn
@@ -128,6 +140,20 @@ def test_packed_sharded_model_matches_unsharded(rank_pool, case_id):
         else:
             assert r["save_error"] is None and r["grad_error"] is None
             assert r["load_error"] is None
+
+
+@needs_gemv
+@pytest.mark.parametrize("case_id", ["llama", "mixtral", "t5"])
+def test_gemv_kernel_sharded_model_matches_unsharded(rank_pool, case_id):
+    """The default fp32 layout: one-token products (greedy decode) through xtp's GEMV kernel."""
+    for rank, r in enumerate(rank_pool(2).run(packed_parity, case_id, 2, "float32", "default")):
+        assert r["packed"] > 0 and r["packed_again"] == 0
+        assert r["gemv_calls"] > 0, rank  # generate's decode steps went to the kernel
+        assert r["rel_err"] <= 1e-5, (rank, r["rel_err"])
+        assert r["tokens_equal"], rank
+        assert r["state_equal"] == [] and r["unpacked_state_equal"] == []
+        assert r["unpacked"] == r["packed"] and r["unpacked_equal_dense"]
+        assert r["save_error"].endswith("call xtp.unpack(model) first")
 
 
 @needs_onednn
