@@ -30,7 +30,8 @@ except ImportError as exc:  # not built: no C compiler at install, or an unsuppo
     _kernel = None
     _WHY = f"the compiled kernel is not installed ({exc})"
 else:
-    _WHY = "" if _kernel.isa() else "this CPU has neither AVX-512 nor AVX2 with FMA"
+    _WHY = "" if _kernel.isa() else ("it needs an x86-64 CPU with AVX-512 or AVX2 and FMA; "
+                                     "this one has neither")
 
 
 def kernel_isa() -> str:

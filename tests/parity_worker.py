@@ -87,25 +87,15 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32",
     import tempfile
 
     import xtp
-    from xtp.accelerators import cpu_gemv
+    from gemv_spy import install_gemv_spy
     from xtp.accelerators.cpu import CpuAccelerator
     from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
     from xtp.errors import PackedWeightsError
 
-    calls = [0]
+    spy = None
     if layouts == "default":
         torch.set_num_threads(1)
-        kernel = cpu_gemv._kernel
-
-        class Counting:  # the extension module, with its gemv calls counted
-            isa = staticmethod(kernel.isa)
-
-            @staticmethod
-            def gemv(*args):
-                calls[0] += 1
-                return kernel.gemv(*args)
-
-        cpu_gemv._kernel = Counting()
+        spy = install_gemv_spy()
     dtype = getattr(torch, dtype_name)
     case = next(c for c in CASES if c.id == case_id)
     ref = _build(case).to(dtype)
@@ -178,5 +168,5 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32",
     out["flags_restored"] = flags == {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
         out["unpacked_equal_dense"] = bool(torch.equal(forward(model), dense))
-    out["gemv_calls"] = calls[0]
+    out["gemv_calls"] = spy.calls if spy is not None else 0
     return out

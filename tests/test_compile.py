@@ -12,40 +12,30 @@ from ranks import spawn
 
 def _compiled_vs_reference(pack: str = "dense"):
     import xtp
+    from gemv_spy import install_gemv_spy
     from parity_cases import CASES
     from parity_worker import _build
-    from xtp.accelerators import cpu_gemv
     from xtp.accelerators.cpu import CpuAccelerator
     from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
 
     case = next(c for c in CASES if c.id == "llama")
     ref, model = _build(case), _build(case)
     xtp.shard(model)
-    shape, calls = (2, 7), []
+    shape, spy = (2, 7), None
     if pack == "onednn":  # every weight, however small, fp32 too: the packed matmul must trace
         cpu = CpuAccelerator(pack_min_bytes=0, pack_dtypes=PACKABLE_DTYPES)
         assert xtp.pack_for_inference(model, cpu) > 0
     elif pack == "gemv":  # fp32's default: one token, one thread, xtp's GEMV kernel
         assert xtp.pack_for_inference(model, CpuAccelerator(pack_min_bytes=0)) > 0
         torch.set_num_threads(1)
-        shape, kernel = (1, 1), cpu_gemv._kernel
-
-        class Counting:
-            isa = staticmethod(kernel.isa)
-
-            @staticmethod
-            def gemv(*args):
-                calls.append(1)
-                return kernel.gemv(*args)
-
-        cpu_gemv._kernel = Counting()
+        shape, spy = (1, 1), install_gemv_spy()
     ids = torch.randint(0, 101, shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
         # fullgraph raises at any graph break: a collective or a packed matmul dynamo could not
         # trace (both are custom ops while compiling)
         got = torch.compile(model, fullgraph=True)(ids, use_cache=False).logits
-    return float((got - want).norm() / want.norm()), len(calls)
+    return float((got - want).norm() / want.norm()), spy.calls if spy is not None else 0
 
 
 @pytest.mark.slow

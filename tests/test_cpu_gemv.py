@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemv_spy import GemvSpy
 from xtp.accelerators import cpu_gemv
 from xtp.accelerators.cpu_gemv import GemvLinear, kernel_isa, unavailable_reason
 
@@ -35,8 +36,8 @@ def test_kernel_is_built_and_picks_the_best_instruction_set():
     """An x86-64 Linux install with a C compiler (CI's) must have built the extension."""
     flags = _cpu_flags()
     want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
-    assert unavailable_reason() == ("" if want else
-                                    "this CPU has neither AVX-512 nor AVX2 with FMA")
+    assert unavailable_reason() == ("" if want else "it needs an x86-64 CPU with AVX-512 or "
+                                    "AVX2 and FMA; this one has neither")
     assert kernel_isa() == want
 
 
@@ -64,21 +65,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class _Spy:
-    """Stands in for the extension module: counts gemv calls, forwards them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-        self.isa = kernel.isa
-
-    def gemv(self, *args):
-        self.calls += 1
-        return self.kernel.gemv(*args)
-
-
 @pytest.fixture
 def spy(monkeypatch):
-    s = _Spy(cpu_gemv._kernel)
+    s = GemvSpy(cpu_gemv._kernel)
     monkeypatch.setattr(cpu_gemv, "_kernel", s)
     return s
 

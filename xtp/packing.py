@@ -3,9 +3,10 @@
 :func:`pack_for_inference` asks the model's accelerator (:meth:`Accelerator.pack_linear_weight`)
 to repack every weight of an xtp column, row and lm_head layer that is a plain ``nn.Linear``;
 on CPU that is oneDNN's blocked layout for bf16/fp16 weights (decode ~27% faster in bf16,
-bench/RESULTS.md; fp32 stays dense unless ``XTP_CPU_PACK=all``), elsewhere nothing
-changes. Each packed weight replaces the dense one (no second copy: at most one weight
-exists twice, while it is being packed); the module keeps a zero-stride placeholder
+bench/RESULTS.md) and, for fp32, the plain weight served by xtp's GEMV kernel at one token
+(:mod:`xtp.accelerators.cpu_gemv`; ``XTP_CPU_PACK=all`` packs fp32 for oneDNN instead);
+elsewhere nothing changes. Each packed weight replaces the dense one (no second copy: at most
+one weight exists twice, while it is being packed); the module keeps a zero-stride placeholder
 ``weight`` of the right shape, dtype and device, so code that inspects it still works, and
 ``state_dict()`` still returns the real values (unpacked on the fly).
 
@@ -71,10 +72,10 @@ def _refuse_load(module, state_dict, prefix, *args) -> None:
 def pack_for_inference(model: nn.Module, accelerator=None) -> int:
     """Pack the sharded linear weights of ``model`` (from :func:`xtp.shard` or
     :func:`xtp.from_pretrained`) for fast inference; returns how many were packed (0 where the
-    accelerator keeps weights dense, e.g. GPUs, fp32 on CPU or ``XTP_CPU_PACK=0``, and at
-    tp 1, where no layer is sharded). ``accelerator`` defaults to the one the model was
-    sharded with; a model xtp did not shard (and no ``accelerator``) raises
-    :class:`~xtp.errors.XtpError`.
+    accelerator keeps weights dense, e.g. GPUs, fp32 on CPU without the GEMV kernel, or
+    ``XTP_CPU_PACK=0``, and at tp 1, where no layer is sharded). ``accelerator`` defaults to
+    the one the model was sharded with; a model xtp did not shard (and no ``accelerator``)
+    raises :class:`~xtp.errors.XtpError`.
 
     Turns ``requires_grad`` off on every parameter (restored by :func:`unpack`). Calling it
     again packs nothing more. ``load_state_dict`` on a packed module raises

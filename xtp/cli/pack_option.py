@@ -1,6 +1,7 @@
 """``--no-pack``, shared by ``xtp run``, ``verify`` and ``bench``: keep linear weights dense
 instead of packing them for inference (:func:`xtp.pack_for_inference`; on CPU oneDNN's
-layout). It sets ``XTP_CPU_PACK=0``, which the ranks inherit."""
+layout for bf16/fp16, xtp's GEMV kernel for fp32). It sets ``XTP_CPU_PACK=0``, which the
+ranks inherit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def add_pack_option(parser) -> None:
     parser.add_argument("--no-pack", action="store_true",
                         help="keep the sharded linear weights dense (default: packed in the "
                         "accelerator's fastest layout for inference, on CPU oneDNN's for "
-                        f"bf16/fp16; {ENV}=0 does the same, {ENV}=all packs fp32 too)")
+                        "bf16/fp16 and xtp's GEMV kernel for fp32; "
+                        f"{ENV}=0 does the same, {ENV}=all packs fp32 for oneDNN)")
 
 
 def apply_pack_option(args) -> None:

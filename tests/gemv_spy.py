@@ -1,0 +1,26 @@
+"""A stand-in for xtp's compiled GEMV extension module that counts ``gemv`` calls and forwards
+them, to prove which products went to the kernel (``xtp.accelerators.cpu_gemv``)."""
+
+from __future__ import annotations
+
+
+class GemvSpy:
+    """Wraps the extension module ``kernel``; ``calls`` counts its ``gemv`` calls."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, 0
+        self.isa = kernel.isa
+
+    def gemv(self, *args):
+        self.calls += 1
+        return self.kernel.gemv(*args)
+
+
+def install_gemv_spy() -> GemvSpy:
+    """Put a :class:`GemvSpy` in place of the kernel for the rest of this process (for rank
+    processes; in the test process use ``monkeypatch``)."""
+    from xtp.accelerators import cpu_gemv
+
+    spy = GemvSpy(cpu_gemv._kernel)
+    cpu_gemv._kernel = spy
+    return spy
