@@ -32,9 +32,10 @@ class CpuAccelerator(Accelerator):
         """``shm``: use shared-memory collectives between ranks of one host; ``None`` (default)
         lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo.
         ``pack_min_bytes``: the smallest weight :meth:`pack_linear_weight` packs (default
-        :data:`cpu_packed_linear.MIN_BYTES`); ``pack_dtypes``: the dtypes it packs (default:
-        what ``XTP_CPU_PACK`` asks for, bf16 and fp16 unless it says ``all``; ``XTP_CPU_PACK=0``
-        packs nothing whatever this says)."""
+        :data:`cpu_packed_linear.MIN_BYTES`); ``pack_dtypes``: the dtypes it packs, all in
+        oneDNN's layout (default: what ``XTP_CPU_PACK`` asks for, i.e. oneDNN for bf16/fp16 and
+        xtp's GEMV kernel for fp32 unless it says ``all``; ``XTP_CPU_PACK=0`` packs nothing
+        whatever this says)."""
         self.shm = shm
         self.pack_min_bytes = pack_min_bytes
         self.pack_dtypes = pack_dtypes

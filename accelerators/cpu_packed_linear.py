@@ -13,8 +13,9 @@ Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measuremen
 
 Which layout each dtype gets (:func:`env_layouts`): bf16 and fp16 are packed for oneDNN; fp32
 keeps its plain layout and its one-token products go to xtp's own GEMV kernel
-(:mod:`cpu_gemv`, ~1.35x MKL's read speed on that VM), where it is built and the CPU has
-AVX-512 or AVX2 (else fp32 stays dense: MKL). oneDNN's packed fp32 measured 0.96x-1.10x the
+(:mod:`cpu_gemv`: up to ~1.35x MKL's read speed on that VM, as fast as a plain read when the
+memory is the limit), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays
+dense: MKL). oneDNN's packed fp32 measured 0.96x-1.10x the
 dense decode time there, not worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1``
 (default) as above, ``all`` every dtype in oneDNN's layout (fp32 too), ``0`` nothing. A weight
 that cannot be packed (fp16 without the CPU instructions for it, a torch build without oneDNN)
