@@ -86,17 +86,22 @@ class CpuAccelerator(Accelerator):
         if not layouts:
             return f"off ({ENV}={os.environ.get(ENV)})"
         size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
-        onednn = [str(d).removeprefix("torch.") for d, how in layouts.items() if how != GEMV]
+        names = lambda dtypes: "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        kernel = [d for d, how in layouts.items() if how == GEMV]
+        onednn = [d for d, how in layouts.items() if how != GEMV]
+        if kernel and not kernel_isa():  # bf16 falls back to oneDNN, fp32 to dense
+            onednn += [d for d in kernel if d != torch.float32]
         parts = []
+        if kernel:
+            parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode"
+                         if kernel_isa() else f"no GEMV kernel ({unavailable_reason()}): "
+                                              "float32 dense")
         if onednn:
-            parts.append(f"oneDNN blocked layout for {'/'.join(onednn)}" if onednn_available()
-                         else "no oneDNN in this torch build (torch.ops.mkldnn): "
-                              f"{'/'.join(onednn)} stay dense")
-        if GEMV in layouts.values():
-            parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for one-token float32 products"
-                         if kernel_isa() else f"float32 dense: {unavailable_reason()}")
+            parts.append(f"oneDNN blocked layout for {names(onednn)}" if onednn_available()
+                         else f"no oneDNN in this torch build (torch.ops.mkldnn): "
+                              f"{names(onednn)} dense")
         return (f"{'; '.join(parts)}; weights >= {size / 2**20:g} MiB ({ENV}=all: oneDNN for "
-                f"float32 too, {ENV}=0: off)")
+                f"every dtype, {ENV}=0: off)")
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

@@ -1,5 +1,5 @@
-"""CPU linear weights in their fastest layout for inference matmuls: oneDNN's blocked layout
-for bf16/fp16, the plain one served by xtp's GEMV kernel for fp32.
+"""CPU linear weights in their fastest layout for inference matmuls: the GEMV kernel's for fp32
+(plain) and bf16 (blocked), oneDNN's blocked layout for fp16.
 
 torch's CPU ``F.linear`` in bf16 hands the plain ``(out, in)`` weight to oneDNN, which re-blocks
 it on every call; at decode (one token: a matrix-vector product) that makes the call
@@ -11,18 +11,19 @@ blocks interleaved) decode of a 0.85B Llama at tp 2 takes 0.73x the dense time i
 Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measurements);
 ``unpack()`` returns the original weight bit for bit.
 
-Which layout each dtype gets (:func:`env_layouts`): bf16 and fp16 are packed for oneDNN; fp32
-keeps its plain layout and its one-token products go to xtp's own GEMV kernel
-(:mod:`cpu_gemv`: up to ~1.35x MKL's read speed on that VM, as fast as a plain read when the
-memory is the limit), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays
-dense: MKL). oneDNN's packed fp32 measured 0.96x-1.10x the
-dense decode time there, not worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1``
-(default) as above, ``all`` every dtype in oneDNN's layout (fp32 too), ``0`` nothing. A weight
-that cannot be packed (fp16 without the CPU instructions for it, a torch build without oneDNN)
-is left dense, and so is a weight under :data:`MIN_BYTES`: the packed call costs about 13 us
-more per call, which only a large enough matrix wins back (same VM, one thread, one token:
-fp32 64x64 3.3x slower, 512x512 (1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024
-0.51x); the GEMV kernel's call costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
+Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout and bf16 is
+stored in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
+(:mod:`cpu_gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a plain read when
+the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and the CPU has
+AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN); fp16 is packed for
+oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not worth its
+packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype in
+oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU instructions
+for it, a torch build without oneDNN) is left dense, and so is a weight under
+:data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
+enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512
+(1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call
+costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from .packed_linear import PackedLinear
 #: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
-#: the default: oneDNN for the half types, xtp's GEMV kernel for fp32 (module docstring)
-DEFAULT_LAYOUTS = {torch.bfloat16: ONEDNN, torch.float16: ONEDNN, torch.float32: GEMV}
+#: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring)
+DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
 ENV = "XTP_CPU_PACK"
 MIN_BYTES = 1 << 20
 _OFF, _ON, _ALL = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes"), ("all",)
@@ -56,7 +57,7 @@ def env_layouts() -> dict[torch.dtype, str]:
     if value in _ALL:
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
     raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (the default: "
-                           "bf16 and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), "
+                           "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), "
                            "all (every dtype packed for oneDNN) or 0 (no packing)")
 
 
@@ -110,12 +111,16 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
             or weight.numel() * weight.element_size() < min_bytes):
         return None
     if layout == GEMV:
-        from .cpu_gemv import GemvLinear, unavailable_reason
+        from .cpu_gemv import Bf16GemvLinear, GemvLinear, unavailable_reason
 
-        if unavailable_reason() or not weight.is_contiguous():
-            return None
-        return GemvLinear(weight)
-    if not onednn_available():
+        if weight.dtype == torch.bfloat16:
+            if not unavailable_reason():
+                return Bf16GemvLinear(weight)
+        elif unavailable_reason() or not weight.is_contiguous():
+            return None  # fp32 stays dense (MKL)
+        else:
+            return GemvLinear(weight)
+    if not onednn_available():  # bf16 without the kernel: oneDNN's layout
         return None
     try:
         return OneDNNPackedLinear(weight)

@@ -21,8 +21,8 @@ variant twice (``dense,dense``) to see the spread between identical models.
 Variants (comma-separated, any order; the first is the baseline of the ratios):
 
 * ``dense``: the weights as loaded;
-* ``default``: ``xtp.pack_for_inference`` as ``xtp run``/``bench`` call it (bf16/fp16 packed
-  for oneDNN, fp32 through xtp's GEMV kernel);
+* ``default``: ``xtp.pack_for_inference`` as ``xtp run``/``bench`` call it (fp32 and bf16
+  through xtp's GEMV kernel, fp16 packed for oneDNN);
 * ``packed``: ``xtp.pack_for_inference`` with every dtype oneDNN packs (fp32 included, which the
   default leaves dense: this is how that default was measured);
 * ``deepspeed``: the checkpoint through ``deepspeed.init_inference`` AutoTP (as ``xtp bench``
@@ -34,7 +34,7 @@ Variants (comma-separated, any order; the first is the baseline of the ratios):
   takes are printed. Not something xtp does: a measured lead, see bench/RESULTS.md.
 
 Rank 0 prints the median ms/token of each variant and its ratio to the first (and, for the
-``default`` variant in fp32, the share of the step spent in xtp's GEMV kernel), and, after
+``default`` variant, the share of the step spent in xtp's GEMV kernel), and, after
 each round, the ranks read 512 MiB each with ``sum()`` at once (``xtp.bench_rank.
 read_bandwidth``): the floor of that round is the weight bytes read per decode step
 (``xtp.bench_prep.weight_bytes``) over the ranks' summed read bandwidth, and each variant's
@@ -95,7 +95,7 @@ def weights_to_huge_pages(model) -> int:
 
 class KernelClock:
     """Stands in for xtp's compiled GEMV module (``cpu_gemv._kernel``): adds up the seconds
-    its ``gemv`` calls take. Only xtp's fp32 ``default`` variant calls the kernel."""
+    its calls take. Only xtp's ``default`` variant calls the kernel."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.seconds = kernel, 0.0
@@ -104,6 +104,11 @@ class KernelClock:
     def gemv(self, *args) -> None:
         t0 = time.perf_counter()
         self.kernel.gemv(*args)
+        self.seconds += time.perf_counter() - t0
+
+    def gemv_bf16(self, *args) -> None:
+        t0 = time.perf_counter()
+        self.kernel.gemv_bf16(*args)
         self.seconds += time.perf_counter() - t0
 
 
@@ -213,7 +218,8 @@ def main() -> int:
         for name, model, t, k in zip(variants, models, flat, kernel_s):
             if k:  # rank 0's share of the step in xtp's GEMV kernel, and its read speed
                 nbytes = sum(m.__dict__["tp_packed"].nbytes for m in model.modules()
-                             if type(m.__dict__.get("tp_packed")).__name__ == "GemvLinear")
+                             if type(m.__dict__.get("tp_packed")).__name__
+                             in ("GemvLinear", "Bf16GemvLinear"))
                 print(f"  {name}: GEMV kernel {k / len(t) * 1e3:.1f} ms of the step "
                       f"({k / sum(t):.0%}), reading {nbytes * len(t) / k / 1e9:.1f} GB/s "
                       "(rank 0)")

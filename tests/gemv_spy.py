@@ -1,11 +1,12 @@
-"""A stand-in for xtp's compiled GEMV extension module that counts ``gemv`` calls and forwards
+"""A stand-in for xtp's compiled GEMV extension module that counts kernel calls and forwards
 them, to prove which products went to the kernel (``xtp.accelerators.cpu_gemv``)."""
 
 from __future__ import annotations
 
 
 class GemvSpy:
-    """Wraps the extension module ``kernel``; ``calls`` counts its ``gemv`` calls."""
+    """Wraps the extension module ``kernel``; ``calls`` counts its ``gemv`` and ``gemv_bf16``
+    calls."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.calls = kernel, 0
@@ -14,6 +15,10 @@ class GemvSpy:
     def gemv(self, *args):
         self.calls += 1
         return self.kernel.gemv(*args)
+
+    def gemv_bf16(self, *args):
+        self.calls += 1
+        return self.kernel.gemv_bf16(*args)
 
 
 def install_gemv_spy() -> GemvSpy:

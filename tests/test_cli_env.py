@@ -63,9 +63,9 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
     from xtp.accelerators.cpu_gemv import kernel_isa
 
     assert cpu["linear_packing"] == (
-        f"oneDNN blocked layout for bfloat16/float16; xtp's GEMV kernel ({kernel_isa()}) for "
-        "one-token float32 products; weights >= 1 MiB (XTP_CPU_PACK=all: oneDNN for float32 "
-        "too, XTP_CPU_PACK=0: off)")
+        f"xtp's GEMV kernel ({kernel_isa()}) for bfloat16/float32 at decode; oneDNN blocked "
+        "layout for float16; weights >= 1 MiB (XTP_CPU_PACK=all: oneDNN for every dtype, "
+        "XTP_CPU_PACK=0: off)")
 
 
 def test_env_says_when_packing_is_switched_off(fake, capsys, monkeypatch):
@@ -80,7 +80,7 @@ def test_env_says_what_is_wrong_with_the_packing_switch(fake, capsys, monkeypatc
     rc, out = run_main(capsys, "env")
     assert rc == 0
     assert ("inference packing (cpu): not set up: XTP_CPU_PACK='fp32' is not understood; use 1 "
-            "(the default: bf16 and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), all "
+            "(the default: fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all "
             "(every dtype packed for oneDNN) or 0 (no packing)") in out
     assert "cpu (plugin)" not in out
 

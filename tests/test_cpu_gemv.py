@@ -1,4 +1,5 @@
-"""xtp's fp32 GEMV kernel (``accelerators/csrc/cpu_gemv.c`` through ``cpu_gemv.GemvLinear``).
+"""xtp's GEMV kernel (``accelerators/csrc/cpu_gemv.c``): fp32 through ``cpu_gemv.GemvLinear``,
+bf16 through ``cpu_gemv.Bf16GemvLinear`` and its blocked layout.
 
 Every instruction set the CPU running the tests has (AVX-512 and AVX2 on an AVX-512 machine),
 shapes whose rows and columns leave tails, with and without bias, against ``F.linear`` within
@@ -16,7 +17,12 @@ import torch.nn.functional as F
 
 from gemv_spy import GemvSpy
 from xtp.accelerators import cpu_gemv
-from xtp.accelerators.cpu_gemv import GemvLinear, kernel_isa, unavailable_reason
+from xtp.accelerators.cpu_gemv import (
+    Bf16GemvLinear,
+    GemvLinear,
+    kernel_isa,
+    unavailable_reason,
+)
 
 needs_gemv = pytest.mark.skipif(not kernel_isa(), reason=f"no GEMV kernel: {unavailable_reason()}")
 
@@ -155,3 +161,73 @@ def test_without_the_kernel_nothing_is_wrapped(monkeypatch):
     with pytest.raises(RuntimeError, match=r"^xtp's GEMV kernel is not available: the compiled "
                                            r"kernel is not installed \(test\)$"):
         GemvLinear(torch.randn(4, 4))
+
+
+# --- bf16: the kernel's blocked layout ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_f,in_f", [(1, 1), (7, 5), (8, 32), (9, 33), (300, 257),
+                                        (64, 2048), (17, 4099)])
+def test_bf16_layout_round_trips_bit_for_bit(out_f, in_f):
+    w = torch.randn(out_f, in_f).to(torch.bfloat16)
+    packed = cpu_gemv.pack_bf16(w)
+    assert packed.numel() == -(-out_f // 8) * 8 * (-(-in_f // 32) * 32)
+    assert torch.equal(cpu_gemv.unpack_bf16(packed, (out_f, in_f)), w)
+
+
+@pytest.mark.parametrize("out_f,in_f,rows", [(1, 1, 1), (7, 5, 1), (8, 32, 1), (9, 33, 3),
+                                             (300, 257, 1), (64, 2048, 2), (17, 4099, 8),
+                                             (1000, 100, 4)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_kernel_matches_linear(isa, spy, out_f, in_f, rows, with_bias):
+    g = torch.Generator().manual_seed(out_f * 10007 + in_f + rows)
+    w = torch.randn(out_f, in_f, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_f, generator=g).to(torch.bfloat16) if with_bias else None
+    x = torch.randn(rows, 1, in_f, generator=g).to(torch.bfloat16)
+    got = Bf16GemvLinear(w).matmul(x, b)
+    assert spy.calls == 1 and got.shape == (rows, 1, out_f) and got.dtype == torch.bfloat16
+    # the exact product in fp32, then one rounding to bf16 (half an ulp: 2**-9 relative); the
+    # fp32 sums differ from each other by their own rounding only
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    fp32_bound = 4 * in_f * torch.finfo(torch.float32).eps * (
+        x.float().abs() @ w.float().abs().T + (0 if b is None else b.float().abs()))
+    assert ((got.float() - want).abs() <= want.abs() * 2**-8 + fp32_bound + 1e-30).all()
+
+
+def test_bf16_kernel_is_exact_on_integer_data(isa, spy):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-4, 4, (45, 333), generator=g).to(torch.bfloat16)
+    x = torch.randint(-4, 4, (2, 333), generator=g).to(torch.bfloat16)
+    b = torch.randint(-4, 4, (45,), generator=g).to(torch.bfloat16)
+    assert torch.equal(Bf16GemvLinear(w).matmul(x, b), F.linear(x, w, b))
+    assert spy.calls == 1
+
+
+@needs_gemv
+def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy):
+    w = torch.randn(40, 64).to(torch.bfloat16)
+    lin = Bf16GemvLinear(w)
+    many = torch.randn(cpu_gemv.MAX_KERNEL_ROWS + 1, 64).to(torch.bfloat16)  # prefill
+    assert torch.equal(lin.matmul(many), F.linear(many, w))
+    xg = torch.randn(1, 64).to(torch.bfloat16).requires_grad_(True)
+    lin.matmul(xg).float().sum().backward()  # a gradient is recorded
+    assert xg.grad is not None and xg.grad.shape == (1, 64)
+    assert spy.calls == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the layout is the kernel's own: it serves any thread count
+    try:
+        lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert spy.calls == 1
+
+
+@needs_gemv
+def test_bf16_bad_weights_and_inputs_are_refused():
+    with pytest.raises(ValueError, match=r"^Bf16GemvLinear takes a 2-D bfloat16 CPU weight, got "
+                                         r"torch.float32 \(4, 4\) on cpu$"):
+        Bf16GemvLinear(torch.randn(4, 4))
+    with pytest.raises(TypeError, match="a packed model cannot be moved or cast"):
+        Bf16GemvLinear(torch.randn(4, 4).to(torch.bfloat16)).matmul(torch.randn(1, 4))
+    lin = Bf16GemvLinear(torch.randn(8, 8).to(torch.bfloat16))
+    assert lin.nbytes == 8 * 32 * 2  # the padded layout: 8 rows x 32 columns

@@ -13,7 +13,12 @@ import torch
 
 from parity_worker import packed_parity
 from xtp.accelerators.cpu import CpuAccelerator
-from xtp.accelerators.cpu_gemv import GemvLinear, kernel_isa, unavailable_reason
+from xtp.accelerators.cpu_gemv import (
+    Bf16GemvLinear,
+    GemvLinear,
+    kernel_isa,
+    unavailable_reason,
+)
 from xtp.accelerators.cpu_packed_linear import (
     ENV,
     MIN_BYTES,
@@ -54,7 +59,9 @@ def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
     w = torch.randn(64, 64, dtype=torch.bfloat16)
     assert pack_cpu_linear(w) is None  # 8 KiB < MIN_BYTES: the packed call would be slower
     assert MIN_BYTES == 1 << 20
-    assert pack_cpu_linear(w, min_bytes=0) is not None
+    default_bf16 = pack_cpu_linear(w, min_bytes=0)  # the kernel's layout where it is built
+    assert isinstance(default_bf16, Bf16GemvLinear if kernel_isa() else OneDNNPackedLinear)
+    assert torch.equal(default_bf16.unpack(), w)
     assert pack_cpu_linear(w.to(torch.int32), min_bytes=0) is None
     # fp32: xtp's GEMV kernel by default (where built), oneDNN when asked for by dtype
     assert isinstance(pack_cpu_linear(w.float(), min_bytes=0, dtypes=(torch.float32,)),
@@ -85,8 +92,8 @@ def test_cpu_pack_rejects_an_unknown_switch_value(monkeypatch):
     monkeypatch.setenv(ENV, "fp32")
     with pytest.raises(AcceleratorError) as err:
         pack_cpu_linear(torch.randn(8, 8, dtype=torch.bfloat16), min_bytes=0)
-    assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (the default: bf16 "
-                              "and fp16 packed for oneDNN, fp32 through xtp's GEMV kernel), all "
+    assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (the default: fp32 "
+                              "and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all "
                               "(every dtype packed for oneDNN) or 0 (no packing)")
 
 
@@ -154,6 +161,17 @@ def test_gemv_kernel_sharded_model_matches_unsharded(rank_pool, case_id):
         assert r["state_equal"] == [] and r["unpacked_state_equal"] == []
         assert r["unpacked"] == r["packed"] and r["unpacked_equal_dense"]
         assert r["save_error"].endswith("call xtp.unpack(model) first")
+
+
+@needs_gemv
+@pytest.mark.parametrize("case_id", ["llama", "mixtral"])
+def test_gemv_kernel_bf16_sharded_model_close_to_dense_sharded(rank_pool, case_id):
+    """bf16's default layout: decode steps through the kernel's blocked bf16 layout."""
+    for rank, r in enumerate(rank_pool(2).run(packed_parity, case_id, 2, "bfloat16", "default")):
+        assert r["packed"] > 0 and r["gemv_calls"] > 0, (rank, r["packed"], r["gemv_calls"])
+        assert r["rel_err_vs_dense"] <= 1e-2, (rank, r["rel_err_vs_dense"])
+        assert r["state_equal"] == [] and r["unpacked_state_equal"] == []
+        assert r["unpacked"] == r["packed"] and r["unpacked_equal_dense"]
 
 
 @needs_onednn
