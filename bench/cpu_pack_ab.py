@@ -101,6 +101,9 @@ class KernelClock:
         self.kernel, self.seconds = kernel, 0.0
         self.isa = kernel.isa
 
+    def __getattr__(self, name):  # everything else (unpack_bf16, ...): the module's own
+        return getattr(self.kernel, name)
+
     def gemv(self, *args) -> None:
         t0 = time.perf_counter()
         self.kernel.gemv(*args)

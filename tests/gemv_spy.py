@@ -12,6 +12,9 @@ class GemvSpy:
         self.kernel, self.calls = kernel, 0
         self.isa = kernel.isa
 
+    def __getattr__(self, name):  # everything else (unpack_bf16, use): the module's own
+        return getattr(self.kernel, name)
+
     def gemv(self, *args):
         self.calls += 1
         return self.kernel.gemv(*args)
