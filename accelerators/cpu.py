@@ -93,7 +93,8 @@ class CpuAccelerator(Accelerator):
             onednn += [d for d in kernel if d != torch.float32]
         parts = []
         if kernel:
-            parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode"
+            parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode "
+                         "(ranks on one thread)"
                          if kernel_isa() else f"no GEMV kernel ({unavailable_reason()}): "
                                               "float32 dense")
         if onednn:

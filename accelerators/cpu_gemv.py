@@ -17,7 +17,8 @@ cores, :mod:`cpu_threads`; with more threads MKL's parallel GEMV is used) and no
 recorded. Everything else (prefill, batches) is ``F.linear`` on the same weight. Results differ
 from ``F.linear``'s only by rounding (a different summation order).
 
-:class:`Bf16GemvLinear` stores the bf16 weight once in the kernel's blocked layout
+:class:`Bf16GemvLinear` (chosen for a rank computing with one thread, when weights are packed)
+stores the bf16 weight once in the kernel's blocked layout
 (:func:`pack_bf16`: blocks of 8 rows read as one stream; plain 4 KiB bf16 rows read ~30%
 slower), widens it to fp32 exactly and sums with FMA. On the same VM it reads ~21-24 GB/s per
 core where oneDNN's packed bf16 matmul (torch's fastest path) reads ~10-14, and a tp-2 decode

@@ -15,15 +15,16 @@ Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout 
 stored in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
 (:mod:`cpu_gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a plain read when
 the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and the CPU has
-AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN); fp16 is packed for
-oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not worth its
-packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype in
-oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU instructions
-for it, a torch build without oneDNN) is left dense, and so is a weight under
-:data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
-enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512
-(1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call
-costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
+AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for ranks that
+compute with one thread (tp ranks sharing the cores; with more threads per rank, MKL's and
+oneDNN's parallel paths); fp16 is packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x
+the dense decode time there, not worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1``
+(default) as above, ``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN
+cannot pack (fp16 without the CPU instructions for it, a torch build without oneDNN) is left
+dense, and so is a weight under :data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more
+per call, which only a large enough matrix wins back (same VM, one thread, one token: fp32
+64x64 3.3x slower, 512x512 (1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x);
+the GEMV kernel's call costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
         from .cpu_gemv import Bf16GemvLinear, GemvLinear, unavailable_reason
 
         if weight.dtype == torch.bfloat16:
-            if not unavailable_reason():
+            # the kernel runs on one thread: a rank with more threads keeps oneDNN's parallel
+            # matmul (the layout is chosen once, here, with the threads set for the run)
+            if not unavailable_reason() and torch.get_num_threads() == 1:
                 return Bf16GemvLinear(weight)
         elif unavailable_reason() or not weight.is_contiguous():
             return None  # fp32 stays dense (MKL)

@@ -59,9 +59,16 @@ def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
     w = torch.randn(64, 64, dtype=torch.bfloat16)
     assert pack_cpu_linear(w) is None  # 8 KiB < MIN_BYTES: the packed call would be slower
     assert MIN_BYTES == 1 << 20
-    default_bf16 = pack_cpu_linear(w, min_bytes=0)  # the kernel's layout where it is built
-    assert isinstance(default_bf16, Bf16GemvLinear if kernel_isa() else OneDNNPackedLinear)
-    assert torch.equal(default_bf16.unpack(), w)
+    threads = torch.get_num_threads()
+    try:  # bf16: the kernel's layout where it is built, for a rank computing on one thread
+        torch.set_num_threads(1)
+        default_bf16 = pack_cpu_linear(w, min_bytes=0)
+        assert isinstance(default_bf16, Bf16GemvLinear if kernel_isa() else OneDNNPackedLinear)
+        assert torch.equal(default_bf16.unpack(), w)
+        torch.set_num_threads(2)  # several threads per rank: oneDNN's parallel matmul
+        assert isinstance(pack_cpu_linear(w, min_bytes=0), OneDNNPackedLinear)
+    finally:
+        torch.set_num_threads(threads)
     assert pack_cpu_linear(w.to(torch.int32), min_bytes=0) is None
     # fp32: xtp's GEMV kernel by default (where built), oneDNN when asked for by dtype
     assert isinstance(pack_cpu_linear(w.float(), min_bytes=0, dtypes=(torch.float32,)),
