@@ -17,18 +17,20 @@ stored in the kernel's blocked layout, and their one-token products go to xtp's 
 the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and the CPU has
 AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for ranks that
 compute with one thread (tp ranks sharing the cores; with more threads per rank, MKL's and
-oneDNN's parallel paths); fp16 is packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x
-the dense decode time there, not worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1``
-(default) as above, ``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN
-cannot pack (fp16 without the CPU instructions for it, a torch build without oneDNN) is left
-dense, and so is a weight under :data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more
-per call, which only a large enough matrix wins back (same VM, one thread, one token: fp32
-64x64 3.3x slower, 512x512 (1 MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x);
-the GEMV kernel's call costs ~1 us more than ``F.linear``'s and wins from ~256x256 on.
+oneDNN's parallel paths), and bf16 except on CPUs with AMX (:data:`AMX_LAYOUTS`); fp16 is
+packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not
+worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype
+in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU
+instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
+:data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
+enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1
+MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call costs
+~1 us more than ``F.linear``'s and wins from ~256x256 on.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,22 +41,38 @@ from .packed_linear import PackedLinear
 #: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
-#: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring)
+#: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring) ...
 DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
+#: ... except on CPUs with AMX bf16 tiles, where oneDNN's bf16 matmul uses them: measured on an
+#: Intel Xeon with AMX (bench/RESULTS.md), oneDNN's packed bf16 read 1.12-1.15x the kernel's
+#: speed in 2 of 3 runs; fp32 there: the kernel 1.04-1.07x MKL's
+AMX_LAYOUTS = {torch.bfloat16: ONEDNN}
 ENV = "XTP_CPU_PACK"
 MIN_BYTES = 1 << 20
 _OFF, _ON, _ALL = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes"), ("all",)
 
 
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (the ``amx_bf16`` flag of Linux's /proc/cpuinfo;
+    False where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def env_layouts() -> dict[torch.dtype, str]:
-    """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`,
+    """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`
+    (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16),
     ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value
     raises :class:`~xtp.accelerators.errors.AcceleratorError`."""
     value = os.environ.get(ENV, "1").strip().lower()
     if value in _OFF:
         return {}
     if value in _ON:
-        return dict(DEFAULT_LAYOUTS)
+        return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
     if value in _ALL:
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
     raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (the default: "

@@ -189,3 +189,28 @@ def test_packed_bf16_close_to_dense_sharded(rank_pool, case_id):
         assert r["rel_err_vs_dense"] <= 1e-2, r["rel_err_vs_dense"]
         assert r["state_equal"] == [] and r["unpacked_state_equal"] == []
         assert r["unpacked_equal_dense"]
+
+
+def test_bf16_stays_with_onednn_on_cpus_with_amx(monkeypatch):
+    """AMX bf16 tiles (oneDNN uses them) outran the kernel there: bf16 keeps oneDNN's layout
+    by default; fp32 still goes to the kernel; ``all`` and ``0`` are unchanged."""
+    from xtp.accelerators import cpu_packed_linear as cpl
+
+    monkeypatch.setattr(cpl, "cpu_has_amx_bf16", lambda: True)
+    assert cpl.env_layouts() == {torch.bfloat16: cpl.ONEDNN, torch.float16: cpl.ONEDNN,
+                                 torch.float32: cpl.GEMV}
+    monkeypatch.setattr(cpl, "cpu_has_amx_bf16", lambda: False)
+    assert cpl.env_layouts() == cpl.DEFAULT_LAYOUTS
+    monkeypatch.setenv(ENV, "all")
+    assert set(cpl.env_layouts().values()) == {cpl.ONEDNN}
+
+
+def test_amx_is_read_from_the_cpu_flags():
+    from xtp.accelerators.cpu_packed_linear import cpu_has_amx_bf16
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    assert cpu_has_amx_bf16() == ("amx_bf16" in flags)
