@@ -1,9 +1,9 @@
-"""Build hook for the one compiled part of xtp: the CPU fp32 GEMV kernel
+"""Build hook for the one compiled part of xtp: the CPU fp32/bf16 GEMV kernel
 (accelerators/csrc/cpu_gemv.c, imported as xtp.accelerators._cpu_gemv).
 
 It is plain C against Python's headers (no torch at build time) and optional: where no C
-compiler is found or it fails to build, the install still succeeds and xtp uses torch's
-F.linear instead (`xtp env` says which). Everything else about the package is in
+compiler is found or it fails to build, the install still succeeds and xtp uses torch's own
+paths instead (F.linear for fp32, oneDNN for bf16; `xtp env` says which). Everything else about the package is in
 pyproject.toml.
 """
 

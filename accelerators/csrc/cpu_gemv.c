@@ -1,15 +1,16 @@
 /*
  * xtp.accelerators._cpu_gemv: fp32 and bf16 matrix-vector products for one-token decode on CPU.
  *
- * Contract: y[o] = sum_i W[o * in + i] * x[i] (+ b[o]) for o < out, with W a row-major
- * (out, in) fp32 matrix and x, y, b contiguous fp32 vectors. One thread; the caller holds the
+ * Contract (fp32, gemv): y[o] = sum_i W[o * in + i] * x[i] (+ b[o]) for o < out, with W a
+ * row-major (out, in) fp32 matrix and x, y, b contiguous fp32 vectors. bf16 (gemv_bf16): the
+ * same for m rows of x, W in a blocked layout (see below). One thread; the caller holds the
  * GIL. Eight rows are read together, one AVX-512 (or AVX2) accumulator each, so the weight
  * streams through at close to a core's read bandwidth; each row's sum is reduced in a fixed
  * order, so results are deterministic for a given instruction set (they differ from MKL's
  * only by rounding).
  *
  * Built at install time by setup.py (an optional extension: where it does not compile, xtp
- * keeps torch's F.linear). Nothing here depends on torch: addresses come in as integers. The
+ * keeps torch's own paths). Nothing here depends on torch: addresses come in as integers. The
  * instruction set is chosen once at import from what the running CPU and OS support
  * (isa(): "avx512", "avx2" or "" when neither, in which case gemv raises RuntimeError;
  * use(name) switches, for tests of the other path).
