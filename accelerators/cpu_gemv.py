@@ -26,7 +26,9 @@ step of a 0.85B Llama takes 0.69x the oneDNN-packed time. Inputs of up to
 :data:`MAX_KERNEL_ROWS` rows go to the kernel (each block reused from L1 for every row);
 prefill unpacks each weight for ``F.linear`` (a copy of the weight per call: a 128-token
 prefill takes ~1.2-1.35x as long as with oneDNN's layout, a fixed cost that long prompts
-amortize).
+amortize). The layout is for one-sequence decode: from 3 rows on (batched decode) oneDNN's
+layout is faster per matmul (1.25-2.6x measured, :data:`MAX_KERNEL_ROWS`), and
+``XTP_CPU_PACK=all`` selects it.
 """
 
 from __future__ import annotations
@@ -99,9 +101,13 @@ class GemvLinear(PackedLinear):
 
 
 ROW_BLOCK, COLUMN_CHUNK = 8, 32  # the bf16 layout's blocks: 8 rows x chunks of 32 columns
-#: inputs with more rows than this (prefill) go to F.linear on the unpacked weight: compute
-#: bound there, where oneDNN's bf16 GEMM (dot-product instructions) is the faster one
-MAX_KERNEL_ROWS = 8
+#: inputs with more rows than this (prefill) go to F.linear on the unpacked weight. Measured
+#: on the 2-core VM (8 weights of 2816 x 2048, one thread), ms for the kernel / unpack +
+#: F.linear / oneDNN's packed layout: 1 row 4.4 / - / 6.1, 2 rows 5.4 / - / 6.6, 4 rows
+#: 7.6 / 17.4 / 4.6, 8 rows 11.9 / 19.4 / 7.5, 16 rows 22.0 / 23.0 / 9.8, 32 rows - / 29.8 /
+#: 16.3. Past 2 rows the kernel (one FMA pass per row) is compute bound and oneDNN's layout is
+#: faster: for batched bf16 decode use XTP_CPU_PACK=all (oneDNN's layout for every dtype)
+MAX_KERNEL_ROWS = 16
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
