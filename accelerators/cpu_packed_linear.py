@@ -129,18 +129,16 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
     if (layout is None or weight.device.type != "cpu" or weight.dim() != 2
             or weight.numel() * weight.element_size() < min_bytes):
         return None
-    if layout == GEMV:
+    if layout == GEMV:  # fp32 or bf16
         from .cpu_gemv import Bf16GemvLinear, GemvLinear, unavailable_reason
 
-        if weight.dtype == torch.bfloat16:
-            # the kernel runs on one thread: a rank with more threads keeps oneDNN's parallel
-            # matmul (the layout is chosen once, here, with the threads set for the run)
-            if not unavailable_reason() and torch.get_num_threads() == 1:
-                return Bf16GemvLinear(weight)
-        elif unavailable_reason() or not weight.is_contiguous():
-            return None  # fp32 stays dense (MKL)
-        else:
-            return GemvLinear(weight)
+        usable = not unavailable_reason()
+        if weight.dtype == torch.float32:  # without the kernel: dense (MKL)
+            return GemvLinear(weight) if usable and weight.is_contiguous() else None
+        # bf16: the kernel runs on one thread, so a rank with more threads keeps oneDNN's
+        # parallel matmul (the layout is chosen once, here, with the threads set for the run)
+        if usable and torch.get_num_threads() == 1:
+            return Bf16GemvLinear(weight)
     if not onednn_available():  # bf16 without the kernel: oneDNN's layout
         return None
     try:

@@ -48,6 +48,7 @@ static const char *chosen_isa = "";
  * m rows of x reuse each block while it is in L1.
  */
 #define CHUNK 32
+#define ROW_BLOCK 8 /* rows per block of the bf16 layout, and per pass of every kernel */
 
 static inline uint16_t
 round_bf16(float f)
@@ -80,7 +81,6 @@ pad_rows(const uint16_t *x, uint16_t *buf, Py_ssize_t in, Py_ssize_t in_pad, Py_
 }
 
 #ifdef XTP_GEMV_X86
-#define ROWS 8
 
 __attribute__((target("avx512f"))) static void
 gemv_avx512(const float *w, const float *x, const float *b, float *y, Py_ssize_t out,
@@ -89,24 +89,24 @@ gemv_avx512(const float *w, const float *x, const float *b, float *y, Py_ssize_t
     const Py_ssize_t full = in & ~(Py_ssize_t)15;
     const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
     Py_ssize_t o = 0;
-    for (; o + ROWS <= out; o += ROWS) {
+    for (; o + ROW_BLOCK <= out; o += ROW_BLOCK) {
         const float *r = w + o * in;
-        __m512 acc[ROWS];
-        for (int k = 0; k < ROWS; k++)
+        __m512 acc[ROW_BLOCK];
+        for (int k = 0; k < ROW_BLOCK; k++)
             acc[k] = _mm512_setzero_ps();
         for (Py_ssize_t i = 0; i < full; i += 16) {
             const __m512 xv = _mm512_loadu_ps(x + i);
 #pragma GCC unroll 8
-            for (int k = 0; k < ROWS; k++)
+            for (int k = 0; k < ROW_BLOCK; k++)
                 acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(r + k * in + i), xv, acc[k]);
         }
         if (tail) {
             const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-            for (int k = 0; k < ROWS; k++)
+            for (int k = 0; k < ROW_BLOCK; k++)
                 acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + k * in + full), xv,
                                          acc[k]);
         }
-        for (int k = 0; k < ROWS; k++)
+        for (int k = 0; k < ROW_BLOCK; k++)
             y[o + k] = _mm512_reduce_add_ps(acc[k]) + (b ? b[o + k] : 0.0f);
     }
     for (; o < out; o++) {
@@ -136,18 +136,18 @@ gemv_avx2(const float *w, const float *x, const float *b, float *y, Py_ssize_t o
 {
     const Py_ssize_t full = in & ~(Py_ssize_t)7;
     Py_ssize_t o = 0;
-    for (; o + ROWS <= out; o += ROWS) {
+    for (; o + ROW_BLOCK <= out; o += ROW_BLOCK) {
         const float *r = w + o * in;
-        __m256 acc[ROWS];
-        for (int k = 0; k < ROWS; k++)
+        __m256 acc[ROW_BLOCK];
+        for (int k = 0; k < ROW_BLOCK; k++)
             acc[k] = _mm256_setzero_ps();
         for (Py_ssize_t i = 0; i < full; i += 8) {
             const __m256 xv = _mm256_loadu_ps(x + i);
 #pragma GCC unroll 8
-            for (int k = 0; k < ROWS; k++)
+            for (int k = 0; k < ROW_BLOCK; k++)
                 acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(r + k * in + i), xv, acc[k]);
         }
-        for (int k = 0; k < ROWS; k++) {
+        for (int k = 0; k < ROW_BLOCK; k++) {
             float s = hsum256(acc[k]);
             for (Py_ssize_t i = full; i < in; i++)
                 s += r[k * in + i] * x[i];
@@ -173,20 +173,20 @@ gemv_bf16_avx512(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16
 {
     const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK, chunks = in_pad / CHUNK;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t o = 0; o < out; o += ROWS) {
+    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
         const uint16_t *blk = p + o * in_pad;
         for (Py_ssize_t j = 0; j < m; j++) {
             const uint16_t *xj = x + j * in_pad;
-            __m512 acc[ROWS];
-            for (int k = 0; k < ROWS; k++)
+            __m512 acc[ROW_BLOCK];
+            for (int k = 0; k < ROW_BLOCK; k++)
                 acc[k] = _mm512_setzero_ps();
             for (Py_ssize_t c = 0; c < chunks; c++) {
                 const __m512i xv = _mm512_loadu_si512((const void *)(xj + c * CHUNK));
                 const __m512 xlo = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
                 const __m512 xhi = _mm512_castsi512_ps(_mm512_and_si512(xv, high));
-                const uint16_t *q = blk + c * ROWS * CHUNK;
+                const uint16_t *q = blk + c * ROW_BLOCK * CHUNK;
 #pragma GCC unroll 8
-                for (int k = 0; k < ROWS; k++) {
+                for (int k = 0; k < ROW_BLOCK; k++) {
                     const __m512i wv = _mm512_loadu_si512((const void *)(q + k * CHUNK));
                     acc[k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
                                              xlo, acc[k]);
@@ -194,7 +194,7 @@ gemv_bf16_avx512(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16
                                              xhi, acc[k]);
                 }
             }
-            for (int k = 0; k < ROWS && o + k < out; k++)
+            for (int k = 0; k < ROW_BLOCK && o + k < out; k++)
                 y[j * out + o + k] = round_bf16(_mm512_reduce_add_ps(acc[k]) +
                                                 (b ? widen_bf16(b[o + k]) : 0.0f));
         }
@@ -207,12 +207,12 @@ gemv_bf16_avx2(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16_t
 {
     const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK, chunks = in_pad / CHUNK;
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t o = 0; o < out; o += ROWS) {
+    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
         const uint16_t *blk = p + o * in_pad;
         for (Py_ssize_t j = 0; j < m; j++) {
             const uint16_t *xj = x + j * in_pad;
-            __m256 acc[ROWS];
-            for (int k = 0; k < ROWS; k++)
+            __m256 acc[ROW_BLOCK];
+            for (int k = 0; k < ROW_BLOCK; k++)
                 acc[k] = _mm256_setzero_ps();
             for (Py_ssize_t c = 0; c < chunks; c++) {
                 for (int half = 0; half < 2; half++) {
@@ -220,9 +220,9 @@ gemv_bf16_avx2(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16_t
                         _mm256_loadu_si256((const __m256i *)(xj + c * CHUNK + half * 16));
                     const __m256 xlo = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16));
                     const __m256 xhi = _mm256_castsi256_ps(_mm256_and_si256(xv, high));
-                    const uint16_t *q = blk + c * ROWS * CHUNK + half * 16;
+                    const uint16_t *q = blk + c * ROW_BLOCK * CHUNK + half * 16;
 #pragma GCC unroll 8
-                    for (int k = 0; k < ROWS; k++) {
+                    for (int k = 0; k < ROW_BLOCK; k++) {
                         const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + k * CHUNK));
                         acc[k] = _mm256_fmadd_ps(
                             _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xlo, acc[k]);
@@ -231,7 +231,7 @@ gemv_bf16_avx2(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16_t
                     }
                 }
             }
-            for (int k = 0; k < ROWS && o + k < out; k++)
+            for (int k = 0; k < ROW_BLOCK && o + k < out; k++)
                 y[j * out + o + k] = round_bf16(hsum256(acc[k]) +
                                                 (b ? widen_bf16(b[o + k]) : 0.0f));
         }
@@ -276,37 +276,52 @@ address(PyObject *obj, int optional)
     return p;
 }
 
+/* The arguments of a kernel call, as ints: n_addr addresses (the one at index `optional` may
+   be None, giving NULL; -1: none may), then n_size non-negative sizes. 0 on success, else -1
+   with a Python error set. `sig` names the call in the messages. */
+static int
+parse_call(const char *sig, PyObject *const *args, Py_ssize_t nargs, int n_addr, int optional,
+           void **addr, int n_size, Py_ssize_t *size)
+{
+    if (nargs != n_addr + n_size) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", sig, n_addr + n_size);
+        return -1;
+    }
+    for (int i = 0; i < n_addr; i++) {
+        addr[i] = address(args[i], i == optional);
+        if (addr[i] == NULL && PyErr_Occurred())
+            return -1;
+    }
+    for (int i = 0; i < n_size; i++) {
+        size[i] = PyLong_AsSsize_t(args[n_addr + i]);
+        if (size[i] == -1 && PyErr_Occurred())
+            return -1;
+        if (size[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative size", sig);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+have_kernel(const void *kernel)
+{
+    if (kernel == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "no gemv kernel for this CPU (isa() is empty)");
+    return kernel != NULL;
+}
+
 /* gemv(w, x, b, y, out, in): addresses as ints (b may be None); returns None. */
 static PyObject *
 py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "gemv(w, x, b, y, out, in) takes 6 arguments");
+    void *a[4];
+    Py_ssize_t n[2];
+    if (parse_call("gemv(w, x, b, y, out, in)", args, nargs, 4, 2, a, 2, n) < 0
+        || !have_kernel((const void *)chosen))
         return NULL;
-    }
-    if (chosen == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "no gemv kernel for this CPU (isa() is empty)");
-        return NULL;
-    }
-    const float *w = address(args[0], 0);
-    const float *x = w ? address(args[1], 0) : NULL;
-    if (x == NULL)
-        return NULL;
-    const float *b = address(args[2], 1);
-    if (b == NULL && PyErr_Occurred())
-        return NULL;
-    float *y = address(args[3], 0);
-    if (y == NULL)
-        return NULL;
-    const Py_ssize_t out = PyLong_AsSsize_t(args[4]);
-    const Py_ssize_t in = PyLong_AsSsize_t(args[5]);
-    if ((out == -1 || in == -1) && PyErr_Occurred())
-        return NULL;
-    if (out < 0 || in < 0) {
-        PyErr_SetString(PyExc_ValueError, "gemv: negative size");
-        return NULL;
-    }
-    chosen(w, x, b, y, out, in);
+    chosen(a[0], a[1], a[2], a[3], n[0], n[1]);
     Py_RETURN_NONE;
 }
 
@@ -316,43 +331,22 @@ py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "gemv_bf16(p, x, b, y, out, in, m) takes 7 arguments");
+    void *a[4];
+    Py_ssize_t n[3];
+    if (parse_call("gemv_bf16(p, x, b, y, out, in, m)", args, nargs, 4, 2, a, 3, n) < 0
+        || !have_kernel((const void *)chosen_bf16))
         return NULL;
-    }
-    if (chosen_bf16 == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "no gemv kernel for this CPU (isa() is empty)");
-        return NULL;
-    }
-    const uint16_t *p = address(args[0], 0);
-    const uint16_t *x = p ? address(args[1], 0) : NULL;
-    if (x == NULL)
-        return NULL;
-    const uint16_t *b = address(args[2], 1);
-    if (b == NULL && PyErr_Occurred())
-        return NULL;
-    uint16_t *y = address(args[3], 0);
-    if (y == NULL)
-        return NULL;
-    const Py_ssize_t out = PyLong_AsSsize_t(args[4]);
-    const Py_ssize_t in = PyLong_AsSsize_t(args[5]);
-    const Py_ssize_t m = PyLong_AsSsize_t(args[6]);
-    if ((out == -1 || in == -1 || m == -1) && PyErr_Occurred())
-        return NULL;
-    if (out < 0 || in < 0 || m < 0) {
-        PyErr_SetString(PyExc_ValueError, "gemv_bf16: negative size");
-        return NULL;
-    }
+    const Py_ssize_t out = n[0], in = n[1], m = n[2];
     const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK;
     if (in_pad == in) {
-        chosen_bf16(p, x, b, y, out, in, m);
+        chosen_bf16(a[0], a[1], a[2], a[3], out, in, m);
         Py_RETURN_NONE;
     }
     uint16_t *buf = PyMem_Malloc((size_t)(m * in_pad) * 2 + 2);
     if (buf == NULL)
         return PyErr_NoMemory();
-    pad_rows(x, buf, in, in_pad, m);
-    chosen_bf16(p, buf, b, y, out, in, m);
+    pad_rows(a[1], buf, in, in_pad, m);
+    chosen_bf16(a[0], buf, a[2], a[3], out, in, m);
     PyMem_Free(buf);
     Py_RETURN_NONE;
 }
@@ -363,29 +357,20 @@ py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 py_unpack_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "unpack_bf16(p, w, out, in) takes 4 arguments");
+    void *a[2];
+    Py_ssize_t n[2];
+    if (parse_call("unpack_bf16(p, w, out, in)", args, nargs, 2, -1, a, 2, n) < 0)
         return NULL;
-    }
-    const uint16_t *p = address(args[0], 0);
-    uint16_t *w = p ? address(args[1], 0) : NULL;
-    if (w == NULL)
-        return NULL;
-    const Py_ssize_t out = PyLong_AsSsize_t(args[2]);
-    const Py_ssize_t in = PyLong_AsSsize_t(args[3]);
-    if ((out == -1 || in == -1) && PyErr_Occurred())
-        return NULL;
-    if (out < 0 || in < 0) {
-        PyErr_SetString(PyExc_ValueError, "unpack_bf16: negative size");
-        return NULL;
-    }
+    const uint16_t *p = a[0];
+    uint16_t *w = a[1];
+    const Py_ssize_t out = n[0], in = n[1];
     const Py_ssize_t chunks = (in + CHUNK - 1) / CHUNK;
-    for (Py_ssize_t o = 0; o < out; o += 8) {
+    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
         for (Py_ssize_t c = 0; c < chunks; c++) {
-            const uint16_t *q = p + (o * chunks + c * 8) * CHUNK;
-            const Py_ssize_t n = in - c * CHUNK < CHUNK ? in - c * CHUNK : CHUNK;
-            for (Py_ssize_t k = 0; k < 8 && o + k < out; k++)
-                memcpy(w + (o + k) * in + c * CHUNK, q + k * CHUNK, (size_t)n * 2);
+            const uint16_t *q = p + (o * chunks + c * ROW_BLOCK) * CHUNK;
+            const Py_ssize_t len = in - c * CHUNK < CHUNK ? in - c * CHUNK : CHUNK;
+            for (Py_ssize_t k = 0; k < ROW_BLOCK && o + k < out; k++)
+                memcpy(w + (o + k) * in + c * CHUNK, q + k * CHUNK, (size_t)len * 2);
         }
     }
     Py_RETURN_NONE;
