@@ -1,5 +1,5 @@
 """Build hook for the one compiled part of xtp: the CPU fp32/bf16 GEMV kernel
-(accelerators/csrc/cpu_gemv.c, imported as xtp.accelerators._cpu_gemv).
+(accelerators/cpu/csrc/cpu_gemv.c, imported as xtp.accelerators.cpu._gemv).
 
 It is plain C against Python's headers (no torch at build time) and optional: where no C
 compiler is found or it fails to build, the install still succeeds and xtp uses torch's own
@@ -14,6 +14,6 @@ from setuptools import Extension, setup
 flags = [] if sys.platform == "win32" else ["-O3", "-std=c11"]
 
 setup(ext_modules=[
-    Extension("xtp.accelerators._cpu_gemv", ["accelerators/csrc/cpu_gemv.c"],
+    Extension("xtp.accelerators.cpu._gemv", ["accelerators/cpu/csrc/cpu_gemv.c"],
               extra_compile_args=flags, optional=True)
 ])

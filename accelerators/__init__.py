@@ -7,23 +7,14 @@ Installed as ``xtp.accelerators``; it never imports the xtp core. Typical use::
     backend = resolve_dist_backend(acc)
 """
 
-from .autograd import copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
-from .backend import ENV_DIST_BACKEND, resolve_dist_backend
-from .base import Accelerator, Availability
-from .communicator import Communicator, TorchCommunicator
-from .counting import CollectiveRecord, CountingCommunicator
-from .cpu_shm import CollectiveMismatchError, ShmCommunicator, create_cpu_communicator
-from .cpu_threads import apply_threads, threads_per_rank
-from .errors import (
-    AcceleratorError,
-    AcceleratorUnavailableError,
-    BackendUnavailableError,
-    CollectiveError,
-    CollectiveTimeoutError,
-    UnknownAcceleratorError,
-    XtpError,
-)
-from .registry import (
+from .comm.autograd import copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
+from .comm.base import Communicator, TorchCommunicator
+from .comm.counting import CollectiveRecord, CountingCommunicator
+from .cpu.shm import CollectiveMismatchError, ShmCommunicator, create_cpu_communicator
+from .cpu.threads import apply_threads, threads_per_rank
+from .devices.backend import ENV_DIST_BACKEND, resolve_dist_backend
+from .devices.base import Accelerator, Availability
+from .devices.registry import (
     BUILTINS,
     DETECTION_ORDER,
     ENV_ACCELERATOR,
@@ -36,6 +27,15 @@ from .registry import (
     plugins,
     reset_accelerator,
     select,
+)
+from .errors import (
+    AcceleratorError,
+    AcceleratorUnavailableError,
+    BackendUnavailableError,
+    CollectiveError,
+    CollectiveTimeoutError,
+    UnknownAcceleratorError,
+    XtpError,
 )
 
 __all__ = [

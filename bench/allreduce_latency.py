@@ -58,8 +58,8 @@ def run_rank(args: argparse.Namespace) -> tuple[list[tuple], int]:
 
     A row is ``(dtype, bytes, [median seconds per column], calls per column)``; the columns
     are gloo followed by one shared-memory communicator per ``--wait`` policy."""
-    from xtp.accelerators.cpu_shm import ShmCommunicator
-    from xtp.accelerators.cpu_threads import apply_threads
+    from xtp.accelerators.cpu.shm import ShmCommunicator
+    from xtp.accelerators.cpu.threads import apply_threads
 
     threads = apply_threads(args.tp)
     dist.init_process_group("gloo")

@@ -43,13 +43,8 @@ def run(layers: int, rounds: int, cpu: int | None, barrier=None, out=None,
 
 
 def _run(layers: int, rounds: int, cpu: int | None, barrier, dtype: torch.dtype) -> str:
-    from xtp.accelerators.cpu_gemv import (
-        Bf16GemvLinear,
-        GemvLinear,
-        kernel_isa,
-        unavailable_reason,
-    )
-    from xtp.accelerators.cpu_packed_linear import OneDNNPackedLinear
+    from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa, unavailable_reason
+    from xtp.accelerators.cpu.packed_linear import OneDNNPackedLinear
 
     if not kernel_isa():
         return f"no GEMV kernel here: {unavailable_reason()}"

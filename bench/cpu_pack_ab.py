@@ -135,11 +135,11 @@ def decode_block(model, ids, steps: int, clock: KernelClock | None = None
 
 def main() -> int:
     import xtp
-    from xtp.accelerators import cpu_gemv
-    from xtp.accelerators.cpu import CpuAccelerator
-    from xtp.accelerators.cpu_packed_linear import PACKABLE_DTYPES
-    from xtp.bench_prep import weight_bytes
-    from xtp.bench_rank import read_bandwidth
+    from xtp.accelerators.cpu import gemv as cpu_gemv
+    from xtp.accelerators.cpu.packed_linear import PACKABLE_DTYPES
+    from xtp.accelerators.devices.cpu import CpuAccelerator
+    from xtp.bench.prep import weight_bytes
+    from xtp.bench.rank import read_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
@@ -154,7 +154,7 @@ def main() -> int:
     torch.set_num_threads(1)
     if not torch.distributed.is_initialized():  # gloo for xtp and DeepSpeed alike
         torch.distributed.init_process_group("gloo")
-    from xtp.bench_leaks import collect_leaks, shm_files
+    from xtp.bench.leaks import collect_leaks, shm_files
 
     shm_before = shm_files()
     models, notes = [], []
@@ -162,7 +162,7 @@ def main() -> int:
         if name == "deepspeed":
             import transformers
 
-            from xtp.bench_rank import load
+            from xtp.bench.rank import load
 
             dtype = transformers.AutoConfig.from_pretrained(args.checkpoint).dtype
             models.append(load("deepspeed", args.checkpoint, torch.distributed.get_world_size(),

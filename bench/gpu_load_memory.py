@@ -72,7 +72,7 @@ def measure(tp: int, folder: str, dtype_name: str) -> list[dict]:
 
 
 def main() -> int:
-    from xtp.builtin_models import build_random, resolve_config
+    from xtp.models.builtin import build_random, resolve_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-1b")

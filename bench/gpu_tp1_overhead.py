@@ -101,7 +101,7 @@ def eager_table(plain, sharded, ids, args, ready: float) -> None:
 
 def main() -> int:
     import xtp
-    from xtp.builtin_models import build_random, resolve_config
+    from xtp.models.builtin import build_random, resolve_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-1b")

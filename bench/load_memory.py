@@ -65,8 +65,8 @@ def make(folder: Path, preset: str, dtype_name: str) -> None:
     import torch
     import transformers
 
-    from xtp.load import skeleton
-    from xtp.safetensors_io import StreamWriter
+    from xtp.formats.safetensors_io import StreamWriter
+    from xtp.loading.api import skeleton
 
     dtype = getattr(torch, dtype_name)
     config = transformers.LlamaConfig(**PRESETS[preset], max_position_embeddings=4096)
@@ -179,7 +179,7 @@ def run_loader(loader: str, folder: Path, tp: int, out: Path, timeout: float) ->
 
 
 def model_bytes(folder: Path) -> int:
-    from xtp.checkpoint_index import CheckpointIndex
+    from xtp.formats.checkpoint_index import CheckpointIndex
 
     with CheckpointIndex.open(folder) as ck:
         return sum(ck.info(k).nbytes for k in ck.keys())
@@ -236,7 +236,7 @@ def main() -> None:
         if loader == "xtp-presharded":
             folder = args.folder.parent / f"{args.folder.name}-xtp-tp{args.tp}"
             if not folder.exists():
-                from xtp.export import preshard
+                from xtp.loading.offline import preshard
 
                 preshard(args.folder, folder, args.tp, progress=False)
         results[loader] = run_loader(loader, folder, args.tp,

@@ -36,7 +36,7 @@ def arch_table() -> str:
 
 def plan_example() -> str:
     import xtp
-    from xtp.builtin_models import resolve_config
+    from xtp.models.builtin import resolve_config
 
     buf = io.StringIO()
     with redirect_stdout(buf):

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from .accelerators.errors import (  # noqa: F401  (re-exported: one place to import errors from)
-    AcceleratorError,
-    AcceleratorUnavailableError,
-    BackendUnavailableError,
-    CollectiveError,
-    CollectiveTimeoutError,
-    UnknownAcceleratorError,
+from .accelerators.errors import (
     XtpError,
 )
 

@@ -11,8 +11,8 @@ import torch
 
 from ..accelerators import ENV_ACCELERATOR, ENV_DIST_BACKEND, XtpError, create, plugins, select
 from ..accelerators._torch_compat import backend_available
-from ..accelerators.backend import KNOWN_BACKENDS
-from ..accelerators.registry import BUILTINS
+from ..accelerators.devices.backend import KNOWN_BACKENDS
+from ..accelerators.devices.registry import BUILTINS
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def collect() -> dict:
 
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     good, broken = plugins()
     rows = []

@@ -18,7 +18,7 @@ from ..errors import XtpError
 def set_threads_env(tp: int) -> int:
     """Default ``OMP_NUM_THREADS`` for ranks this process starts (kept when already set);
     returns the value in effect."""
-    from ..accelerators.cpu_threads import threads_per_rank
+    from ..accelerators.cpu.threads import threads_per_rank
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(tp)))
     return int(os.environ["OMP_NUM_THREADS"])

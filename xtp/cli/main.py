@@ -6,7 +6,11 @@ import argparse
 import sys
 
 from ..errors import XtpError
-from . import bench_cmd, env, plan_cmd, preshard, run_cmd, verify_cmd
+from . import bench as bench_cmd
+from . import env, preshard
+from . import plan as plan_cmd
+from . import run as run_cmd
+from . import verify as verify_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..accelerators.cpu_packed_linear import ENV
+from ..accelerators.cpu.packed_linear import ENV
 
 
 def add_pack_option(parser) -> None:

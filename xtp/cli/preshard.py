@@ -72,7 +72,7 @@ def _dtype(name: str | None):
 
 
 def run_preshard(args) -> int:
-    from ..export import preshard
+    from ..loading.offline import preshard
 
     if args.tp < 1:
         raise XtpError(f"--tp must be >= 1, got {args.tp}")
@@ -84,7 +84,7 @@ def run_preshard(args) -> int:
 
 
 def run_gather(args) -> int:
-    from ..export import gather
+    from ..loading.offline import gather
 
     out = gather(args.src_dir, args.out_dir, max_shard_size=args.max_shard_size,
                  dtype=_dtype(args.dtype), progress=False if args.no_progress else None)

@@ -1,0 +1,147 @@
+"""CPU linear weights in their fastest layout for inference matmuls: the GEMV kernel's for fp32
+(plain) and bf16 (blocked), oneDNN's blocked layout for fp16.
+
+torch's CPU ``F.linear`` in bf16 hands the plain ``(out, in)`` weight to oneDNN, which re-blocks
+it on every call; at decode (one token: a matrix-vector product) that makes the call
+compute-bound at ~10 GB/s per core. fp32 goes to MKL's GEMV, which streams the plain weight
+at ~17 GB/s per core, below what one core can read. Prepacking once, with torch's own oneDNN ops
+(``torch.ops.mkldnn``, part of every x86 CPU build of torch: nothing to compile), removes the
+re-blocking: measured on a 2-core AMD EPYC VM (bench/RESULTS.md, same ranks, packed and dense
+blocks interleaved) decode of a 0.85B Llama at tp 2 takes 0.73x the dense time in bf16.
+Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measurements);
+``unpack()`` returns the original weight bit for bit.
+
+Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout and bf16 is
+stored in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
+(:mod:`cpu_gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a plain read when
+the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and the CPU has
+AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for ranks that
+compute with one thread (tp ranks sharing the cores; with more threads per rank, MKL's and
+oneDNN's parallel paths), and bf16 except on CPUs with AMX (:data:`AMX_LAYOUTS`); fp16 is
+packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not
+worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype
+in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU
+instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
+:data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
+enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1
+MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call costs
+~1 us more than ``F.linear``'s and wins from ~256x256 on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..errors import AcceleratorError
+from ..packed.base import PackedLinear
+
+#: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
+#: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring) ...
+DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
+#: ... except on CPUs with AMX bf16 tiles, where oneDNN's bf16 matmul uses them: measured on an
+#: Intel Xeon with AMX (bench/RESULTS.md), oneDNN's packed bf16 read 1.12-1.15x the kernel's
+#: speed in 2 of 3 runs; fp32 there: the kernel 1.04-1.07x MKL's
+AMX_LAYOUTS = {torch.bfloat16: ONEDNN}
+ENV = "XTP_CPU_PACK"
+MIN_BYTES = 1 << 20
+_OFF, _ON, _ALL = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes"), ("all",)
+
+
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (the ``amx_bf16`` flag of Linux's /proc/cpuinfo;
+    False where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def env_layouts() -> dict[torch.dtype, str]:
+    """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`
+    (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16),
+    ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value
+    raises :class:`~xtp.accelerators.errors.AcceleratorError`."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value in _OFF:
+        return {}
+    if value in _ON:
+        return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
+    if value in _ALL:
+        return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
+    raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (the default: "
+                           "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), "
+                           "all (every dtype packed for oneDNN) or 0 (no packing)")
+
+
+def layouts_to_use(dtypes: tuple[torch.dtype, ...] | None = None) -> dict[torch.dtype, str]:
+    """:func:`env_layouts`, or, where ``dtypes`` is given, oneDNN's layout for those of them
+    oneDNN can pack; nothing at all when ``XTP_CPU_PACK=0``."""
+    wanted = env_layouts()
+    if wanted and dtypes is not None:
+        wanted = {d: ONEDNN for d in dtypes if d in PACKABLE_DTYPES}
+    return wanted
+
+
+def onednn_available() -> bool:
+    ops = torch.ops.mkldnn
+    return bool(torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+                and hasattr(ops, "_linear_pointwise"))
+
+
+class OneDNNPackedLinear(PackedLinear):
+    """A CPU weight in oneDNN's blocked layout (packed for one-token batches, the decode case;
+    larger batches work too)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+    # torch.compile never traces this: the core calls it through the xtp::packed_linear op
+    # (compiled_packed_linear), since inductor cannot lower oneDNN's op on an opaque tensor
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        if bias is not None:
+            bias = bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+    def unpack(self) -> torch.Tensor:
+        return self._packed.to_dense()
+
+    @property
+    def nbytes(self) -> int:
+        return self._packed.numel() * self._packed.element_size()
+
+
+def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
+                    dtypes: tuple[torch.dtype, ...] | None = None) -> PackedLinear | None:
+    """``weight`` in the layout its dtype gets (:func:`layouts_to_use`: oneDNN's, or the plain
+    one served by xtp's GEMV kernel for fp32), or ``None`` where that is off
+    (``XTP_CPU_PACK=0``), its dtype gets no layout, the layout is unavailable here or fails,
+    the weight is not a 2-D CPU tensor or is smaller than ``min_bytes``."""
+    layout = layouts_to_use(dtypes).get(weight.dtype)
+    if (layout is None or weight.device.type != "cpu" or weight.dim() != 2
+            or weight.numel() * weight.element_size() < min_bytes):
+        return None
+    if layout == GEMV:  # fp32 or bf16
+        from .gemv import Bf16GemvLinear, GemvLinear, unavailable_reason
+
+        usable = not unavailable_reason()
+        if weight.dtype == torch.float32:  # without the kernel: dense (MKL)
+            return GemvLinear(weight) if usable and weight.is_contiguous() else None
+        # bf16: the kernel runs on one thread, so a rank with more threads keeps oneDNN's
+        # parallel matmul (the layout is chosen once, here, with the threads set for the run)
+        if usable and torch.get_num_threads() == 1:
+            return Bf16GemvLinear(weight)
+    if not onednn_available():  # bf16 without the kernel: oneDNN's layout
+        return None
+    try:
+        return OneDNNPackedLinear(weight)
+    except RuntimeError:  # e.g. fp16 on a CPU without avx512_fp16 / avx_ne_convert
+        return None

@@ -1,0 +1,468 @@
+"""One test per entry of xtp.model_table, the only model-specific knowledge xtp has.
+
+Tiers: plans are built on the meta device (no weights); numeric checks run the sharded model
+in one process with thread-ranks (tests/thread_ranks.py, fp32, relative error <= 1e-5 against
+the unsharded model). The real-process proof per architecture is tests/test_parity.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import xtp
+from conftest import requires_transformers5
+from parity_cases import CASES, V
+from thread_ranks import rel_err, run_sharded
+from xtp.models.build import meta_model
+from xtp.planning import model_table as mt
+from xtp.planning.spec import COLUMN, EXPERTS, ROW
+from xtp.sharding.layers import head_slicing_hook
+
+TOL = 1e-5
+CASE = {c.id: c for c in CASES}
+C = transformers.CONFIG_MAPPING
+
+
+def case_config(case_id: str, **overrides):
+    case = CASE[case_id]
+    return C[case.model_type](**{**case.kwargs, **overrides})
+
+
+#: configs by name: the parity cases plus variants the parity suite does not run
+CONFIGS = {
+    "phi3": lambda: case_config("phi3"),
+    "gpt2": lambda: case_config("gpt2"),
+    "gptj": lambda: case_config("gptj"),
+    "gpt_bigcode": lambda: case_config("gpt_bigcode"),
+    "gpt_bigcode_mha": lambda: case_config("gpt_bigcode", multi_query=False),
+    "gpt_neox": lambda: case_config("gpt_neox"),
+    "bloom": lambda: case_config("bloom"),
+    "falcon_grouped_kv2": lambda: case_config("falcon", num_kv_heads=2),
+    "falcon_mqa": lambda: case_config("falcon_mqa"),
+    "falcon_mha": lambda: C["falcon"](hidden_size=96, num_attention_heads=12,
+                                      num_hidden_layers=2, vocab_size=V, multi_query=False,
+                                      new_decoder_architecture=False, alibi=False),
+    "falcon_alibi": lambda: C["falcon"](hidden_size=96, num_attention_heads=12,
+                                        num_hidden_layers=2, vocab_size=V, multi_query=False,
+                                        new_decoder_architecture=False, alibi=True),
+    "llama_kv1": lambda: case_config("llama_kv1"),
+    "stablelm": lambda: case_config("stablelm"),
+    "t5": lambda: case_config("t5"),
+    "bert": lambda: case_config("bert"),
+    "openai": lambda: C["openai-gpt"](n_embd=96, n_head=12, n_layer=2, vocab_size=V,
+                                      n_positions=64),
+    "mixtral": lambda: case_config("mixtral"),
+    "qwen2_moe": lambda: case_config("qwen2_moe"),
+    "llama": lambda: case_config("llama"),
+}
+
+
+@functools.cache
+def plan_of(name: str, tp: int):
+    return xtp.plan(CONFIGS[name](), tp)
+
+
+@functools.cache
+def meta_of(name: str) -> nn.Module:
+    return meta_model(CONFIGS[name]())
+
+
+@functools.cache
+def sharded_rel_err(name: str, tp: int) -> float:
+    """Worst relative error of the logits over ``tp`` thread-ranks vs the unsharded model."""
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    outs = run_sharded(model, tp, lambda m: m(ids).logits)
+    return max(rel_err(o, want) for o in outs)
+
+
+def leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+# -- FUSED_LAYOUTS -------------------------------------------------------------------------------
+
+#: (model_type, layer leaf, layout) -> config name
+FUSED_CASES = {
+    ("phi3", "qkv_proj", mt.QKV_CONCAT): "phi3",
+    ("phi3", "gate_up_proj", mt.GATE_UP_CONCAT): "phi3",
+    ("gpt2", "c_attn", mt.QKV_CONCAT): "gpt2",
+    ("gpt_bigcode", "c_attn", mt.QKV_CONCAT): "gpt_bigcode",
+    ("gpt_bigcode", "c_attn", mt.QKV_INTERLEAVED): "gpt_bigcode_mha",
+    ("gpt_neox", "query_key_value", mt.QKV_INTERLEAVED): "gpt_neox",
+    ("bloom", "query_key_value", mt.QKV_INTERLEAVED): "bloom",
+    ("falcon", "query_key_value", mt.QKV_GROUPED): "falcon_grouped_kv2",
+    ("falcon", "query_key_value", mt.QKV_CONCAT): "falcon_mqa",
+    ("falcon", "query_key_value", mt.QKV_INTERLEAVED): "falcon_mha",
+}
+#: numeric checks of the variants the parity suite does not run (it runs every other entry's
+#: architecture at tp 2, 3 and 4 in real processes): config name -> tp
+FUSED_NUMERIC = {
+    "falcon_grouped_kv2": 4,  # qkv_grouped with KV heads replicated (2 KV heads, 4 ranks)
+    "falcon_mha": 2,          # falcon's default-architecture qkv_interleaved
+}
+
+
+def test_every_fused_entry_has_a_case():
+    entries = {(mt_, lf, e.layout) for (mt_, lf), es in mt.FUSED_LAYOUTS.items() for e in es}
+    assert entries == set(FUSED_CASES)
+
+
+@pytest.mark.parametrize("key", list(FUSED_CASES), ids=lambda k: "-".join(k))
+def test_fused_entry_planned_as_column_with_its_layout(key):
+    model_type, layer, layout = key
+    name = FUSED_CASES[key]
+    config = CONFIGS[name]()
+    assert config.model_type == model_type
+    assert mt.fused_layout(config, layer) == layout
+    plan = plan_of(name, 2)
+    specs = [s for s in plan.specs if leaf(s.name) == layer]
+    assert specs, f"no {layer} in the {name} model"
+    for s in specs:
+        assert (s.role, s.layout) == (COLUMN, layout), s
+        assert plan.spec(s.group).role == ROW, f"{s.name} feeds {s.group}, which is not a row"
+
+
+@pytest.mark.parametrize("name,tp", list(FUSED_NUMERIC.items()))
+def test_fused_variant_numerically(name, tp):
+    assert sharded_rel_err(name, tp) <= TOL
+
+
+@pytest.mark.parametrize("flags,layout", [
+    (dict(new_decoder_architecture=True, multi_query=True), mt.QKV_GROUPED),
+    (dict(new_decoder_architecture=True, multi_query=False), mt.QKV_GROUPED),
+    (dict(new_decoder_architecture=False, multi_query=True), mt.QKV_CONCAT),
+    (dict(new_decoder_architecture=False, multi_query=False), mt.QKV_INTERLEAVED),
+])
+def test_falcon_variant_order(flags, layout):
+    config = SimpleNamespace(model_type="falcon", **flags)
+    assert mt.fused_layout(config, "query_key_value") == layout
+
+
+def test_fused_layout_unknown():
+    assert mt.fused_layout(SimpleNamespace(model_type="llama"), "qkv_proj") is None
+    assert mt.fused_layout(SimpleNamespace(model_type="phi3"), "o_proj") is None
+    assert mt.fused_layout(None, "c_attn") is None
+
+
+def test_fused_entry_negated_flag(monkeypatch):
+    monkeypatch.setitem(mt.FUSED_LAYOUTS, ("toy", "qkv"), (
+        mt.FusedEntry(mt.QKV_CONCAT, when="!interleave"), mt.FusedEntry(mt.QKV_INTERLEAVED)))
+    assert mt.fused_layout(SimpleNamespace(model_type="toy"), "qkv") == mt.QKV_CONCAT
+    assert mt.fused_layout(SimpleNamespace(model_type="toy", interleave=True),
+                           "qkv") == mt.QKV_INTERLEAVED
+
+
+# GPT-BigCode with multi_query=False (e.g. the "santacoder-mha" style configs) stores c_attn per
+# head as [q, k, v] (its forward does .view(..., num_heads, 3 * head_dim).split(head_dim)): that
+# is QKV_INTERLEAVED. The table maps ("gpt_bigcode", "c_attn") to QKV_CONCAT unconditionally,
+# and (H + 2K) * D == 3 * H * D when K == H, so the width check passes: the plan is accepted and
+# the sharded model computes wrong attention, silently (relative error ~0.6 at tp 2).
+def test_gpt_bigcode_multi_head_c_attn_layout():
+    assert {s.layout for s in plan_of("gpt_bigcode_mha", 2).specs
+            if leaf(s.name) == "c_attn"} == {mt.QKV_INTERLEAVED}
+
+
+def test_gpt_bigcode_multi_head_numerically():
+    assert sharded_rel_err("gpt_bigcode_mha", 2) <= TOL
+
+
+# -- HEAD_ATTRIBUTES -----------------------------------------------------------------------------
+
+#: attribute -> (config name, attention class, full value, tp, local values or None when the
+#: plan does not update it on that model)
+HEAD_ATTR_CASES = {
+    "num_heads": ("gpt2", "GPT2Attention", 12, 2, (6, 6)),
+    "num_attention_heads": ("gptj", "GPTJAttention", 12, 2, (6, 6)),
+    "n_heads": ("t5", "T5Attention", 12, 2, (6, 6)),
+    # openai-gpt: xtp cannot plan it (c_attn is not in FUSED_LAYOUTS), see the test below
+    "n_head": ("openai", "Attention", 12, 2, None),
+    "num_key_value_heads": ("stablelm", "StableLmAttention", 6, 2, (3, 3)),
+    "num_kv_heads": ("falcon_grouped_kv2", "FalconAttention", 2, 4, (1, 1, 1, 1)),
+    "num_key_value_groups": ("llama_kv1", "LlamaAttention", 12, 2, (6, 6)),
+    # on BertSelfAttention (attention.self); the pair's common parent is BertAttention, so it
+    # is not updated; transformers 5 does not read it in forward
+    "all_head_size": ("bert", "BertSelfAttention", 96, 2, None),
+    "inner_dim": ("t5", "T5Attention", 96, 3, (32, 32, 32)),
+    "split_size": ("gpt2", "GPT2Attention", 96, 2, (48, 48)),
+    "embed_dim": ("gpt2", "GPT2Attention", 96, 2, (48, 48)),
+    "hidden_size": ("bloom", "BloomAttention", 96, 2, (48, 48)),
+    "kv_dim": ("gpt_bigcode_mha", "GPTBigCodeAttention", 96, 2, (48, 48)),
+}
+
+
+def test_every_head_attribute_has_a_case():
+    assert set(HEAD_ATTR_CASES) == set(mt.HEAD_ATTRIBUTES)
+
+
+@requires_transformers5
+@pytest.mark.parametrize("attr", list(HEAD_ATTR_CASES))
+def test_head_attribute_on_real_attention(attr):
+    name, cls, full, tp, local = HEAD_ATTR_CASES[attr]
+    mods = {n: m for n, m in meta_of(name).named_modules() if type(m).__name__ == cls}
+    assert mods, f"no {cls} in {name}"
+    for m in mods.values():
+        assert m.__dict__.get(attr) == full, f"{cls}.{attr}"
+    if local is None:
+        return
+    updates = {u.module: u for u in plan_of(name, tp).attr_updates if u.attr == attr}
+    assert set(updates) == set(mods), f"{attr} updated on {sorted(updates)}, want {sorted(mods)}"
+    for u in updates.values():
+        assert (u.full, u.values) == (full, local)
+
+
+def test_head_attributes_only_on_attention_modules():
+    """gpt2's GPT2Model also has embed_dim == 96: only the attention modules change."""
+    plan = plan_of("gpt2", 2)
+    assert {u.module.rsplit(".", 1)[-1] for u in plan.attr_updates} == {"attn"}
+
+
+def test_openai_gpt_is_not_plannable():
+    """The n_head entry's only transformers user (openai-gpt) has an unknown fused c_attn:
+    a typed error naming the layer and the rule to keep it replicated."""
+    with pytest.raises(xtp.errors.UnclassifiedModuleError, match="c_attn"):
+        plan_of("openai", 2)
+
+
+class _Attention(nn.Module):
+    """Grouped-query attention stand-in holding one head attribute at its full value."""
+
+    def __init__(self, attr: str, value: int, heads: int, kv: int, head_dim: int) -> None:
+        super().__init__()
+        hidden = heads * head_dim
+        self.q = nn.Linear(hidden, heads * head_dim)
+        self.k = nn.Linear(hidden, kv * head_dim)
+        self.v = nn.Linear(hidden, kv * head_dim)
+        self.o = nn.Linear(heads * head_dim, hidden)
+        self.group, self.head_dim = heads // kv, head_dim
+        setattr(self, attr, value)
+
+    def forward(self, x):
+        d = self.head_dim
+        q = self.q(x).unflatten(-1, (-1, d))
+        k = self.k(x).unflatten(-1, (-1, d)).repeat_interleave(self.group, -2)
+        v = self.v(x).unflatten(-1, (-1, d)).repeat_interleave(self.group, -2)
+        return self.o((q * k + v).flatten(-2))
+
+
+class _TinyModel(nn.Module):
+    def __init__(self, attn: nn.Module, config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.attn = attn
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return self.head(h + self.attn(h))
+
+
+@pytest.mark.parametrize("attr", list(mt.HEAD_ATTRIBUTES))
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 1)])
+def test_head_attribute_update_rule(attr, heads, kv):
+    """The planner's rule for each quantity, on a stand-in attention at tp 2: q heads halve,
+    KV heads halve or stay 1 (replicated), groups follow, widths are heads x head_dim."""
+    head_dim, tp = 2, 2
+    local_q, local_kv = heads // tp, max(kv // tp, 1)
+    quantity = {
+        mt.Q_HEADS: (heads, local_q), mt.KV_HEADS: (kv, local_kv),
+        mt.KV_GROUPS: (heads // kv, local_q // local_kv),
+        mt.Q_WIDTH: (heads * head_dim, local_q * head_dim),
+        mt.KV_WIDTH: (kv * head_dim, local_kv * head_dim),
+    }
+    full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
+    config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
+                             head_dim=head_dim, hidden_size=heads * head_dim, vocab_size=16)
+    with torch.device("meta"):
+        model = _TinyModel(_Attention(attr, full, heads, kv, head_dim), config)
+    updates = [u for u in xtp.plan(model, tp).attr_updates if u.attr == attr]
+    if local == full:
+        assert updates == []
+    else:
+        assert [(u.module, u.full, u.values) for u in updates] == [("attn", full, (local,) * tp)]
+
+
+# -- LOCAL_CONFIG_MODEL_TYPES --------------------------------------------------------------------
+
+
+def test_local_config_model_types_entry():
+    assert mt.LOCAL_CONFIG_MODEL_TYPES == {"phi3"}
+    plan = plan_of("phi3", 4)  # 12 heads in 6 KV groups over 4 ranks: 2, 2, 1, 1 groups
+    attns = sorted(n for n, m in meta_of("phi3").named_modules()
+                   if type(m).__name__ == "Phi3Attention")
+    assert sorted(name for name, _ in plan.local_configs) == attns
+    for _, values in plan.local_configs:
+        assert dict(values) == {"num_attention_heads": (4, 4, 2, 2),
+                                "num_key_value_heads": (2, 2, 1, 1)}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "falcon_mqa", "bloom"])
+def test_no_local_config_elsewhere(name):
+    assert plan_of(name, 2).local_configs == ()
+
+
+def test_phi3_attention_gets_a_private_config():
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["phi3"]()).eval()
+
+    def look(m):
+        attn = m.model.layers[0].self_attn
+        return (m.config.num_attention_heads, attn.config.num_attention_heads,
+                attn.config.num_key_value_heads, attn.config is m.config)
+
+    assert run_sharded(model, 2, look) == [(12, 6, 3, False)] * 2
+    assert model.model.layers[0].self_attn.config is model.config  # the original is untouched
+
+
+# -- HEAD_SLICED_KWARGS --------------------------------------------------------------------------
+
+
+def test_head_sliced_kwargs_table():
+    assert mt.HEAD_SLICED_KWARGS == {
+        "bloom": {"alibi": "batch_x_heads"},
+        "falcon": {"alibi": "heads_dim1", "attention_mask": "heads_dim1"},
+    }
+
+
+def test_bloom_alibi_entry_in_plan():
+    plan = plan_of("bloom", 3)
+    attns = sorted(n for n, m in meta_of("bloom").named_modules()
+                   if type(m).__name__ == "BloomAttention")
+    assert sorted(e[0] for e in plan.head_sliced_kwargs) == attns
+    for _, kwarg, layout, heads, num_heads in plan.head_sliced_kwargs:
+        assert (kwarg, layout, num_heads) == ("alibi", "batch_x_heads", 12)
+        assert heads == ((0, 4), (4, 8), (8, 12))
+
+
+def test_bloom_attention_receives_alibi_as_batch_x_heads_keyword():
+    """The slicing hook only acts on a keyword argument whose first dimension is
+    batch * num_heads; check transformers still calls BloomAttention that way."""
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["bloom"]()).eval()
+    seen = []
+    attn = model.transformer.h[0].self_attention
+    handle = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("alibi")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, 5), dtype=torch.long))
+    finally:
+        handle.remove()
+    (alibi,) = seen
+    assert alibi is not None and alibi.shape[0] == 2 * 12
+
+
+def test_head_slicing_hook_keeps_this_ranks_heads():
+    batch, heads = 2, 6
+    t = torch.arange(batch * heads, dtype=torch.float32).reshape(batch * heads, 1, 1)
+    hook = head_slicing_hook("alibi", "batch_x_heads", (2, 5), heads)
+    _, kwargs = hook(None, (), {"alibi": t})
+    want = [b * heads + h for b in range(batch) for h in range(2, 5)]
+    assert kwargs["alibi"].flatten().tolist() == want
+    assert hook(None, (), {"other": t}) is None
+
+
+# Falcon with alibi=True (falcon-rw-1b / falcon-rw-7b) builds a per-head ALiBi bias in
+# FalconModel and passes it to every layer: as `alibi`, reshaped to (batch, num_heads, 1, seq),
+# and folded into a per-head `attention_mask` of shape (batch, num_heads, q, kv). Neither is cut
+# to the rank's heads (HEAD_SLICED_KWARGS has no "falcon" entry, and "batch_x_heads" would not
+# fit these 4-D shapes), so the plan is accepted and forward fails at tp > 1 with "The size of
+# tensor a (6) must match the size of tensor b (12) at non-singleton dimension 1".
+def test_falcon_alibi_numerically():
+    assert sharded_rel_err("falcon_alibi", 2) <= TOL
+
+
+# -- CONFIG_ALIASES / head_shape ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,alias", [(k, a) for k, names in mt.CONFIG_ALIASES.items()
+                                       for a in names])
+def test_every_config_alias_is_read(key, alias):
+    assert mt.config_value(SimpleNamespace(**{alias: 7}), key) == 7
+
+
+@pytest.mark.parametrize("key", list(mt.CONFIG_ALIASES))
+def test_first_alias_wins(key):
+    names = mt.CONFIG_ALIASES[key]
+    config = SimpleNamespace(**{n: i + 1 for i, n in enumerate(names)})
+    assert mt.config_value(config, key) == 1
+    assert mt.config_value(SimpleNamespace(), key) is None
+
+
+@pytest.mark.parametrize("name,want", [
+    ("gpt2", (12, 12, 8)),                # n_head, n_embd
+    ("falcon_mqa", (12, 1, 8)),           # multi_query -> one KV head
+    ("falcon_grouped_kv2", (12, 2, 8)),   # new_decoder_architecture: num_kv_heads
+    ("llama_kv1", (12, 1, 8)),
+])
+def test_head_shape_from_real_configs(name, want):
+    assert mt.head_shape(CONFIGS[name]()) == want
+
+
+def test_head_shape_t5_d_kv():
+    """T5's head size is d_kv, not d_model / num_heads."""
+    config = case_config("t5", d_kv=16)
+    assert mt.head_shape(config) == (12, 12, 16)
+
+
+def test_head_shape_falcon_new_architecture_ignores_multi_query():
+    config = case_config("falcon", multi_query=True, num_kv_heads=6)
+    assert mt.head_shape(config) == (12, 6, 8)
+
+
+def test_head_shape_without_heads():
+    assert mt.head_shape(None) is None
+    assert mt.head_shape(SimpleNamespace(hidden_size=8)) is None
+    assert mt.head_shape(SimpleNamespace(num_attention_heads=4)) is None  # no width at all
+
+
+# -- EXPERTS / is_fused_experts ------------------------------------------------------------------
+
+
+@requires_transformers5
+@pytest.mark.parametrize("name,cls", [("mixtral", "MixtralExperts"),
+                                      ("qwen2_moe", "Qwen2MoeExperts")])
+def test_fused_experts_modules(name, cls):
+    model = meta_of(name)
+    found = {n for n, m in model.named_modules() if mt.is_fused_experts(m)}
+    experts = {n for n, m in model.named_modules() if type(m).__name__ == cls}
+    assert experts and found == experts
+    e = mt.EXPERTS
+    plan = plan_of(name, 2)
+    for n in experts:
+        mod = dict(model.named_modules())[n]
+        assert all(hasattr(mod, f) for f in e.flags)
+        down = getattr(mod, e.down)
+        gate_up = getattr(mod, e.gate_up if mod.has_gate else e.up)
+        assert down.dim() == gate_up.dim() == 3
+        inter = down.shape[1] if mod.is_transposed else down.shape[2]
+        spec = plan.spec(n)
+        assert spec.role == EXPERTS and spec.full == inter
+        assert sum(spec.local_extent(r) for r in range(2)) == inter
+        for split in spec.param_splits():
+            t = getattr(mod, split.param)
+            covered = sum(b - a for rr in split.ranges for a, b in rr)
+            assert covered == t.shape[split.dim] or split.zero_off_rank0, split
+        if isinstance(mod.__dict__.get(e.intermediate_attr), int):
+            (upd,) = [u for u in plan.attr_updates if u.module == n]
+            assert upd.attr == e.intermediate_attr and sum(upd.values) == inter
+
+
+@requires_transformers5
+def test_not_fused_experts():
+    model = meta_of("qwen2_moe")
+    shared = model.model.layers[0].mlp.shared_expert
+    assert not mt.is_fused_experts(shared)
+    assert not mt.is_fused_experts(nn.Linear(2, 2))
+    assert not mt.is_fused_experts(model.model.layers[0].mlp.gate)
+    plan = plan_of("qwen2_moe", 2)
+    assert plan.spec("model.layers.0.mlp.shared_expert.down_proj").role == ROW

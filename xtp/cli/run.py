@@ -1,0 +1,140 @@
+"""``xtp run [MODEL] --tp N``: load MODEL sharded over N local ranks, generate, report.
+
+Outside ``torchrun`` it starts the N ranks itself with torch's elastic launcher
+(``torch.distributed.launcher.api.elastic_launch``, via :mod:`xtp.cli.launch`), one process
+per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+from ..models.builtin import DEFAULT_MODEL
+from .pack_option import add_pack_option, apply_pack_option
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="generate with a model sharded over N local ranks",
+        description="Shard MODEL over --tp ranks, generate greedily from a prompt, and print the "
+        "tokens, tokens/s, time to ready and peak memory per rank. With no MODEL, a tiny Llama "
+        "with seeded random weights is built in memory (no download), and the sharded tokens are "
+        "checked against the unsharded model.",
+        epilog="examples:\n  xtp run --tp 2\n  xtp run llama-1b --tp 2 --max-new-tokens 16\n"
+        "  torchrun --nproc-per-node 2 -m xtp.cli.main run --tp 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="built-in name, config JSON or checkpoint folder "
+                   f"(default {DEFAULT_MODEL})")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--prompt", default="0 1 2 3 4 5 6 7",
+                   help="token ids separated by spaces (random-weight models have no tokenizer) "
+                   "or text when MODEL has a tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the comparison with the unsharded model")
+    add_pack_option(p)
+    p.set_defaults(func=run)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: str,
+              check: bool) -> dict:
+    """One rank's work; returns what rank 0 prints."""
+    import torch
+
+    import xtp
+
+    from ..models.builtin import build_random, resolve_config
+    from ..sharding.api import sharded_plan
+
+    dtype = getattr(torch, dtype_name)
+    t0 = time.perf_counter()
+    ctx = xtp.init_distributed(tp)
+    config = resolve_config(model_name)
+    tokenizer = None
+    if os.path.isdir(model_name):
+        model = xtp.from_pretrained(model_name, tp_size=tp, dtype=dtype, context=ctx)
+        try:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_name,
+                                                                   local_files_only=True)
+        except Exception:
+            tokenizer = None
+        ref = None
+    else:
+        model = build_random(config, dtype)
+        ref = build_random(config, dtype) if check else None
+        xtp.shard(model, context=ctx)
+    packed = xtp.pack_for_inference(model)
+    ready = time.perf_counter() - t0
+    if tokenizer is not None and not prompt.replace(" ", "").isdigit():
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = torch.tensor([[int(t) % config.vocab_size for t in prompt.split()]])
+    ids = ids.to(ctx.device)
+    gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        ctx.accelerator.synchronize()
+        t1 = time.perf_counter()
+        out = model.generate(ids, **gen_kwargs)
+        ctx.accelerator.synchronize()
+        elapsed = time.perf_counter() - t1
+        matches = None
+        if ref is not None:
+            matches = bool(torch.equal(ref.to(ctx.device).generate(ids, **gen_kwargs), out))
+    new = out[0, ids.shape[1]:].tolist()
+    gpu_peak = ctx.accelerator.max_memory_allocated()
+    return {
+        "rank": ctx.rank, "tokens": new,
+        "text": tokenizer.decode(new) if tokenizer is not None else None,
+        "tok_per_s": len(new) / elapsed if elapsed else float("nan"),
+        "ready_s": ready, "peak_rss_mib": _peak_rss_mib(),
+        "peak_device_mib": gpu_peak / 2**20 if gpu_peak else None,
+        "matches_unsharded": matches, "device": str(ctx.device), "packed": packed,
+        "bytes_per_rank": sharded_plan(model).bytes_per_rank(ctx.tp_rank)
+        if sharded_plan(model) else None,
+    }
+
+
+def _report(results: list[dict], args) -> int:
+    r0 = results[0]
+    print(f"model {args.model}  tp {args.tp}  dtype {args.dtype}  device {r0['device']}")
+    print(f"generated token ids: {r0['tokens']}")
+    if r0["text"] is not None:
+        print(f"text: {r0['text']}")
+    print(f"decode speed: {r0['tok_per_s']:.1f} tokens/s"
+          + (f" ({r0['packed']} linear weights per rank packed for inference)"
+             if r0["packed"] else ""))
+    for r in results:
+        mem = f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+        if r["peak_device_mib"]:
+            mem += f", peak device memory {r['peak_device_mib']:.0f} MiB"
+        shard = f", shard {r['bytes_per_rank'] / 2**20:.1f} MiB" if r["bytes_per_rank"] else ""
+        print(f"rank {r['rank']}: ready in {r['ready_s']:.2f} s, {mem}{shard}")
+    if r0["matches_unsharded"] is not None:
+        print("matches unsharded model: " + ("yes" if r0["matches_unsharded"] else "NO"))
+        return 0 if r0["matches_unsharded"] else 1
+    return 0
+
+
+def run(args) -> int:
+    from ..errors import XtpError
+
+    if args.tp < 1:
+        raise XtpError(f"--tp must be >= 1, got {args.tp}")
+    params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
+    from .launch import run_on_ranks
+
+    apply_pack_option(args)
+    results = run_on_ranks(rank_main, params, args.tp, "xtp-run")
+    return 0 if results is None else _report(results, args)

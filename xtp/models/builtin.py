@@ -1,0 +1,56 @@
+"""Built-in model configs (no download): a tiny Llama for demos and tests, and a ~1B Llama for
+benchmarks. Weights are random but deterministic (seeded), so every rank builds the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+BUILTIN_CONFIGS: dict[str, dict] = {
+    # 12 heads / 6 KV heads: tp 1, 2, 3, 4, 6 all work; vocabulary that divides by nothing
+    "tiny-llama": dict(model_type="llama", hidden_size=192, intermediate_size=512,
+                       num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=6,
+                       vocab_size=1031, max_position_embeddings=512, tie_word_embeddings=False),
+    # the 0.85B Llama-style model used by the CPU benchmarks
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+DEFAULT_MODEL = "tiny-llama"
+SEED = 1234
+
+
+def resolve_config(model: str):
+    """A transformers config for MODEL: a built-in name, a config JSON file, or a checkpoint
+    folder (its config.json)."""
+    import transformers
+
+    from ..errors import XtpError
+
+    if model in BUILTIN_CONFIGS:
+        spec = dict(BUILTIN_CONFIGS[model])
+    elif os.path.isdir(model):
+        return transformers.AutoConfig.from_pretrained(model, local_files_only=True)
+    elif os.path.isfile(model):
+        with open(model) as f:
+            spec = json.load(f)
+    else:
+        raise XtpError(
+            f"MODEL {model!r} is neither a built-in ({', '.join(BUILTIN_CONFIGS)}), a config "
+            "JSON file nor a checkpoint folder"
+        )
+    model_type = spec.pop("model_type", None)
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise XtpError(f"config for {model!r} has no known model_type (got {model_type!r})")
+    return transformers.CONFIG_MAPPING[model_type](**spec)
+
+
+def build_random(config, dtype: torch.dtype = torch.float32):
+    """The model for ``config`` with seeded random weights (identical on every rank)."""
+    from .build import model_class_for
+
+    torch.manual_seed(SEED)
+    model = model_class_for(config).from_config(config, dtype=dtype)
+    return model.eval()
