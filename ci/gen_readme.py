@@ -1,9 +1,9 @@
 """Regenerate README.md's generated sections from the code (run: python ci/gen_readme.py).
 
-* the supported-architectures table, from the parity test matrix (tests/parity_cases.py);
+* the supported-architectures table, from the parity test matrix (tests/helpers/parity_cases.py);
 * the example ``print(xtp.plan(...))`` output.
 
-``--check`` exits non-zero when README.md is out of date (used by tests/test_readme.py).
+``--check`` exits non-zero when README.md is out of date (used by tests/package/test_readme.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 
 
 def arch_table() -> str:

@@ -201,13 +201,15 @@ def disagree_worker(folders: list[str]) -> dict:
         out[name] = r
 
     case("tp_size", lambda: xtp.init_distributed(2 if rank == 0 else 1))
-    real = xtp.__version__
+    from xtp import _version
+
+    real = _version.__version__
     if rank == 1:
-        xtp.__version__ = "0.0.0-other"
+        _version.__version__ = "0.0.0-other"
     try:
         case("xtp version", lambda: xtp.init_distributed(2))
     finally:
-        xtp.__version__ = real
+        _version.__version__ = real
     ctx = xtp.init_distributed(2)
     model = tiny_model(num_hidden_layers=2 + rank)
     before = _snapshot(model)

@@ -115,7 +115,7 @@ def _packing_line(venv_root: Path, cwd: Path) -> str:
 @pytest.mark.skipif(not X86_LINUX, reason="the GEMV kernel is built for x86-64 Linux here")
 def test_wheel_carries_the_compiled_gemv_kernel(wheel, fresh_venv, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
-    assert [n for n in names if n.startswith("xtp/accelerators/_cpu_gemv.")
+    assert [n for n in names if n.startswith("xtp/accelerators/cpu/_gemv.")
             and n.endswith(".so")], names
     assert "xtp's GEMV kernel (avx" in _packing_line(fresh_venv, tmp_path)
 
@@ -124,18 +124,27 @@ def test_wheel_builds_and_works_without_a_c_compiler(tmp_path):
     """The kernel is optional: with no working compiler the install still succeeds, and
     fp32 stays on torch's F.linear (``xtp env`` says why)."""
     built = _build_wheel(tmp_path / "w", CC="false", LDSHARED="false")
-    assert not [n for n in zipfile.ZipFile(built).namelist() if "_cpu_gemv" in n]
+    assert not [n for n in zipfile.ZipFile(built).namelist() if "/_gemv." in n]
     root = _venv_with(built, tmp_path / "venv")
     line = _packing_line(root, tmp_path)
     assert line.startswith("no GEMV kernel (the compiled kernel is not installed ("), line
     assert "): float32 dense; oneDNN blocked layout for float16/bfloat16;" in line, line
 
 
-def test_wheel_contains_the_mapped_accelerators_package(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
-    for module in ("registry", "base", "cpu", "cuda", "xpu", "hpu", "communicator"):
-        assert f"xtp/accelerators/{module}.py" in names
-    assert "xtp/cli/main.py" in names and "xtp/distributed.py" in names
+def _source_modules() -> set[str]:
+    """Each module of the checkout, as its path in the wheel (accelerators/ is mapped)."""
+    out = {p.relative_to(REPO).as_posix() for p in (REPO / "xtp").rglob("*.py")}
+    out |= {"xtp/" + p.relative_to(REPO).as_posix() for p in (REPO / "accelerators").rglob("*.py")}
+    return out
+
+
+def test_wheel_contains_every_module_of_every_subpackage(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = sorted(_source_modules() - names)
+    assert not missing, f"modules missing from the wheel: {missing}"
+    for package in ("devices", "comm", "cpu", "packed"):  # the mapped folder's own subpackages
+        assert f"xtp/accelerators/{package}/__init__.py" in names
+    assert "xtp/cli/main.py" in names and "xtp/distributed/setup.py" in names
     assert not [n for n in names if n.startswith(("accelerators/", "tests/"))]
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "xtp = xtp.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
