@@ -20,8 +20,13 @@ import torch
 
 import xtp
 from xtp.models.builtin import build_random, resolve_config
-from xtp.training.checkpoint import load_training_state, save_training_state
-from xtp.training.loss import all_reduce_dp_gradients, causal_lm_loss, seed_everything
+from xtp.training import (
+    all_reduce_dp_gradients,
+    causal_lm_loss,
+    load_training_state,
+    save_training_state,
+    seed_everything,
+)
 
 
 def batch(vocab: int, size: int, seq: int, step: int, dp_rank: int) -> torch.Tensor:

@@ -2,20 +2,26 @@
 
 ``model = xtp.shard(model)`` under ``torchrun`` gives every rank only its slice of the model,
 with outputs equal to the unsharded model's. ``print(xtp.plan(config, tp_size=4))`` shows what
-would happen, without any weights.
+would happen, without any weights. The layers behind these names are described in
+docs/architecture.md.
 """
 
 from __future__ import annotations
 
 from ._version import __version__
-from .distributed.setup import TPContext, init_distributed  # noqa: E402
-from .errors import XtpError  # noqa: E402
-from .loading.api import from_pretrained, load_report  # noqa: E402, F401
-from .loading.offline import gather, preshard  # noqa: E402, F401
-from .loading.presharded import save_sharded  # noqa: E402, F401
-from .planning.api import plan  # noqa: E402
-from .planning.spec import ShardPlan  # noqa: E402
-from .sharding.api import shard  # noqa: E402
-from .sharding.packing import pack_for_inference, unpack  # noqa: E402, F401
+from .distributed.setup import TPContext, init_distributed
+from .errors import XtpError
+from .loading.api import from_pretrained
+from .loading.common import LoadReport, load_report
+from .loading.offline import gather, preshard
+from .loading.save import save_sharded
+from .planning.api import plan
+from .planning.spec import ShardPlan
+from .sharding.api import shard
+from .sharding.packing import pack_for_inference, unpack
 
-__all__ = ["ShardPlan", "TPContext", "XtpError", "__version__", "init_distributed", "plan", "shard"]
+__all__ = [
+    "LoadReport", "ShardPlan", "TPContext", "XtpError", "__version__", "from_pretrained",
+    "gather", "init_distributed", "load_report", "pack_for_inference", "plan", "preshard",
+    "save_sharded", "shard", "unpack",
+]

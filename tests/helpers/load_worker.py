@@ -141,7 +141,7 @@ def load_and_compare(case_id: str, folder: str, tp: int, out: str | None = None,
     """from_pretrained vs shard(transformers from_pretrained); then (with ``out``)
     save_sharded -> from_pretrained(out) vs the first load. Runs on every rank."""
     import xtp
-    from xtp.sharding.assemble import local_entries
+    from xtp.loading.entries import local_entries
 
     case = case_by_id(case_id)
     kwargs = {"dtype": dtype} if dtype is not None else {}

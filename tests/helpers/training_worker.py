@@ -140,7 +140,7 @@ def reference_slice(model, name: str, full: torch.Tensor, tp_rank: int) -> torch
     """The piece of unsharded tensor ``full`` (parameter ``name``) that this TP rank holds,
     by the plan's own splits (``plan.spec(module).param_splits()`` and ``take_ranges``)."""
     from xtp.planning.layouts import take_ranges
-    from xtp.sharding.api import sharded_plan
+    from xtp.sharding.state import sharded_plan
 
     plan = sharded_plan(model)
     module, _, pname = name.rpartition(".")
@@ -217,7 +217,8 @@ def one_step(case_id: str, tp: int, optim: str = "sgd", ddp: bool = False) -> di
     The dp replicas' gradients are averaged by :func:`xtp.training.all_reduce_dp_gradients`,
     or (``ddp``) by torch's DistributedDataParallel over ``ctx.dp_group``."""
     import xtp
-    from xtp.training.loss import all_reduce_dp_gradients, lm_head_of
+    from xtp.training import all_reduce_dp_gradients
+    from xtp.training.loss import lm_head_of
 
     case = case_by_id(case_id)
     ctx = xtp.init_distributed(tp)
@@ -262,7 +263,7 @@ def one_step(case_id: str, tp: int, optim: str = "sgd", ddp: bool = False) -> di
 def loss_curve(case_id: str, tp: int, steps: int = 20, lr: float = 1e-2) -> dict:
     """``steps`` AdamW steps on a fixed batch, sharded and unsharded: both loss curves."""
     import xtp
-    from xtp.training.loss import all_reduce_dp_gradients
+    from xtp.training import all_reduce_dp_gradients
 
     case = case_by_id(case_id)
     ctx = xtp.init_distributed(tp)
@@ -305,7 +306,7 @@ def dropout_agreement(case_id: str, tp: int, overrides: dict | None = None, seed
     rank: max difference of the residual-stream hidden states (every layer) from TP rank 0's
     and from data-parallel replica 0's."""
     import xtp
-    from xtp.training.loss import seed_everything
+    from xtp.training import seed_everything
 
     case = case_by_id(case_id, dropout=0.1, **(overrides or {}))
     ctx = xtp.init_distributed(tp)
@@ -327,7 +328,7 @@ def dropout_step_parity(case_id: str, tp: int, overrides: dict | None = None, se
     step of the sharded model draws the very masks of the unsharded model seeded alike
     (sharded-region randomness has its own stream): losses and updated parameters agree."""
     import xtp
-    from xtp.training.loss import all_reduce_dp_gradients, seed_everything
+    from xtp.training import all_reduce_dp_gradients, seed_everything
 
     case = case_by_id(case_id, dropout=0.1, **(overrides or {}))
     ctx = xtp.init_distributed(tp)
@@ -364,7 +365,7 @@ def dropout_with_activation_checkpointing(case_id: str, tp: int, seed: int = 7) 
     """Gradients of a seeded step with attention dropout, with and without transformers'
     gradient checkpointing: the recomputed forward must draw the same region masks."""
     import xtp
-    from xtp.training.loss import seed_everything
+    from xtp.training import seed_everything
 
     case = case_by_id(case_id, dropout=0.2)
     ctx = xtp.init_distributed(tp)
@@ -393,7 +394,7 @@ def dropout_with_activation_checkpointing(case_id: str, tp: int, seed: int = 7) 
 # --- 4. checkpoints ----------------------------------------------------------------------------
 
 def _train(model, case, opt, ctx, steps: range, sharded: bool) -> list[float]:
-    from xtp.training.loss import all_reduce_dp_gradients
+    from xtp.training import all_reduce_dp_gradients
 
     losses = []
     for step in steps:
@@ -415,8 +416,8 @@ def resume(case_id: str, tp: int, folder: str, dropout: float = 0.1) -> dict:
     """Train 4 steps uninterrupted; train 2, save, resume into a fresh model and optimizer,
     train 2 more: parameters, optimizer state and losses of both runs must be identical."""
     import xtp
+    from xtp.training import seed_everything
     from xtp.training.checkpoint import load_training_state, save_training_state
-    from xtp.training.loss import seed_everything
 
     case = case_by_id(case_id, dropout=dropout)
     ctx = xtp.init_distributed(tp)

@@ -22,7 +22,7 @@ from thread_ranks import rel_err, run_sharded
 from xtp.models.build import meta_model
 from xtp.planning import model_table as mt
 from xtp.planning.spec import COLUMN, EXPERTS, ROW
-from xtp.sharding.layers import head_slicing_hook
+from xtp.sharding.hooks import head_slicing_hook
 
 TOL = 1e-5
 CASE = {c.id: c for c in CASES}

@@ -33,7 +33,7 @@ HERE = Path(__file__).parents[1] / "helpers"
 SAVER = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
-import xtp, xtp.loading.presharded as ps, xtp.formats.safetensors_io as io
+import xtp, xtp.loading.save as ps, xtp.formats.safetensors_io as io
 from reliability_worker import tiny_model
 target, steps = sys.argv[1], sys.argv[2].split(",")
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

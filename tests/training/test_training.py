@@ -192,7 +192,7 @@ def _split(*per_rank):
     (_split([(0, 8)], [(8, 16)]), [((), 0), ((), 0)]),
 ], ids=["kv1", "kv2-tp4", "fused-kv1", "disjoint"])
 def test_shared_rows_of_replicated_kv_heads(split, want):
-    from xtp.sharding.api import shared_pieces
+    from xtp.sharding.hooks import shared_pieces
 
     assert [shared_pieces(split, r) for r in range(len(split.ranges))] == want
 
@@ -211,7 +211,7 @@ def test_gradient_hooks_sum_shared_rows_and_zero_rank0_only_params():
     from torch import nn
 
     from xtp.planning.spec import EXPERT_WEIGHTS, EXPERTS, ModuleSpec, ParamSplit, ShardPlan
-    from xtp.sharding.api import _register_split_grad_hooks
+    from xtp.sharding.hooks import register_split_grad_hooks
 
     spec = ModuleSpec("m", EXPERTS, EXPERT_WEIGHTS, "unit", params=(
         ParamSplit("w", 0, (((0, 2), (4, 6)), ((2, 4), (4, 6)))),   # rows 4..6 shared
@@ -222,7 +222,7 @@ def test_gradient_hooks_sum_shared_rows_and_zero_rank0_only_params():
         mod = nn.Module()
         mod.w, mod.b = nn.Parameter(torch.ones(4, 2)), nn.Parameter(torch.ones(3))
         undo: list = []
-        _register_split_grad_hooks(plan, {"m": mod}, _TwiceComm(), rank, undo)
+        register_split_grad_hooks(plan, {"m": mod}, _TwiceComm(), rank, undo)
         (3 * mod.w.sum() + 5 * mod.b.sum()).backward()
         assert mod.w.grad[:2].eq(3).all() and mod.w.grad[2:].eq(6).all()  # own rows, shared
         assert mod.b.grad.eq(5 if rank == 0 else 0).all()

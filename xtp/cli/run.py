@@ -53,7 +53,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
     import xtp
 
     from ..models.builtin import build_random, resolve_config
-    from ..sharding.api import sharded_plan
+    from ..sharding.state import sharded_plan
 
     dtype = getattr(torch, dtype_name)
     t0 = time.perf_counter()

@@ -2,200 +2,42 @@
 
 Steps (each rank; the only communication is one small all-gather of fingerprints, as in
 :func:`xtp.shard`, so ranks given different models fail together): read ``config.json`` ->
-build the model on the meta device (:func:`xtp.build.meta_model`) -> derive the plan -> check
-the checkpoint's headers against the model (missing, unexpected, wrong shape:
+build the model on the meta device (:func:`xtp.models.build.meta_model`) -> derive the plan ->
+check the checkpoint's headers against the model (missing, unexpected, wrong shape:
 :class:`~xtp.errors.CheckpointError` before any data is read) -> read every tensor's slice for
-this rank straight onto ``ctx.device`` in the target dtype (:mod:`xtp.sources`) -> rebuild
-non-persistent buffers (:mod:`xtp.buffers`) -> apply the plan (class swaps, attributes) as
-:func:`xtp.shard` does. The result equals ``xtp.shard(transformers_model.from_pretrained(path))``
-tensor for tensor.
-
-Peak memory per rank: this rank's shard plus the replicated tensors, plus one tensor's
-temporary when a dtype conversion or a device copy is needed.
+this rank straight onto ``ctx.device`` in the target dtype (:mod:`xtp.loading.sources`) ->
+rebuild non-persistent buffers (:mod:`xtp.loading.buffers`) -> apply the plan (class swaps,
+attributes) as :func:`xtp.shard` does. The result equals
+``xtp.shard(transformers_model.from_pretrained(path))`` tensor for tensor. A pre-sharded folder
+(:mod:`xtp.formats.presharded`) is read by :mod:`xtp.loading.presharded` instead.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..accelerators import Communicator
-from ..distributed.consistency import check_fingerprints, checkpoint_digest, fingerprint
-from ..distributed.setup import TPContext, init_distributed
-from ..errors import CheckpointError, TPSizeError
-from ..formats.checkpoint_index import CheckpointIndex, ReadStats
-from ..models.build import meta_model
+from ..distributed.setup import TPContext
+from ..errors import CheckpointError
+from ..formats.checkpoint_index import CheckpointIndex
+from ..formats.presharded import is_presharded, leftovers
 from ..planning.derive import derive_plan
-from ..planning.spec import ShardPlan
-from ..sharding.assemble import Entry, finish_sharding, local_entries
-from .buffers import rebuild_non_persistent
-from .progress import Progress
-
-REPORT_ATTR = "_xtp_load_report"
-
-
-@dataclass
-class LoadReport:
-    """What loading did on this rank (also attached to the model: :func:`load_report`)."""
-
-    folder: str
-    tp_rank: int
-    tp_size: int
-    bytes_read: int
-    expected_bytes: int
-    per_key: dict[str, int] = field(default_factory=dict)
-    per_tensor: dict[str, int] = field(default_factory=dict)
-    files_opened: list[str] = field(default_factory=list)
-    rebuilt_buffers: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    presharded: bool = False
-
-
-def load_report(model: nn.Module) -> LoadReport | None:
-    """The :class:`LoadReport` of a model made by :func:`from_pretrained`, else ``None``."""
-    return getattr(model, REPORT_ATTR, None)
-
-
-def load_config(folder: Path):
-    """``config.json`` of ``folder`` through transformers' ``AutoConfig`` (local, no hub)."""
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; save the model with "
-                              "save_pretrained(), or copy its config.json next to the weights")
-    import transformers
-
-    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-
-
-def skeleton(config, model_class: type | None, dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device in ``dtype``. :func:`xtp.build.meta_model` ignores
-    ``dtype`` for a concrete transformers class (it has ``_from_config``, not ``from_config``),
-    so such classes are built through ``_from_config`` here."""
-    if model_class is not None and hasattr(model_class, "_from_config") and not hasattr(
-            model_class, "from_config"):
-        with torch.device("meta"):
-            return model_class._from_config(config, dtype=dtype)
-    return meta_model(config, model_class, dtype)
-
-
-def saved_class(config) -> type | None:
-    """The class named in ``config.architectures`` (what was saved), when transformers has it."""
-    archs = getattr(config, "architectures", None) or []
-    if len(archs) != 1:
-        return None
-    import transformers
-
-    cls = getattr(transformers, archs[0], None)
-    return cls if isinstance(cls, type) else None
-
-
-def resolve_dtype(dtype, config, stored: torch.dtype | None) -> torch.dtype:
-    """An explicit dtype wins; ``None`` or ``"auto"``: the config's dtype, else the stored one."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise CheckpointError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16'")
-        return getattr(torch, dtype)
-    if dtype not in (None, "auto"):
-        raise CheckpointError(f"dtype must be a torch.dtype, a string or None, got {dtype!r}")
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(cfg, str) and isinstance(getattr(torch, cfg, None), torch.dtype):
-        cfg = getattr(torch, cfg)
-    if isinstance(cfg, torch.dtype):
-        return cfg
-    return stored or torch.get_default_dtype()
-
-
-def entry_dtype(model: nn.Module, dtype: torch.dtype) -> Callable[[Entry], torch.dtype]:
-    """The dtype each tensor is loaded in: the skeleton's, except where transformers' keep-in-
-    fp32 rules force float32 (as its own loader does)."""
-    forced = _dtype_rule(model, dtype)
-
-    def pick(e: Entry) -> torch.dtype:
-        return (forced(e.aliases[0]) if e.meta.is_floating_point() else None) or e.meta.dtype
-
-    return pick
-
-
-def _dtype_rule(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
-    """transformers' ``_keep_in_fp32_modules`` rules: name -> forced dtype (or None)."""
-    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
-    if not plan:
-        return lambda name: None
-    pats = list(plan)
-    rx = re.compile("|".join(f"(?P<g{i}>{p})" for i, p in enumerate(pats)))
-
-    def rule(name: str) -> torch.dtype | None:
-        m = rx.search(name)
-        return plan[pats[int(m.lastgroup[1:])]] if m else None
-
-    return rule
-
-
-def _context(context: TPContext | None, tp_size: int | None) -> TPContext:
-    ctx = context or init_distributed(tp_size)
-    if tp_size is not None and ctx.tp_size != tp_size:
-        raise TPSizeError(f"tp_size={tp_size} but the given context has tp_size={ctx.tp_size}")
-    return ctx
-
-
-def fill_model(model: nn.Module, plan: ShardPlan, ctx: TPContext, source, folder: Path,
-               dtype: torch.dtype, progress: bool | None, stats: ReadStats) -> LoadReport:
-    """Read every entry of ``model`` from ``source`` for ``ctx.tp_rank`` (in place)."""
-    start = time.monotonic()
-    if ctx.tp_size > 1:  # as shard() does: every rank has the same model, plan and versions
-        check_fingerprints({**fingerprint(model, plan),  # ... and reads the same checkpoint
-                            "checkpoint contents": checkpoint_digest(folder)}, ctx.tp_group)
-    entries: list[Entry] = local_entries(model, plan, ctx.tp_rank)
-    missing = [e for e in entries if not source.has(e)]
-    missing_params = [e.aliases[0] for e in missing if e.is_param]
-    if missing_params:
-        raise CheckpointError(
-            f"the checkpoint in {folder} lacks {len(missing_params)} tensor(s) the model needs: "
-            f"{missing_params[:5]}. It was saved from another model or config, or is "
-            "incomplete; check config.json (architectures, sizes) or re-save the checkpoint")
-    source.check(entries)
-    present = [e for e in entries if source.has(e)]
-    total = sum(source.cost(e) for e in present)
-    bar = Progress.auto(progress, ctx.rank == 0, total, len(source.files_for(present)))
-    source.ckpt.on_read = bar.update
-    pick = entry_dtype(model, dtype)
-    per_tensor = {}
-    try:
-        for e in present:
-            want = pick(e)
-            before = stats.bytes_read
-            if e.zero:  # this rank holds zeros (a bias the all-reduce must add once)
-                e.set(torch.zeros(e.local_shape, dtype=want, device=ctx.device))
-            else:
-                e.set(source.read(e, want, ctx.device))
-            per_tensor[e.aliases[0]] = stats.bytes_read - before
-    finally:
-        source.ckpt.on_read = None
-        bar.close()
-    missing_buffers = frozenset(a for e in missing for a in e.aliases)
-    rebuilt = rebuild_non_persistent(model, ctx.device, model.config, type(model), dtype,
-                                     extra=missing_buffers)
-    return LoadReport(str(folder), ctx.tp_rank, ctx.tp_size, stats.bytes_read, total,
-                      dict(stats.per_key), per_tensor, list(stats.files_opened), rebuilt,
-                      time.monotonic() - start)
-
-
-def _generation_config(model: nn.Module, folder: Path) -> None:
-    if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
-        try:
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(str(folder))
-        except (OSError, ValueError):
-            pass
+from .common import (
+    context_for,
+    fill_model,
+    finish_load,
+    load_config,
+    resolve_dtype,
+    saved_class,
+    skeleton,
+)
+from .presharded import load_presharded
+from .sources import FullCheckpointSource
 
 
 def from_pretrained(
@@ -230,10 +72,9 @@ def from_pretrained(
         CheckpointError: missing/unexpected tensors, wrong shapes, damaged or truncated files,
             an index naming absent files, a pre-sharded folder for another tp_size.
     """
-    ctx = _context(context, tp_size)
+    ctx = context_for(context, tp_size)
     folder = Path(path)
-    left = [p.name for p in (folder.parent / f".{folder.name}.xtp-tmp",  # see presharded.py
-                             folder.parent / f".{folder.name}.xtp-old") if p.exists()]
+    left = leftovers(folder)
     if not folder.is_dir() and left:
         raise CheckpointError(
             f"{folder} is incomplete: its writing (save_sharded or xtp preshard) was "
@@ -242,12 +83,8 @@ def from_pretrained(
         raise CheckpointError(
             f"{folder} is not a folder; xtp.from_pretrained reads a local checkpoint folder "
             "(download a hub model first, e.g. huggingface_hub.snapshot_download(repo_id))")
-    from .presharded import is_presharded, load_presharded
-
     if is_presharded(folder):
         return load_presharded(folder, ctx, dtype, model_class, rules, progress, communicator)
-    from .sources import FullCheckpointSource
-
     config = load_config(folder)
     with CheckpointIndex.open(folder) as ckpt:
         model = None
@@ -260,8 +97,4 @@ def from_pretrained(
         plan = derive_plan(model, ctx.tp_size, rules)
         source = FullCheckpointSource(ckpt, model)
         report = fill_model(model, plan, ctx, source, folder, dtype, progress, ckpt.stats)
-    finish_sharding(model, plan, ctx, communicator)
-    _generation_config(model, folder)
-    model.eval()
-    setattr(model, REPORT_ATTR, report)
-    return model
+    return finish_load(model, plan, ctx, communicator, folder, report)

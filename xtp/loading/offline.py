@@ -23,14 +23,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats.checkpoint_index import CheckpointIndex
 from ..formats.keymap import tied_sources
-from ..formats.safetensors_io import StreamWriter
-from ..planning.derive import derive_plan
-from ..planning.layouts import gather_ranges
-from ..sharding.assemble import local_entries, param_split
-from .api import entry_dtype, load_config, resolve_dtype, saved_class, skeleton
-from .presharded import (
+from ..formats.presharded import (
     METADATA,
-    _import_class,
     commit,
     export_name,
     metadata,
@@ -40,6 +34,12 @@ from .presharded import (
     save_config,
     write_rank_file,
 )
+from ..formats.safetensors_io import StreamWriter
+from ..planning.derive import derive_plan
+from ..planning.layouts import gather_ranges
+from .common import entry_dtype, load_config, resolve_dtype, saved_class, skeleton
+from .entries import local_entries, param_split
+from .presharded import saved_model_class
 from .progress import Progress
 
 AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -93,7 +93,8 @@ def preshard(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tp_size: 
             files = {}
             try:
                 for r, entries in enumerate(ranks):
-                    items = [(export_name(e, tied), pick(e), e.local_shape) for e in entries]
+                    items = [(export_name(e.aliases, tied), pick(e), e.local_shape)
+                             for e in entries]
 
                     def tensor(i, entries=entries):
                         e = entries[i]
@@ -170,7 +171,7 @@ def gather(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     n = plan.tp_size
     config = load_config(src)
     stored = getattr(torch, meta["dtype"])
-    model = skeleton(config, _import_class(meta.get("model_class")), stored)
+    model = skeleton(config, saved_model_class(meta.get("model_class")), stored)
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     revert, group_of = _revert(model)
     readers = [CheckpointIndex(src, [src / rank_file(r, n)], "safetensors", {}) for r in range(n)]

@@ -1,6 +1,6 @@
 """Where a rank's tensors come from: a full checkpoint (sliced on read) or its pre-sharded file.
 
-A source answers, for one :class:`~xtp.assemble.Entry`: is it there (:meth:`has`), how many
+A source answers, for one :class:`~xtp.loading.entries.Entry`: is it there (:meth:`has`), how many
 stored bytes reading it costs (:meth:`cost`), and the tensor itself (:meth:`read`, already this
 rank's slice, converted to ``dtype`` on ``device``). Validation (:meth:`check`) runs on headers
 only, before any data is read, and raises :class:`~xtp.errors.CheckpointError` naming the
@@ -27,7 +27,7 @@ from ..formats.keymap import (
     tied_sources,
 )
 from ..planning.layouts import take_ranges
-from ..sharding.assemble import Entry
+from .entries import Entry
 
 
 def _itemsize(dtype: torch.dtype) -> int:

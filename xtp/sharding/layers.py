@@ -20,7 +20,6 @@ Shapes: ``x`` is ``(..., in_features)`` (local in-features for row layers); outp
 
 from __future__ import annotations
 
-import hashlib
 from typing import ClassVar
 
 import torch
@@ -38,17 +37,29 @@ from ..planning.spec import (
     OUT_IN,
     ROW,
     VOCAB_EMBEDDING,
+    ModuleSpec,
 )
 from .packing import packed_matmul
+from .rng import RegionRNG
 
 
 class TPModule:
-    """Marker base of every xtp-sharded module. ``tp_comm`` is the TP group's Communicator;
-    ``tp_role`` the role; ``tp_local_range`` / ``tp_sizes`` describe the split dimension."""
+    """Base of every xtp-sharded module's class. ``tp_comm``: the TP group's Communicator;
+    ``tp_role``: the role; ``tp_kind``: how a linear layer stores its weight;
+    ``tp_original_class``: the class before the swap. Each role's subclass below adds the
+    ``tp_*`` attributes its forward reads, in :meth:`tp_setup`."""
 
     tp_role: ClassVar[str] = ""
     tp_comm: Communicator
     tp_original_class: type
+
+    def tp_setup(self, spec: ModuleSpec, tp_size: int, rank: int, rng: RegionRNG) -> None:
+        """Set this rank's attributes once the class is swapped and the local weights are in
+        place; each role adds what its forward needs (``rng`` is the model's one
+        :class:`~xtp.sharding.rng.RegionRNG`)."""
+        if spec.kind in (OUT_IN, IN_OUT):
+            self.tp_kind = spec.kind
+        set_local_features(self, spec.kind)
 
 
 def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -61,69 +72,13 @@ def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tens
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
 
-def default_generator(device: torch.device) -> torch.Generator | None:
-    """The default random generator of ``device`` (``None`` when its backend has none)."""
-    if device.type == "cpu":
-        return torch.default_generator
-    try:
-        mod = torch.get_device_module(device.type)
-        gens = mod.default_generators
-        return gens[device.index if device.index is not None else mod.current_device()]
-    except (AttributeError, RuntimeError, IndexError):
-        return None
-
-
-class RegionRNG:
-    """Random numbers drawn inside a tensor-parallel region (from a column layer's output to
-    its row layer's input: activations split by heads or features, e.g. attention-probability
-    dropout) come from a stream of their own, one per TP rank (Megatron-LM's model-parallel RNG).
-
-    Without it every rank draws region randomness from the default generator, and ranks with
-    different local head counts (6 heads over 4 ranks: 2, 2, 1, 1) consume different amounts
-    of it; the dropout on replicated activations after the row layer then differs across the TP
-    group (silently wrong training), and with equal counts the ranks' per-head masks are copies.
-
-    One instance per sharded model (``tp_rng`` of its column and row layers); only in training
-    mode. Entering (column layer) seeds the device's default generator from a hash of its state
-    and the TP rank; leaving (row layer) puts the state back and, if the region drew anything,
-    advances it by one draw (identically on every TP rank) so the next region gets another
-    seed. Everything is a function of the default generator's state: seeding it
-    (:func:`xtp.training.seed_everything`) seeds the regions, a checkpoint of it resumes them,
-    and activation-checkpointing recomputation (which restores it) redraws the same masks. A
-    region that draws nothing leaves the default stream exactly as the unsharded model's.
-    Not under ``torch.compile`` tracing (region draws then come from the default stream).
-    """
-
-    def __init__(self, tp_rank: int) -> None:
-        self.tp_rank = tp_rank
-        self._inside: tuple | None = None
-
-    def enter(self, device: torch.device) -> None:
-        if self._inside is not None or torch.compiler.is_compiling():
-            return
-        gen = default_generator(device)
-        if gen is None:
-            return
-        main = gen.get_state()
-        digest = hashlib.blake2b(main.numpy().tobytes() + self.tp_rank.to_bytes(4, "little"),
-                                 digest_size=8).digest()
-        gen.manual_seed(int.from_bytes(digest, "little") >> 1)
-        self._inside = (gen, main, gen.get_state())
-
-    def leave(self) -> None:
-        if self._inside is None:
-            return
-        gen, main, seeded = self._inside
-        self._inside = None
-        drew = not torch.equal(gen.get_state(), seeded)
-        gen.set_state(main)
-        if drew:
-            torch.empty(1, device=gen.device).uniform_(generator=gen)
-
-
 class ColumnParallel(TPModule):
     tp_role = COLUMN
     tp_rng: RegionRNG | None = None
+
+    def tp_setup(self, spec, tp_size, rank, rng) -> None:
+        super().tp_setup(spec, tp_size, rank, rng)
+        self.tp_rng = rng
 
     def forward(self, x, *args, **kwargs):
         x = copy_to_group(x, self.tp_comm)
@@ -140,6 +95,10 @@ class RowParallel(TPModule):
     tp_kind: str = OUT_IN
     tp_rng: RegionRNG | None = None
 
+    def tp_setup(self, spec, tp_size, rank, rng) -> None:
+        super().tp_setup(spec, tp_size, rank, rng)
+        self.tp_rng = rng
+
     def forward(self, x):
         if self.training and self.tp_rng is not None:
             self.tp_rng.leave()
@@ -155,6 +114,10 @@ class ParallelLMHead(TPModule):
     tp_sizes: tuple[int, ...] = ()
     tp_gather_output: bool = True
 
+    def tp_setup(self, spec, tp_size, rank, rng) -> None:
+        super().tp_setup(spec, tp_size, rank, rng)
+        self.tp_sizes = tuple(spec.local_extent(r) for r in range(tp_size))
+
     def forward(self, x, *args, **kwargs):
         x = copy_to_group(x, self.tp_comm)
         local = packed_matmul(self, x, self.bias)
@@ -168,6 +131,13 @@ class ParallelLMHead(TPModule):
 class VocabParallelEmbedding(TPModule):
     tp_role = VOCAB_EMBEDDING
     tp_vocab_start: int = 0
+
+    def tp_setup(self, spec, tp_size, rank, rng) -> None:
+        super().tp_setup(spec, tp_size, rank, rng)
+        self.tp_vocab_start = spec.ranges[rank][0][0]
+        if getattr(self, "padding_idx", None) is not None:
+            local = self.padding_idx - self.tp_vocab_start
+            self.padding_idx = local if 0 <= local < self.weight.shape[0] else None
 
     def forward(self, ids, *args, **kwargs):
         local = ids - self.tp_vocab_start
@@ -230,72 +200,3 @@ def set_local_features(module: nn.Module, kind: str) -> None:
             module.nx = w.shape[0]
     elif kind == EMBEDDING:
         module.num_embeddings, module.embedding_dim = w.shape[0], w.shape[1]
-
-
-def unshard_class(module: nn.Module) -> None:
-    """Restore a module's original class (used when a shard() must be rolled back)."""
-    if isinstance(module, TPModule):
-        module.__class__ = module.tp_original_class
-
-
-def head_slicing_hook(kwarg: str, layout: str, heads: tuple[int, int], num_heads: int):
-    """A forward pre-hook that cuts keyword input ``kwarg`` down to heads ``[start, stop)``.
-
-    Layout ``batch_x_heads``: ``(batch * num_heads, ...)`` -> ``(batch * local_heads, ...)``;
-    ``heads_dim1``: ``(batch, num_heads, ...)`` -> ``(batch, local_heads, ...)``.
-    """
-    start, stop = heads
-    if layout not in ("batch_x_heads", "heads_dim1"):
-        raise ValueError(f"unknown head-sliced layout {layout!r}")
-
-    def hook(module, args, kwargs):
-        t = kwargs.get(kwarg)
-        if not isinstance(t, torch.Tensor):
-            return None
-        if layout == "heads_dim1":
-            if t.dim() < 2 or t.shape[1] != num_heads:
-                return None
-            kwargs[kwarg] = t[:, start:stop]
-            return args, kwargs
-        if t.shape[0] % num_heads:
-            return None
-        batch = t.shape[0] // num_heads
-        local = t.reshape(batch, num_heads, *t.shape[1:])[:, start:stop]
-        kwargs[kwarg] = local.reshape(batch * (stop - start), *t.shape[1:])
-        return args, kwargs
-
-    return hook
-
-
-def partial_grad_hook(comm: Communicator):
-    """A tensor hook that sums a replicated parameter's partial gradient over the TP group."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return comm.all_reduce(grad.clone())
-
-    return hook
-
-
-def shared_rows_grad_hook(comm: Communicator, dim: int,
-                          pieces: tuple[tuple[int, int, int], ...], shared: int):
-    """A tensor hook for a split parameter whose rows are held by several ranks (KV heads
-    replicated because there are fewer KV heads than ranks): each holder computes only its
-    own query heads' part of those rows' gradient, so they are summed over the TP group.
-
-    ``pieces``: ``(local_start, buffer_start, length)`` of this rank's shared rows along
-    ``dim``; ``shared``: the number of distinct shared rows (equal on every rank, which all
-    take part in the all-reduce, holders or not)."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        shape = list(grad.shape)
-        shape[dim] = shared
-        buf = grad.new_zeros(shape)
-        for local, pos, n in pieces:
-            buf.narrow(dim, pos, n).add_(grad.narrow(dim, local, n))
-        buf = comm.all_reduce(buf)
-        grad = grad.clone()
-        for local, pos, n in pieces:
-            grad.narrow(dim, local, n).copy_(buf.narrow(dim, pos, n))
-        return grad
-
-    return hook

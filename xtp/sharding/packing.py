@@ -4,7 +4,7 @@
 to repack every weight of an xtp column, row and lm_head layer that is a plain ``nn.Linear``;
 on CPU that is oneDNN's blocked layout for bf16/fp16 weights (decode ~27% faster in bf16,
 bench/RESULTS.md) and, for fp32, the plain weight served by xtp's GEMV kernel at one token
-(:mod:`xtp.accelerators.cpu_gemv`; ``XTP_CPU_PACK=all`` packs fp32 for oneDNN instead);
+(:mod:`xtp.accelerators.cpu.gemv`; ``XTP_CPU_PACK=all`` packs fp32 for oneDNN instead);
 elsewhere nothing changes. Each packed weight replaces the dense one (no second copy: at most
 one weight exists twice, while it is being packed); the module keeps a zero-stride placeholder
 ``weight`` of the right shape, dtype and device, so code that inspects it still works, and
@@ -26,11 +26,14 @@ from ..accelerators.packed.compiled import handle as op_handle
 from ..accelerators.packed.compiled import packed_linear
 from ..errors import PackedWeightsError, XtpError
 from ..planning.spec import COLUMN, LM_HEAD, OUT_IN, ROW
+from .state import (
+    PACKED_ATTR,
+    PACKED_GRAD_FLAGS_ATTR,
+    PACKED_HOOKS_ATTR,
+    PACKED_ROOT_HOOK_ATTR,
+    sharded_context,
+)
 
-PACKED_ATTR = "tp_packed"          # on a module: its PackedLinear
-GRAD_FLAGS_ATTR = "_xtp_packed_requires_grad"  # on the model: requires_grad before packing
-HOOKS_ATTR = "_xtp_packed_hooks"   # on a module: its state_dict / load_state_dict hook handles
-ROOT_HOOK_ATTR = "_xtp_packed_root_hook"  # on the model: its load_state_dict refusal
 PACKABLE_ROLES = (COLUMN, ROW, LM_HEAD)
 
 
@@ -81,10 +84,8 @@ def pack_for_inference(model: nn.Module, accelerator=None) -> int:
     again packs nothing more. ``load_state_dict`` on a packed module raises
     :class:`~xtp.errors.PackedWeightsError`.
     """
-    from .api import CONTEXT_ATTR
-
     if accelerator is None:
-        ctx = getattr(model, CONTEXT_ATTR, None)
+        ctx = sharded_context(model)
         if ctx is None:
             raise XtpError("pack_for_inference needs a model sharded by xtp.shard() or loaded "
                            "by xtp.from_pretrained()")
@@ -104,16 +105,17 @@ def pack_for_inference(model: nn.Module, accelerator=None) -> int:
         op_handle(packed)  # named for torch.compile's packed-matmul op before any tracing
         placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device)
         module.__dict__[PACKED_ATTR] = packed
-        module.__dict__[HOOKS_ATTR] = (module._register_state_dict_hook(_dense_state_hook),
+        module.__dict__[PACKED_HOOKS_ATTR] = (module._register_state_dict_hook(_dense_state_hook),
                                        module.register_load_state_dict_pre_hook(_refuse_load))
         module.weight = nn.Parameter(placeholder.expand(weight.shape), requires_grad=False)
         del weight  # the dense weight is freed here unless the caller holds it
         count += 1
-    if count and GRAD_FLAGS_ATTR not in model.__dict__:
-        model.__dict__[GRAD_FLAGS_ATTR] = flags
+    if count and PACKED_GRAD_FLAGS_ATTR not in model.__dict__:
+        model.__dict__[PACKED_GRAD_FLAGS_ATTR] = flags
         model.requires_grad_(False)
         # on the root too: it runs before any submodule is loaded, so nothing changes
-        model.__dict__[ROOT_HOOK_ATTR] = model.register_load_state_dict_pre_hook(_refuse_load)
+        root_hook = model.register_load_state_dict_pre_hook(_refuse_load)
+        model.__dict__[PACKED_ROOT_HOOK_ATTR] = root_hook
     return count
 
 
@@ -125,14 +127,14 @@ def unpack(model: nn.Module) -> int:
         packed = module.__dict__.pop(PACKED_ATTR, None)
         if packed is None:
             continue
-        for handle in module.__dict__.pop(HOOKS_ATTR):
+        for handle in module.__dict__.pop(PACKED_HOOKS_ATTR):
             handle.remove()
         module.weight = nn.Parameter(packed.unpack(), requires_grad=False)
         count += 1
-    root_hook = model.__dict__.pop(ROOT_HOOK_ATTR, None)
+    root_hook = model.__dict__.pop(PACKED_ROOT_HOOK_ATTR, None)
     if root_hook is not None:
         root_hook.remove()
-    flags = model.__dict__.pop(GRAD_FLAGS_ATTR, None)
+    flags = model.__dict__.pop(PACKED_GRAD_FLAGS_ATTR, None)
     if flags is not None:
         for name, p in model.named_parameters(remove_duplicate=False):
             p.requires_grad_(flags.get(name, p.requires_grad))

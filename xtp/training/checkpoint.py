@@ -40,11 +40,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError, XtpError
+from ..loading.entries import param_split
 from ..planning.layouts import gather_ranges, take_ranges
 from ..planning.spec import ShardPlan
-from ..sharding.assemble import param_split
-from ..sharding.layers import default_generator
 from ..sharding.packing import require_dense
+from ..sharding.rng import default_generator
+from ..sharding.state import sharded_context, sharded_plan
 
 FORMAT, FORMAT_VERSION = "xtp-training-state", 1
 META, MARKER, FULL_STATE = "training_state.json", ".xtp_training_complete", "state.pt"
@@ -59,9 +60,7 @@ def rng_file(rank: int, world: int) -> str:
 
 
 def _plan_ctx(model: nn.Module):
-    from ..sharding.api import CONTEXT_ATTR, sharded_plan
-
-    return sharded_plan(model), getattr(model, CONTEXT_ATTR, None)
+    return sharded_plan(model), sharded_context(model)
 
 
 def _barrier_ok(ok: bool, ctx) -> bool:
@@ -143,7 +142,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     The folder must be on a file system every rank sees. Returns ``Path(path)``.
     """
-    from ..loading.presharded import save_sharded
+    from ..loading.save import save_sharded
 
     plan, ctx = _plan_ctx(model)
     if plan is None or ctx is None:
@@ -193,7 +192,7 @@ def read_training_meta(path: str | os.PathLike) -> dict:
 
 def _saved_plan(folder: Path) -> tuple[ShardPlan, dict[str, str]]:
     """The plan the checkpoint's model was sharded with, and its ``{tie target: source}``."""
-    from ..loading.presharded import read_metadata
+    from ..formats.presharded import read_metadata
     from ..planning.serialize import plan_from_json
 
     meta = read_metadata(folder / "model")
@@ -203,7 +202,7 @@ def _saved_plan(folder: Path) -> tuple[ShardPlan, dict[str, str]]:
 def _rank_model_state(folder: Path, rank: int, tp_size: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from ..loading.presharded import rank_file
+    from ..formats.presharded import rank_file
 
     return load_file(str(folder / "model" / rank_file(rank, tp_size)))
 

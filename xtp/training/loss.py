@@ -1,7 +1,7 @@
-"""Training through sharded models: vocab-parallel loss, local logits, seeds, DP gradients.
+"""The loss of a sharded causal LM without full-vocabulary logits on any rank: the parallel LM
+head's local vocabulary slice (:func:`local_logits`) and a vocab-parallel cross entropy.
 
-Backward needs no switch: every TP layer's collectives are autograd-aware
-(xtp.accelerators.autograd), ``model.train()``/``model.eval()`` and autograd decide the rest.
+Shapes: logits ``(batch, seq, local_vocab)`` on each rank, labels ``(batch, seq)``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..accelerators import Communicator
-from ..distributed.setup import TPContext
 from ..sharding.layers import ParallelLMHead
 
 
@@ -103,20 +102,3 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         logits = model(input_ids, **kwargs).logits
     start = sum(head.tp_sizes[: head.tp_comm.rank])
     return vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], head.tp_comm, start)
-
-
-def seed_everything(seed: int, ctx: TPContext) -> None:
-    """Seed so that ranks of one TP group draw the same random numbers (dropout on replicated
-    activations must agree) and data-parallel replicas draw different ones."""
-    ctx.accelerator.manual_seed_all(seed + 1000003 * ctx.dp_rank)
-
-
-def all_reduce_dp_gradients(model: nn.Module, ctx: TPContext) -> None:
-    """Average gradients over the data-parallel group (a minimal stand-in for DDP/FSDP2 on the
-    dp dimension of a tp x dp world)."""
-    if ctx.dp_size == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=ctx.dp_group)
-            p.grad /= ctx.dp_size

@@ -1,28 +1,23 @@
-"""A rank's local state under a plan, and turning a filled meta model into a sharded one.
+"""A rank's tensors under a plan: what loading, saving and checkpoints read and write.
 
-* :func:`local_entries`: every unique tensor of the model's ``state_dict`` (tied aliases
-  grouped), with the slice of it rank ``rank`` owns: ``dim`` and ``ranges`` along that dim
-  (``None``: the whole tensor), and ``zero`` when this rank holds zeros of that shape (a bias
-  added once after an all-reduce). The splits are the plan's own
-  (:meth:`xtp.plan.ModuleSpec.param_splits`), as :func:`xtp.shard.slice_module` uses them.
-* :func:`finish_sharding`: once every entry holds this rank's tensor, swap module classes and
-  apply the plan's attribute updates exactly as :func:`xtp.shard` does, so both paths give the
-  same modules, attributes and tensors.
+:func:`local_entries` lists every unique tensor of the model's ``state_dict`` (tied aliases
+grouped), with the slice of it rank ``rank`` owns: ``dim`` and ``ranges`` along that dim
+(``None``: the whole tensor), and ``zero`` when this rank holds zeros of that shape (a bias
+added once after an all-reduce). The splits are the plan's own
+(:meth:`xtp.planning.spec.ModuleSpec.param_splits`), the same that :func:`xtp.shard` slices by.
+Once every entry holds this rank's tensor, :func:`xtp.sharding.apply.adopt_local_shards`
+finishes the model exactly as :func:`xtp.shard` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..accelerators import Communicator
-from ..distributed.setup import TPContext
 from ..planning.layouts import ranges_len
 from ..planning.spec import SHARDED_ROLES, ShardPlan
-from .api import CONTEXT_ATTR, PLAN_ATTR, _apply, _Change, _rank_meta
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -63,7 +58,7 @@ class Entry:
 
 
 def param_split(plan: ShardPlan | None, name: str):
-    """The plan's :class:`~xtp.plan.ParamSplit` of state-dict tensor ``name``, or None."""
+    """The plan's :class:`~xtp.planning.spec.ParamSplit` of state-dict tensor ``name``, or None."""
     if plan is None or "." not in name:
         return None
     module, attr = name.rsplit(".", 1)
@@ -111,38 +106,3 @@ def local_entries(model: nn.Module, plan: ShardPlan | None, rank: int) -> list[E
             raise ValueError(f"tied tensor {entry.aliases} is sliced differently by its owners")
         entry.dim, entry.ranges, entry.zero = slices.pop()
     return list(by_id.values())
-
-
-def _changes(model: nn.Module, plan: ShardPlan, rank: int) -> list[_Change]:
-    """What :func:`xtp.shard._prepare` computes, for a model whose tensors are already local
-    (tied parameters map to one tensor object, as ``_prepare``'s memo does)."""
-    modules = dict(model.named_modules())
-    changes = []
-    local: dict[int, torch.Tensor] = {}
-    for spec in plan.sharded():
-        mod = modules[spec.name]
-        params = {}
-        for split in spec.param_splits():
-            p = mod._parameters.get(split.param)
-            if p is not None:
-                params[split.param] = local.setdefault(id(p), p.detach())
-        changes.append(_Change(mod, spec.role, spec.kind, params, _rank_meta(spec, plan, rank)))
-    return changes
-
-
-def finish_sharding(
-    model: nn.Module, plan: ShardPlan, ctx: TPContext,
-    communicator: Communicator | Callable[[Communicator], Communicator] | None = None,
-) -> nn.Module:
-    """Class swaps, attribute updates and bookkeeping of :func:`xtp.shard`, for a model whose
-    every tensor already holds this rank's slice (on ``ctx.device``)."""
-    base = ctx.communicator()
-    if callable(communicator) and not isinstance(communicator, Communicator):
-        comm = communicator(base)
-    else:
-        comm = communicator or base
-    changes = _changes(model, plan, ctx.tp_rank) if ctx.tp_size > 1 else []
-    _apply(model, plan, changes, comm, ctx.tp_rank, ctx.device, [])
-    setattr(model, PLAN_ATTR, plan)
-    setattr(model, CONTEXT_ATTR, ctx)
-    return model
