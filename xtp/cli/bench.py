@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import XtpError
-from .pack_option import add_pack_option, apply_pack_option
+from .options import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
 #: --vs names that are xtp itself with other settings: (implementation, extra environment)

@@ -7,7 +7,7 @@ import sys
 
 from ..errors import XtpError
 from . import bench as bench_cmd
-from . import env, preshard
+from . import env, gather, preshard
 from . import plan as plan_cmd
 from . import run as run_cmd
 from . import verify as verify_cmd
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_parser(sub)
     env.add_parser(sub)
     preshard.add_parser(sub)
+    gather.add_parser(sub)
     verify_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     return parser

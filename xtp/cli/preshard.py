@@ -1,27 +1,16 @@
-"""``xtp preshard`` and ``xtp gather``: offline conversions, one process, no ranks started.
+"""``xtp preshard MODEL_DIR OUT_DIR --tp N``: per-rank files for N ranks, offline, one process.
 
-``xtp preshard MODEL_DIR OUT_DIR --tp N`` writes the per-rank files ``xtp.from_pretrained``
-loads under ``torchrun --nproc-per-node N`` (each rank then reads only its own file).
-``xtp gather PRESHARDED_DIR OUT_DIR`` turns such a folder back into an ordinary checkpoint.
+It writes the per-rank files ``xtp.from_pretrained`` loads under ``torchrun --nproc-per-node N``
+(each rank then reads only its own file); ``xtp gather`` (:mod:`xtp.cli.gather`) turns such a
+folder back into an ordinary checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 
 from ..errors import XtpError
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5_000_000_000; ``"512MiB"``; a plain number of bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 512MiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+from .options import dtype_arg
 
 
 def add_parser(sub) -> None:
@@ -43,33 +32,6 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.set_defaults(func=run_preshard)
 
-    g = sub.add_parser(
-        "gather",
-        help="turn a pre-sharded folder back into one ordinary checkpoint (offline)",
-        description="Stream the per-rank files of a pre-sharded folder back into "
-        "model.safetensors (or numbered files + index), loadable by transformers.",
-        epilog="example:\n  xtp gather ./llama-tp4 ./llama-full --max-shard-size 5GB",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    g.add_argument("src_dir", help="pre-sharded folder")
-    g.add_argument("out_dir", help="new folder to write")
-    g.add_argument("--max-shard-size", type=parse_size, default=None,
-                   help="split the output into files of at most this size (e.g. 5GB)")
-    g.add_argument("--dtype", default=None, help="convert floating-point tensors to this dtype")
-    g.add_argument("--no-progress", action="store_true", help="no progress line")
-    g.set_defaults(func=run_gather)
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise XtpError(f"--dtype {name!r} is not a torch dtype; use e.g. bfloat16, float16")
-    return dt
-
 
 def run_preshard(args) -> int:
     from ..loading.offline import preshard
@@ -77,16 +39,7 @@ def run_preshard(args) -> int:
     if args.tp < 1:
         raise XtpError(f"--tp must be >= 1, got {args.tp}")
     rules = {g: "replicate" for g in args.replicate} or None
-    out = preshard(args.model_dir, args.out_dir, args.tp, dtype=_dtype(args.dtype), rules=rules,
+    out = preshard(args.model_dir, args.out_dir, args.tp, dtype=dtype_arg(args.dtype), rules=rules,
                    progress=False if args.no_progress else None)
     print(f"wrote {out} for tp={args.tp}")
-    return 0
-
-
-def run_gather(args) -> int:
-    from ..loading.offline import gather
-
-    out = gather(args.src_dir, args.out_dir, max_shard_size=args.max_shard_size,
-                 dtype=_dtype(args.dtype), progress=False if args.no_progress else None)
-    print(f"wrote {out}")
     return 0

@@ -13,7 +13,7 @@ import resource
 import time
 
 from ..models.builtin import DEFAULT_MODEL
-from .pack_option import add_pack_option, apply_pack_option
+from .options import add_pack_option, apply_pack_option
 
 
 def add_parser(sub) -> None:

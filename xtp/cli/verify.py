@@ -24,7 +24,7 @@ import copy
 import os
 
 from ..models.builtin import DEFAULT_MODEL
-from .pack_option import add_pack_option, apply_pack_option
+from .options import add_pack_option, apply_pack_option
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 8 * 2.0**-8, "float16": 8 * 2.0**-11}
 
