@@ -35,9 +35,9 @@ Variants (comma-separated, any order; the first is the baseline of the ratios):
 
 Rank 0 prints the median ms/token of each variant and its ratio to the first (and, for the
 ``default`` variant, the share of the step spent in xtp's GEMV kernel), and, after
-each round, the ranks read 512 MiB each with ``sum()`` at once (``xtp.bench_rank.
+each round, the ranks read 512 MiB each with ``sum()`` at once (``xtp.bench.rank.
 read_bandwidth``): the floor of that round is the weight bytes read per decode step
-(``xtp.bench_prep.weight_bytes``) over the ranks' summed read bandwidth, and each variant's
+(``xtp.bench.prep.weight_bytes``) over the ranks' summed read bandwidth, and each variant's
 decode / floor is paired within rounds (median over rounds).
 """
 

@@ -1,6 +1,6 @@
 """What ``xtp bench`` prepares before starting ranks: a checkpoint folder to load and the weight
 bytes a decode step reads (the numerator of the decode floor; the ranks measure the read
-bandwidth themselves, :func:`xtp.bench_rank.read_bandwidth`)."""
+bandwidth themselves, :func:`xtp.bench.rank.read_bandwidth`)."""
 
 from __future__ import annotations
 

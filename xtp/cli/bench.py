@@ -2,7 +2,7 @@
 
 For each dtype, implementation and TP size, a fresh set of ranks (``torchrun``, the
 interpreter of ``--python``) loads the model and measures time to ready, prefill latency and
-per-token decode latency and peak memory (:mod:`xtp.bench_rank`). ``unsharded`` (one process,
+per-token decode latency and peak memory (:mod:`xtp.bench.rank`). ``unsharded`` (one process,
 plain transformers) always runs at tp 1. A peer that the ranks' interpreter cannot import is
 skipped with a message. Built-in names and config JSONs are first saved once with seeded
 random weights to ``--cache-dir``. The table gives each metric also as a ratio to xtp at the

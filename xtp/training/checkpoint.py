@@ -111,7 +111,7 @@ def _load_optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def _rng_state(device: torch.device) -> dict:
     """Default generators of the CPU and ``device`` (tensor-parallel region streams derive
-    from them: :class:`xtp.layers.RegionRNG`)."""
+    from them: :class:`xtp.sharding.rng.RegionRNG`)."""
     out = {"cpu": torch.default_generator.get_state()}
     gen = default_generator(device) if device.type != "cpu" else None
     if gen is not None:
