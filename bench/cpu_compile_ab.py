@@ -3,7 +3,7 @@
 Run under torchrun, one thread per rank (DeepSpeed from the peers' venv, see setup_peers.sh):
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/cpu_compile_ab.py bench/out/llama-1b-float32
-    DS_ACCELERATOR=cpu LOCAL_SIZE=2 OMP_NUM_THREADS=1 /work/peers-venv/bin/python -m \\
+    DS_ACCELERATOR=cpu LOCAL_SIZE=2 OMP_NUM_THREADS=1 .venv-peers/bin/python -m \\
         torch.distributed.run --nproc-per-node 2 bench/cpu_compile_ab.py \\
         bench/out/llama-1b-float32 --impl deepspeed
 

@@ -6,7 +6,7 @@ Run under torchrun (one thread per rank on a 2-core machine):
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/cpu_pack_ab.py bench/out/llama-1b-float32
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/cpu_pack_ab.py \\
         bench/out/llama-1b-bfloat16 --variants dense,packed,dense-huge,packed-huge
-    DS_ACCELERATOR=cpu LOCAL_SIZE=2 OMP_NUM_THREADS=1 /work/peers-venv/bin/python -m \\
+    DS_ACCELERATOR=cpu LOCAL_SIZE=2 OMP_NUM_THREADS=1 .venv-peers/bin/python -m \\
         torch.distributed.run --nproc-per-node 2 bench/cpu_pack_ab.py \\
         bench/out/llama-1b-float32 --variants default,deepspeed,dense
 

@@ -5,11 +5,15 @@
 # exactly the torch/transformers that xtp uses. xtp itself never depends on these packages.
 # The script refuses to continue if pip would install or replace torch.
 #
-#   bash bench/setup_peers.sh [VENV]          # default VENV: /work/peers-venv
+#   bash bench/setup_peers.sh [VENV]
 #   xtp bench llama-1b --tp 1,2 --vs deepspeed,transformers --python VENV/bin/python
+#
+# VENV: the argument, else $XTP_PEERS_VENV, else .venv-peers in the repository root (ignored by
+# git). Running the script again reuses an existing VENV.
 set -euo pipefail
 
-VENV=${1:-/work/peers-venv}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${1:-${XTP_PEERS_VENV:-$ROOT/.venv-peers}}
 DEEPSPEED_SPEC=${DEEPSPEED_SPEC:-deepspeed==0.19.8}
 ACCELERATE_SPEC=${ACCELERATE_SPEC:-accelerate==1.15.0}
 PY=${PYTHON:-python3}
@@ -40,3 +44,4 @@ import accelerate, deepspeed, torch, transformers
 print(f"setup_peers: torch {torch.__version__}, transformers {transformers.__version__}, "
       f"deepspeed {deepspeed.__version__}, accelerate {accelerate.__version__}")
 PY
+echo "setup_peers: ready; pass --python $VENV/bin/python to xtp bench"

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n", 1)[1],
         epilog="examples:\n  xtp bench tiny-llama --tp 1,2 --vs none\n"
         "  xtp bench llama-1b --tp 1,2 --vs deepspeed,transformers --dtype float32,bfloat16 \\\n"
-        "      --python /work/peers-venv/bin/python --plot bench.png --json bench.json\n"
+        "      --python .venv-peers/bin/python --plot bench.png --json bench.json\n"
         "  xtp bench ./my-checkpoint --tp 2 --decode-steps 64 --profile",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="built-in name, config JSON or checkpoint folder")
