@@ -137,47 +137,35 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
     return found
 
 
-def placement(module: str) -> list[tuple[int, str]] | None:
-    """Where LAYERS puts ``module``: (layer index, entry) at each package level, outermost first.
-
-    None when some level has no entry for it (an unknown layer).
-    """
+def place(module: str) -> tuple[list[tuple[int, str]], str | None]:
+    """Where LAYERS puts ``module``: its (layer index, entry) in each ordered package, outermost
+    first, and None; or, where a package has no entry for it, the name LAYERS lacks."""
     path: list[tuple[int, str]] = []
     package = "xtp"
     while package in LAYERS:
-        layer = None
-        for index, entries in enumerate(LAYERS[package]):
-            for entry in entries:
-                if module == entry or (entry != package and within(module, entry)):
-                    layer = (index, entry)
-        if layer is None:
-            return None
-        path.append(layer)
-        if layer[1] == package:  # the package's own __init__
+        found = [
+            (index, entry)
+            for index, entries in enumerate(LAYERS[package])
+            for entry in entries
+            if module == entry or (entry != package and within(module, entry))
+        ]
+        if not found:
+            return path, ".".join(module.split(".")[: package.count(".") + 2])
+        path.append(found[0])
+        if found[0][1] == package:  # the package's own __init__
             break
-        package = layer[1]
-    return path
+        package = found[0][1]
+    return path, None
 
 
-def unknown_entry(module: str) -> str:
-    """The module or subpackage that LAYERS should name for ``module`` to be placed."""
-    package = "xtp"
-    while package in LAYERS:
-        names = [e for entries in LAYERS[package] for e in entries]
-        entry = next((e for e in names if e != package and within(module, e)), None)
-        if entry is None:
-            return ".".join(module.split(".")[: package.count(".") + 2])
-        package = entry
-    return module
-
-
-def is_upward(source: str, target: str) -> tuple[str, str] | None:
-    """The two differing entries when ``source`` -> ``target`` climbs to a higher layer."""
-    for (src_index, src_entry), (dst_index, dst_entry) in zip(
-        placement(source) or [], placement(target) or []
-    ):
-        if src_entry != dst_entry:
-            return (src_entry, dst_entry) if dst_index > src_index else None
+def upward(source: str, target: str) -> tuple[str, str] | None:
+    """The two entries that differ, when ``source`` -> ``target`` climbs to a higher layer."""
+    (source_path, source_unknown), (target_path, target_unknown) = place(source), place(target)
+    if source_unknown or target_unknown:
+        return None  # reported as an unknown layer
+    for (source_index, source_entry), (target_index, target_entry) in zip(source_path, target_path):
+        if source_entry != target_entry:
+            return (source_entry, target_entry) if target_index > source_index else None
     return None
 
 
@@ -240,7 +228,7 @@ def check(root: Path) -> list[str]:
     shown = {m: p.relative_to(root).as_posix() for m, p in modules.items()}
     problems: list[str] = []
 
-    unknown = sorted({unknown_entry(m) for m in modules if placement(m) is None})
+    unknown = sorted({u for u in (place(m)[1] for m in modules) if u})
     problems += [f"unknown layer: {u}: add it to LAYERS in ci/check_layers.py" for u in unknown]
 
     graph: dict[str, set[str]] = {}
@@ -253,7 +241,7 @@ def check(root: Path) -> list[str]:
             if within(module, ACCELERATORS) and not within(target, ACCELERATORS):
                 problems.append(f"core import: {module} imports {target} ({where})")
                 continue
-            climb = is_upward(module, target)
+            climb = upward(module, target)
             if climb:
                 problems.append(
                     f"upward import: {module} imports {target}"
