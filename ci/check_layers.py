@@ -4,11 +4,11 @@ Usage: ``python ci/check_layers.py [ROOT]`` (ROOT: the repository root, by defau
 
 Reads every ``.py`` under ``ROOT/xtp/`` and ``ROOT/accelerators/`` (the folder installed as
 ``xtp.accelerators``) without importing anything: it needs only the standard library. From each
-file's syntax tree it takes every import (absolute, relative, inside functions and under
-``if TYPE_CHECKING:`` too: each is a dependency of meaning); ``from pkg
-import name`` where ``pkg.name`` is a module counts as importing that module, otherwise as
-importing ``pkg``. Imports of anything outside xtp (torch, ...) are ignored. It reports, one line
-each, and exits 1 if there is any:
+file's syntax tree it takes every import: absolute, relative, inside functions, and under
+``if TYPE_CHECKING:`` too (each is a dependency of meaning). ``from pkg import name`` where
+``pkg.name`` is a module counts as importing that module, otherwise as importing ``pkg``.
+Imports of anything outside xtp (torch, ...) are ignored. It reports, one line each, and exits 1
+if there is any:
 
 * ``import circle: a -> b -> a``: modules that import each other, directly or through others.
   A module importing a package it lies inside (its own package's ``__init__``, for the names
