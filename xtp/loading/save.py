@@ -42,6 +42,22 @@ def _all_ok(ok: bool, ctx: TPContext) -> bool:
     return bool(flag.item())
 
 
+def _finish_folder(model: nn.Module, plan, tmp: Path, final: Path, dtype: torch.dtype) -> None:
+    """Global rank 0, once every rank file is written: config, generation config, metadata,
+    then the atomic move into place."""
+    n = plan.tp_size
+    files = {str(r): {"file": rank_file(r, n), "bytes": (tmp / rank_file(r, n)).stat().st_size}
+             for r in range(n)}
+    save_config(model.config, tmp, dtype)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(str(tmp))
+    meta = metadata(plan, model, dtype, files,
+                    getattr(model.config, "_name_or_path", None), "xtp.save_sharded")
+    (tmp / METADATA).write_text(json.dumps(meta, indent=1))
+    commit(tmp, final)
+
+
 def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None
                  ) -> Path:
     """Write this TP group's shards of ``model`` to ``path`` (collective: call on every rank).
@@ -87,17 +103,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
                               + (f": {error}" if error else "")) from error
     if leader:
         try:
-            files = {str(r): {"file": rank_file(r, ctx.tp_size),
-                              "bytes": (tmp / rank_file(r, ctx.tp_size)).stat().st_size}
-                     for r in range(ctx.tp_size)}
-            save_config(model.config, tmp, dtype)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None and getattr(model, "can_generate", lambda: False)():
-                gen.save_pretrained(str(tmp))
-            meta = metadata(plan, model, dtype, files,
-                            getattr(model.config, "_name_or_path", None), "xtp.save_sharded")
-            (tmp / METADATA).write_text(json.dumps(meta, indent=1))
-            commit(tmp, final)
+            _finish_folder(model, plan, tmp, final, dtype)
         except Exception as exc:  # noqa: BLE001
             error = exc
     if not _all_ok(error is None, ctx):
