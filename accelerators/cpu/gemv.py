@@ -2,33 +2,30 @@
 (:class:`Bf16GemvLinear`).
 
 At decode a linear layer multiplies one row by its weight, a matrix-vector product whose time
-is the time to read the weight. torch's CPU ``F.linear`` in fp32 goes to MKL's GEMV, which on
-the 2-core AMD EPYC VM of bench/RESULTS.md reads a decode-sized weight at ~17 GB/s on one core;
-xtp's kernel (``accelerators/csrc/cpu_gemv.c``: eight rows at a time, one AVX-512 or AVX2
-accumulator each) reads it at ~23-24 GB/s on the same core, while ``Tensor.sum`` reaches
-~30 GB/s. The kernel is a C extension built at install time (``setup.py``, optional: no
-compiler, no kernel) and needs no torch headers; the instruction set is picked when it is
-imported (:func:`kernel_isa`).
+is the time to read the weight. xtp's kernel (``accelerators/cpu/csrc/cpu_gemv.c``: eight rows
+at a time, one AVX-512 or AVX2 accumulator each) reads it faster on one core than torch's CPU
+``F.linear`` does (MKL's GEMV in fp32; measured speeds in bench/RESULTS.md). The kernel is a
+C extension built at install time (``setup.py``, optional: no compiler, no kernel) and needs no
+torch headers; the instruction set is picked when it is imported (:func:`kernel_isa`).
 
 :class:`GemvLinear` keeps the plain weight (no copy, no other layout: ``unpack()`` returns it)
 and uses the kernel when the call is one it serves: the input holds a single row, the rank
 computes with one thread (``torch.get_num_threads() == 1``, as xtp runs tp ranks that share the
-cores, :mod:`cpu_threads`; with more threads MKL's parallel GEMV is used) and no gradient is
+cores, :mod:`.threads`; with more threads MKL's parallel GEMV is used) and no gradient is
 recorded. Everything else (prefill, batches) is ``F.linear`` on the same weight. Results differ
 from ``F.linear``'s only by rounding (a different summation order).
 
 :class:`Bf16GemvLinear` (chosen for a rank computing with one thread, when weights are packed)
 stores the bf16 weight once in the kernel's blocked layout
-(:func:`pack_bf16`: blocks of 8 rows read as one stream; plain 4 KiB bf16 rows read ~30%
-slower), widens it to fp32 exactly and sums with FMA. On the same VM it reads ~21-24 GB/s per
-core where oneDNN's packed bf16 matmul (torch's fastest path) reads ~10-14, and a tp-2 decode
-step of a 0.85B Llama takes 0.69x the oneDNN-packed time. Inputs of up to
-:data:`MAX_KERNEL_ROWS` rows go to the kernel (each block reused from L1 for every row);
-prefill unpacks each weight for ``F.linear`` (a copy of the weight per call: a 128-token
-prefill takes ~1.2-1.35x as long as with oneDNN's layout, a fixed cost that long prompts
-amortize). The layout is for one-sequence decode: from 3 rows on (batched decode) oneDNN's
-layout is faster per matmul (1.25-2.6x measured, :data:`MAX_KERNEL_ROWS`), and
-``XTP_CPU_PACK=all`` selects it.
+(:func:`pack_bf16`: blocks of 8 rows read as one stream, where plain bf16 rows are short
+streams the CPU's prefetchers restart at every page), widens it to fp32 exactly and sums with
+FMA; at one token it reads faster than oneDNN's packed bf16 matmul (torch's fastest path).
+Inputs of up to :data:`MAX_KERNEL_ROWS` rows go to the kernel (each block reused from L1 for
+every row); prefill unpacks each weight for ``F.linear`` (a copy of the weight per call: a
+fixed cost per forward that long prompts amortize). The layout is for one-sequence decode:
+with several rows (batched decode) oneDNN's layout is faster per matmul
+(:data:`MAX_KERNEL_ROWS`), and ``XTP_CPU_PACK=all`` selects it. Measured speeds:
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -101,12 +98,11 @@ class GemvLinear(PackedLinear):
 
 
 ROW_BLOCK, COLUMN_CHUNK = 8, 32  # the bf16 layout's blocks: 8 rows x chunks of 32 columns
-#: inputs with more rows than this (prefill) go to F.linear on the unpacked weight. Measured
-#: on the 2-core VM (8 weights of 2816 x 2048, one thread), ms for the kernel / unpack +
-#: F.linear / oneDNN's packed layout: 1 row 4.4 / - / 6.1, 2 rows 5.4 / - / 6.6, 4 rows
-#: 7.6 / 17.4 / 4.6, 8 rows 11.9 / 19.4 / 7.5, 16 rows 22.0 / 23.0 / 9.8, 32 rows - / 29.8 /
-#: 16.3. Past 2 rows the kernel (one FMA pass per row) is compute bound and oneDNN's layout is
-#: faster: for batched bf16 decode use XTP_CPU_PACK=all (oneDNN's layout for every dtype)
+#: inputs with more rows than this (prefill) go to F.linear on the unpacked weight: up to here
+#: the kernel is faster than unpack + F.linear (per row count: bench/RESULTS.md, "bf16 through
+#: the kernel too"). With several rows the kernel (one FMA pass per row) turns compute bound
+#: and oneDNN's layout is faster: for batched bf16 decode use XTP_CPU_PACK=all (oneDNN's layout
+#: for every dtype)
 MAX_KERNEL_ROWS = 16
 
 
