@@ -43,8 +43,9 @@ static const char *chosen_isa = "";
  * blocks of 8 rows, each block as chunks of 32 columns, each chunk as its 8 rows of 32 values
  * (8 x 64 bytes). A block is one sequential stream of 8 x in_pad values: plain rows of a bf16
  * weight are short streams (4 KiB for 2048 columns), which the CPU's prefetchers restart at
- * every page, and read ~30% slower. bf16 values are widened to fp32 exactly (shift / mask) and
- * summed in fp32 with FMA; each output is rounded once to bf16 (nearest even), bias included.
+ * every page, and read slower (bench/RESULTS.md). bf16 values are widened to fp32 exactly
+ * (shift / mask) and summed in fp32 with FMA; each output is rounded once to bf16 (nearest
+ * even), bias included.
  * m rows of x reuse each block while it is in L1.
  */
 #define CHUNK 32
