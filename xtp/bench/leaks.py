@@ -3,7 +3,7 @@ where they are a peer's known leak.
 
 DeepSpeed's CPU all-reduce maps a 66 MiB ``/dev/shm`` file per rank and never unlinks it, so
 each DeepSpeed run of ``xtp bench`` would leave tp x 66 MiB of RAM (tmpfs) taken for the rest
-of the benchmark and after it (4.7 GB after a day of runs on the 2-core VM). The bench removes
+of the benchmark and after it (bench/RESULTS.md records how much). The bench removes
 those once the run's ranks have exited, and reports what every run left behind (xtp's shared
 memory is unlinked as soon as every rank has mapped it, so it leaves nothing).
 """

@@ -2,13 +2,12 @@
 
 :func:`pack_for_inference` asks the model's accelerator (:meth:`Accelerator.pack_linear_weight`)
 to repack every weight of an xtp column, row and lm_head layer that is a plain ``nn.Linear``;
-on CPU that is oneDNN's blocked layout for bf16/fp16 weights (decode ~27% faster in bf16,
-bench/RESULTS.md) and, for fp32, the plain weight served by xtp's GEMV kernel at one token
-(:mod:`xtp.accelerators.cpu.gemv`; ``XTP_CPU_PACK=all`` packs fp32 for oneDNN instead);
-elsewhere nothing changes. Each packed weight replaces the dense one (no second copy: at most
-one weight exists twice, while it is being packed); the module keeps a zero-stride placeholder
-``weight`` of the right shape, dtype and device, so code that inspects it still works, and
-``state_dict()`` still returns the real values (unpacked on the fly).
+on CPU, :mod:`xtp.accelerators.cpu.packed_linear` says which layout each dtype gets (xtp's
+GEMV kernel, :mod:`xtp.accelerators.cpu.gemv`, or oneDNN's blocked layout; measured gains in
+bench/RESULTS.md); elsewhere nothing changes. Each packed weight replaces the dense one (no
+second copy: at most one weight exists twice, while it is being packed); the module keeps a
+zero-stride placeholder ``weight`` of the right shape, dtype and device, so code that inspects
+it still works, and ``state_dict()`` still returns the real values (unpacked on the fly).
 
 Packed weights have no backward, so packing is for inference: it turns ``requires_grad`` off on
 every parameter of the model (restored by :func:`unpack`), and a forward whose input needs a
