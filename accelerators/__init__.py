@@ -10,14 +10,14 @@ Installed as ``xtp.accelerators``; it never imports the xtp core. Typical use::
 from .comm.autograd import copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
 from .comm.base import Communicator, TorchCommunicator
 from .comm.counting import CollectiveRecord, CountingCommunicator
+from .comm.solo import SoloCommunicator
 from .cpu.shm import CollectiveMismatchError, ShmCommunicator, create_cpu_communicator
 from .cpu.threads import apply_threads, threads_per_rank
-from .devices.backend import ENV_DIST_BACKEND, resolve_dist_backend
+from .devices.backend import resolve_dist_backend
 from .devices.base import Accelerator, Availability
 from .devices.registry import (
     BUILTINS,
     DETECTION_ORDER,
-    ENV_ACCELERATOR,
     PLUGIN_GROUP,
     AcceleratorSelectionWarning,
     Selection,
@@ -28,12 +28,14 @@ from .devices.registry import (
     reset_accelerator,
     select,
 )
+from .env import ENV_ACCELERATOR, ENV_DIST_BACKEND
 from .errors import (
     AcceleratorError,
     AcceleratorUnavailableError,
     BackendUnavailableError,
     CollectiveError,
     CollectiveTimeoutError,
+    EnvSettingError,
     UnknownAcceleratorError,
     XtpError,
 )
@@ -43,7 +45,8 @@ __all__ = [
     "AcceleratorUnavailableError", "BackendUnavailableError", "BUILTINS", "CollectiveError",
     "CollectiveMismatchError", "CollectiveRecord", "CollectiveTimeoutError", "Communicator",
     "CountingCommunicator", "DETECTION_ORDER", "ENV_ACCELERATOR", "ENV_DIST_BACKEND",
-    "PLUGIN_GROUP", "Selection", "ShmCommunicator", "TorchCommunicator", "UnknownAcceleratorError",
+    "EnvSettingError", "PLUGIN_GROUP", "Selection", "ShmCommunicator", "SoloCommunicator",
+    "TorchCommunicator", "UnknownAcceleratorError",
     "XtpError", "apply_threads", "copy_to_group", "create", "create_cpu_communicator",
     "gather_from_group", "get_accelerator", "known_names", "plugins", "reduce_from_group",
     "reset_accelerator", "resolve_dist_backend", "scatter_to_group", "select", "threads_per_rank",

@@ -27,6 +27,11 @@ class BackendUnavailableError(AcceleratorError):
     """A collective backend cannot be used with the selected accelerator."""
 
 
+class EnvSettingError(AcceleratorError, ValueError):
+    """An ``XTP_*`` environment variable holds a value xtp cannot use; the message names the
+    variable, the value and the values that work (:mod:`xtp.accelerators.env`)."""
+
+
 class CollectiveError(XtpError, RuntimeError):
     """A collective could not complete because a peer rank failed; the message names it (its
     process has exited, or it did not reach the collective) and says where to look next."""

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import XtpError
+from .failures import collective_failure
 
 
 class Communicator(abc.ABC):
@@ -55,7 +56,7 @@ class Communicator(abc.ABC):
         """Sum ``tensor`` over the group and return this rank's piece along ``dim``.
 
         The default is an all-reduce followed by a slice (correct on every backend)."""
-        sizes = _split_sizes(tensor.shape[dim], self.world_size, sizes)
+        sizes = split_sizes(tensor.shape[dim], self.world_size, sizes)
         reduced = self.all_reduce(tensor.clone())
         start = sum(sizes[: self.rank])
         return reduced.narrow(dim, start, sizes[self.rank]).contiguous()
@@ -64,7 +65,9 @@ class Communicator(abc.ABC):
         """Wait until every rank of the group arrives."""
 
 
-def _split_sizes(total: int, world: int, sizes: Sequence[int] | None) -> list[int]:
+def split_sizes(total: int, world: int, sizes: Sequence[int] | None) -> list[int]:
+    """Each rank's extent of a dimension of ``total`` split over ``world`` ranks: ``sizes``
+    checked, or equal pieces when ``None``; ``ValueError`` when they do not split ``total``."""
     if sizes is None:
         if total % world:
             raise ValueError(f"extent {total} does not divide over {world} ranks; pass sizes=")
@@ -81,7 +84,8 @@ class TorchCommunicator(Communicator):
 
     A collective that fails in torch (a peer died, a timeout) raises
     :class:`~xtp.accelerators.errors.CollectiveError` (or its subclass
-    ``CollectiveTimeoutError``) naming the rank at fault (:mod:`.peers`)."""
+    ``CollectiveTimeoutError``) naming the rank at fault
+    (:mod:`xtp.accelerators.comm.failures`)."""
 
     _seq = 0  # collectives issued on this communicator (the same on every rank)
 
@@ -106,8 +110,6 @@ class TorchCommunicator(Communicator):
         return self._rank
 
     def _failed(self, op: str, exc: RuntimeError) -> XtpError:
-        from .failures import collective_failure
-
         return collective_failure(op, self.group, exc, self._seq)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,8 +27,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..cpu.shm_wait import process_gone
 from ..errors import CollectiveError, CollectiveTimeoutError, XtpError
+from .host import process_gone, this_process
 
 _GONE_WAIT_S = 1.0  # a killed process closes its sockets a moment before it is a zombie
 _POLL_S = 0.05
@@ -37,8 +36,9 @@ _POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Peer:
-    """One rank's process: global rank, hostname, machine identity (boot id + pid namespace:
-    equal values mean its pid can be checked from here) and pid."""
+    """One rank's process: global rank, hostname, machine identity (boot id + pid namespace,
+    :attr:`~xtp.accelerators.comm.host.ProcessIdentity.pid_space`: equal values mean its pid
+    can be checked from here) and pid."""
 
     rank: int
     host: str
@@ -55,20 +55,11 @@ _timeout_s: list[float | None] = [None]
 _setup_seq: dict[str, int] = {}
 
 
-def _read(path: str, link: bool = False) -> str:
-    try:
-        if link:
-            return os.readlink(path)
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def this_peer() -> Peer:
-    machine = _read("/proc/sys/kernel/random/boot_id") + "/" + _read("/proc/self/ns/pid", True)
+    """This process as a :class:`Peer` (global rank 0 outside a process group)."""
+    me = this_process()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Peer(rank, socket.gethostname(), machine, os.getpid())
+    return Peer(rank, me.hostname, me.pid_space, me.pid)
 
 
 def _fresh() -> None:
@@ -101,12 +92,6 @@ def record_peers(group: dist.ProcessGroup | None = None, agree: dict | None = No
     for peer, _ in everyone:
         _peers[peer.rank] = peer
     return [a for _, a in everyone]
-
-
-def known_peer(rank: int) -> Peer | None:
-    """The recorded :class:`Peer` of global ``rank``, if :func:`record_peers` saw it."""
-    _fresh()
-    return _peers.get(rank)
 
 
 def gone_ranks(ranks: Sequence[int], wait_s: float = 0.0) -> list[int]:

@@ -13,29 +13,28 @@ Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measuremen
 
 Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout and bf16 is
 stored in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
-(:mod:`cpu_gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a plain read when
-the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and the CPU has
-AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for ranks that
-compute with one thread (tp ranks sharing the cores; with more threads per rank, MKL's and
-oneDNN's parallel paths), and bf16 except on CPUs with AMX (:data:`AMX_LAYOUTS`); fp16 is
-packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not
+(:mod:`xtp.accelerators.cpu.gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a
+plain read when the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and
+the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for
+ranks that compute with one thread (tp ranks sharing the cores; with more threads per rank,
+MKL's and oneDNN's parallel paths), and bf16 except on CPUs with AMX (:data:`AMX_LAYOUTS`); fp16
+is packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not
 worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype
 in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU
 instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
 :data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
-enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1
-MiB) even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call costs
-~1 us more than ``F.linear``'s and wins from ~256x256 on.
+enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1 MiB)
+even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call costs ~1 us
+more than ``F.linear``'s and wins from ~256x256 on.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ..errors import AcceleratorError
+from ..env import cpu_pack
 from ..packed.base import PackedLinear
 
 #: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
@@ -47,9 +46,7 @@ DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: G
 #: Intel Xeon with AMX (bench/RESULTS.md), oneDNN's packed bf16 read 1.12-1.15x the kernel's
 #: speed in 2 of 3 runs; fp32 there: the kernel 1.04-1.07x MKL's
 AMX_LAYOUTS = {torch.bfloat16: ONEDNN}
-ENV = "XTP_CPU_PACK"
 MIN_BYTES = 1 << 20
-_OFF, _ON, _ALL = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes"), ("all",)
 
 
 @functools.cache
@@ -67,17 +64,13 @@ def env_layouts() -> dict[torch.dtype, str]:
     """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`
     (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16),
     ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value
-    raises :class:`~xtp.accelerators.errors.AcceleratorError`."""
-    value = os.environ.get(ENV, "1").strip().lower()
-    if value in _OFF:
+    raises :class:`~xtp.accelerators.errors.EnvSettingError` (an ``AcceleratorError``)."""
+    wanted = cpu_pack()
+    if wanted == "off":
         return {}
-    if value in _ON:
-        return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
-    if value in _ALL:
+    if wanted == "all":
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
-    raise AcceleratorError(f"{ENV}={os.environ[ENV]!r} is not understood; use 1 (the default: "
-                           "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), "
-                           "all (every dtype packed for oneDNN) or 0 (no packing)")
+    return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
 
 
 def layouts_to_use(dtypes: tuple[torch.dtype, ...] | None = None) -> dict[torch.dtype, str]:

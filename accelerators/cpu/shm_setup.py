@@ -1,6 +1,8 @@
-"""Configuration and rendezvous for the shared-memory communicator (:mod:`cpu_shm`).
+"""Configuration and rendezvous for the shared-memory communicator
+(:mod:`xtp.accelerators.cpu.shm`).
 
-Environment (read when a communicator is created, never at import):
+Environment (parsed by :mod:`xtp.accelerators.env` when a communicator is created, never at
+import):
 
 * ``XTP_CPU_SHM=0`` (or ``false``/``off``/``no``) switches the shared-memory path off;
   so does ``XTP_DIST_BACKEND`` set to anything (an explicit backend choice means "use it").
@@ -22,23 +24,23 @@ and returns each rank's mapped segment. It costs two ``all_gather_object`` calls
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import secrets
-import socket
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ..comm.host import ProcessIdentity, this_process
+from ..env import (
+    ENV_CPU_SHM,
+    ENV_DIST_BACKEND,
+    cpu_shm_switched_off,
+    dist_backend,
+    shm_chunk_bytes,
+    timeout_seconds,
+)
 from .shm_segment import SegmentLayout, ShmSegment, shm_supported
 from .shm_wait import memory_order_ok
-
-ENV_CPU_SHM = "XTP_CPU_SHM"
-ENV_TIMEOUT = "XTP_TIMEOUT"
-ENV_CHUNK_BYTES = "XTP_CPU_SHM_CHUNK_BYTES"
-ENV_DIST_BACKEND = "XTP_DIST_BACKEND"
-DEFAULT_TIMEOUT_S = 300.0
-DEFAULT_CHUNK_BYTES = 1 << 20
-_FALSE = frozenset({"0", "false", "off", "no"})
 
 
 def disabled_reason(enabled: bool | None = None) -> str | None:
@@ -47,24 +49,23 @@ def disabled_reason(enabled: bool | None = None) -> str | None:
     ``enabled=True`` ignores the environment, ``False`` always disables, ``None`` reads it."""
     if enabled is not None:
         return None if enabled else "disabled by option (enabled=False)"
-    backend = os.environ.get(ENV_DIST_BACKEND, "").strip()
+    backend = dist_backend()
     if backend:
         return f"{ENV_DIST_BACKEND}={backend} selects the collective backend explicitly"
-    if os.environ.get(ENV_CPU_SHM, "").strip().lower() in _FALSE:
-        return f"disabled by {ENV_CPU_SHM}={os.environ[ENV_CPU_SHM]}"
+    switch = cpu_shm_switched_off()
+    if switch is not None:
+        return f"disabled by {ENV_CPU_SHM}={switch}"
     return None
 
 
 def resolve_timeout(timeout: float | None = None) -> float:
-    """``timeout`` if given, else ``XTP_TIMEOUT``, else 300 seconds."""
+    """``timeout`` if given, else ``XTP_TIMEOUT``, else 300 seconds.
+
+    Raises:
+        ValueError: ``timeout`` is not positive, or ``XTP_TIMEOUT`` is not a positive number
+            (:class:`~xtp.accelerators.errors.EnvSettingError`)."""
     if timeout is None:
-        raw = os.environ.get(ENV_TIMEOUT, "").strip()
-        if not raw:
-            return DEFAULT_TIMEOUT_S
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_TIMEOUT}={raw!r} is not a number of seconds") from None
+        return timeout_seconds()
     if not timeout > 0:
         raise ValueError(f"collective timeout must be > 0 seconds, got {timeout}")
     return float(timeout)
@@ -74,38 +75,28 @@ def resolve_chunk_bytes(chunk_bytes: int | None = None) -> int:
     """``chunk_bytes`` if given, else ``XTP_CPU_SHM_CHUNK_BYTES``, else 1 MiB; rounded up to
     a multiple of 64 bytes."""
     if chunk_bytes is None:
-        raw = os.environ.get(ENV_CHUNK_BYTES, "").strip()
-        try:
-            chunk_bytes = int(raw) if raw else DEFAULT_CHUNK_BYTES
-        except ValueError:
-            raise ValueError(f"{ENV_CHUNK_BYTES}={raw!r} is not a number of bytes") from None
+        chunk_bytes = shm_chunk_bytes()
     if chunk_bytes < 64:
         raise ValueError(f"shared-memory chunk must be at least 64 bytes, got {chunk_bytes}")
     return (chunk_bytes + 63) // 64 * 64
 
 
 @dataclass(frozen=True)
-class HostIdentity:
-    """What a rank tells its peers at creation."""
+class HostIdentity(ProcessIdentity):
+    """What a rank tells its peers at creation: its process (hostname, boot id, pid namespace,
+    pid), global rank, and why it cannot use shared memory, if it cannot."""
 
-    hostname: str
-    boot_id: str
-    pid_ns: str
-    pid: int
     global_rank: int
-    problem: str | None  # why this rank cannot use shared memory, if it cannot
+    problem: str | None
 
     @classmethod
     def here(cls) -> HostIdentity:
-        boot_id = _read("/proc/sys/kernel/random/boot_id")
+        me = this_process()
         problem = memory_order_ok() or shm_supported()
-        if not boot_id and problem is None:
+        if not me.boot_id and problem is None:
             problem = "cannot read /proc/sys/kernel/random/boot_id to prove ranks share a host"
-        return cls(
-            socket.gethostname(), boot_id,
-            _readlink("/proc/self/ns/pid"), os.getpid(),
-            dist.get_rank() if dist.is_initialized() else 0, problem,
-        )
+        return cls(me.hostname, me.boot_id, me.pid_ns, me.pid,
+                   dist.get_rank() if dist.is_initialized() else 0, problem)
 
 
 @dataclass
@@ -180,19 +171,4 @@ def _drop(segment: ShmSegment | None) -> None:
 
 
 def _with_problem(me: HostIdentity, problem: str) -> HostIdentity:
-    return HostIdentity(me.hostname, me.boot_id, me.pid_ns, me.pid, me.global_rank, problem)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
+    return dataclasses.replace(me, problem=problem)

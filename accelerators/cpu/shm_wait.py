@@ -24,6 +24,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 
+from ..comm.host import process_gone
 from ..errors import CollectiveTimeoutError
 from .shm_segment import LINE_WORDS
 
@@ -42,19 +43,6 @@ def memory_order_ok() -> str | None:
         f"CPU architecture {machine!r} may reorder stores; the pure-Python shared-memory "
         "protocol is only enabled on x86-64"
     )
-
-
-def process_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie (killed, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state in (b"Z", b"X")
 
 
 class PeerWaiter:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-ENV_NUM_THREADS = "XTP_NUM_THREADS"
+from ..env import num_threads
 
 
 def available_cores() -> int:
@@ -48,15 +48,14 @@ def threads_per_rank(tp: int, cores: int | None = None, local_ranks: int | None 
         ``XTP_NUM_THREADS`` when set, else ``max(1, cores // local_ranks)``.
 
     Raises:
-        ValueError: ``tp`` < 1, or ``XTP_NUM_THREADS`` is not a positive integer.
+        ValueError: ``tp`` < 1, or ``XTP_NUM_THREADS`` is not a positive integer
+            (:class:`~xtp.accelerators.errors.EnvSettingError`).
     """
     if tp < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
-    raw = os.environ.get(ENV_NUM_THREADS, "").strip()
-    if raw:
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"{ENV_NUM_THREADS}={raw!r} must be a positive integer")
-        return int(raw)
+    forced = num_threads()
+    if forced is not None:
+        return forced
     cores = available_cores() if cores is None else cores
     local_ranks = local_world_size(tp) if local_ranks is None else local_ranks
     return max(1, cores // max(1, local_ranks))

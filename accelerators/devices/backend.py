@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from .._torch_compat import backend_available
+from ..env import ENV_DIST_BACKEND, dist_backend
 from ..errors import BackendUnavailableError
 from .base import Accelerator
 
-ENV_DIST_BACKEND = "XTP_DIST_BACKEND"
 #: collective backends ``xtp env`` reports on (whether this torch can create each)
 KNOWN_BACKENDS = ("gloo", "nccl", "xccl", "ccl", "hccl", "mpi", "ucc")
 
@@ -22,7 +20,7 @@ def resolve_dist_backend(acc: Accelerator, override: str | None = None) -> str:
     Raises:
         BackendUnavailableError: the requested (or default) backend cannot be created here.
     """
-    requested = override or os.environ.get(ENV_DIST_BACKEND, "").strip() or None
+    requested = override or dist_backend()
     source = "argument" if override else (f"{ENV_DIST_BACKEND}={requested}" if requested else None)
     backend = requested.lower() if requested else acc.default_dist_backend()
     try:

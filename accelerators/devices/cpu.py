@@ -1,13 +1,12 @@
 """Plain CPU cores, collectives through gloo (``ccl`` only when asked for by XTP_DIST_BACKEND).
 
 All-reduce and all-gather between ranks of one host go through shared memory
-(:mod:`cpu_shm`), an order of magnitude faster than gloo for decode-sized tensors; the
-group falls back to gloo where that cannot serve it.
+(:mod:`xtp.accelerators.cpu.shm`), an order of magnitude faster than gloo for decode-sized
+tensors; the group falls back to gloo where that cannot serve it.
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,10 +31,10 @@ class CpuAccelerator(Accelerator):
         """``shm``: use shared-memory collectives between ranks of one host; ``None`` (default)
         lets ``XTP_CPU_SHM`` / ``XTP_DIST_BACKEND`` decide, ``False`` always uses gloo.
         ``pack_min_bytes``: the smallest weight :meth:`pack_linear_weight` packs (default
-        :data:`cpu_packed_linear.MIN_BYTES`); ``pack_dtypes``: the dtypes it packs, all in
-        oneDNN's layout (default: what ``XTP_CPU_PACK`` asks for, i.e. oneDNN for bf16/fp16 and
-        xtp's GEMV kernel for fp32 unless it says ``all``; ``XTP_CPU_PACK=0`` packs nothing
-        whatever this says)."""
+        :data:`xtp.accelerators.cpu.packed_linear.MIN_BYTES`); ``pack_dtypes``: the dtypes it
+        packs, all in oneDNN's layout (default: what ``XTP_CPU_PACK`` asks for, i.e. oneDNN
+        for bf16/fp16 and xtp's GEMV kernel for fp32 unless it says ``all``;
+        ``XTP_CPU_PACK=0`` packs nothing whatever this says)."""
         self.shm = shm
         self.pack_min_bytes = pack_min_bytes
         self.pack_dtypes = pack_dtypes
@@ -67,8 +66,8 @@ class CpuAccelerator(Accelerator):
 
     def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
         """oneDNN's blocked layout for bf16/fp16 weights, xtp's GEMV kernel for fp32
-        (:mod:`cpu_packed_linear`); ``XTP_CPU_PACK`` chooses (``0``: none, ``all``: oneDNN for
-        fp32 too)."""
+        (:mod:`xtp.accelerators.cpu.packed_linear`); ``XTP_CPU_PACK`` chooses (``0``: none,
+        ``all``: oneDNN for fp32 too)."""
         from ..cpu.packed_linear import MIN_BYTES, pack_cpu_linear
 
         return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
@@ -76,7 +75,8 @@ class CpuAccelerator(Accelerator):
 
     def linear_packing(self) -> str:
         from ..cpu.gemv import kernel_isa, unavailable_reason
-        from ..cpu.packed_linear import ENV, GEMV, MIN_BYTES, layouts_to_use, onednn_available
+        from ..cpu.packed_linear import GEMV, MIN_BYTES, layouts_to_use, onednn_available
+        from ..env import ENV_CPU_PACK, setting
         from ..errors import AcceleratorError
 
         try:
@@ -84,7 +84,7 @@ class CpuAccelerator(Accelerator):
         except AcceleratorError as exc:
             return f"not set up: {exc}"
         if not layouts:
-            return f"off ({ENV}={os.environ.get(ENV)})"
+            return f"off ({setting(ENV_CPU_PACK)})"
         size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
         names = lambda dtypes: "/".join(str(d).removeprefix("torch.") for d in dtypes)
         kernel = [d for d, how in layouts.items() if how == GEMV]
@@ -101,8 +101,8 @@ class CpuAccelerator(Accelerator):
             parts.append(f"oneDNN blocked layout for {names(onednn)}" if onednn_available()
                          else f"no oneDNN in this torch build (torch.ops.mkldnn): "
                               f"{names(onednn)} dense")
-        return (f"{'; '.join(parts)}; weights >= {size / 2**20:g} MiB ({ENV}=all: oneDNN for "
-                f"every dtype, {ENV}=0: off)")
+        return (f"{'; '.join(parts)}; weights >= {size / 2**20:g} MiB ({ENV_CPU_PACK}=all: "
+                f"oneDNN for every dtype, {ENV_CPU_PACK}=0: off)")
 
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on

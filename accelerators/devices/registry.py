@@ -14,17 +14,15 @@ The selection is cached per process; :func:`reset_accelerator` clears it (for te
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from ..env import ENV_ACCELERATOR, accelerator_name, plugins_disabled
 from ..errors import AcceleratorError, AcceleratorUnavailableError, UnknownAcceleratorError
 from .base import Accelerator
 
-ENV_ACCELERATOR = "XTP_ACCELERATOR"
-ENV_DISABLE_PLUGINS = "XTP_DISABLE_PLUGINS"
 PLUGIN_GROUP = "xtp.accelerators"
 
 #: built-in name -> "module:Class", relative to this package (imported on first use)
@@ -68,7 +66,7 @@ def plugins() -> tuple[dict[str, Callable[[], Accelerator]], dict[str, str]]:
         return _plugin_cache
     good: dict[str, Callable[[], Accelerator]] = {}
     broken: dict[str, str] = {}
-    if os.environ.get(ENV_DISABLE_PLUGINS, "").strip() not in ("", "0"):
+    if plugins_disabled():
         _plugin_cache = (good, broken)
         return _plugin_cache
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
@@ -178,9 +176,9 @@ def select(name: str | Accelerator | None = None) -> Selection:
         return Selection(_require_available(create(name), "the argument"), "argument")
     if _cache is not None:
         return _cache
-    env = os.environ.get(ENV_ACCELERATOR, "").strip()
-    if env:
-        acc = _require_available(create(env), f"{ENV_ACCELERATOR}={env}")
+    from_env = accelerator_name()
+    if from_env:
+        acc = _require_available(create(from_env), f"{ENV_ACCELERATOR}={from_env}")
         sel = Selection(acc, ENV_ACCELERATOR)
     else:
         sel = _auto_detect()

@@ -28,9 +28,10 @@ from xtp.accelerators import (
     TorchCommunicator,
     create_cpu_communicator,
 )
+from xtp.accelerators.comm.host import process_gone
 from xtp.accelerators.cpu.shm_segment import PREFIX, SHM_DIR
 from xtp.accelerators.cpu.shm_setup import disabled_reason, resolve_chunk_bytes, resolve_timeout
-from xtp.accelerators.cpu.shm_wait import memory_order_ok, process_gone
+from xtp.accelerators.cpu.shm_wait import memory_order_ok
 from xtp.accelerators.cpu.threads import threads_per_rank
 from xtp.accelerators.devices.cpu import CpuAccelerator
 

@@ -14,7 +14,6 @@ import torch
 from parity_worker import packed_parity
 from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa, unavailable_reason
 from xtp.accelerators.cpu.packed_linear import (
-    ENV,
     MIN_BYTES,
     PACKABLE_DTYPES,
     OneDNNPackedLinear,
@@ -22,6 +21,7 @@ from xtp.accelerators.cpu.packed_linear import (
     pack_cpu_linear,
 )
 from xtp.accelerators.devices.cpu import CpuAccelerator
+from xtp.accelerators.env import ENV_CPU_PACK as ENV
 from xtp.accelerators.errors import AcceleratorError
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),

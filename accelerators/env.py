@@ -1,0 +1,146 @@
+"""Every ``XTP_*`` environment variable ``xtp.accelerators`` reads: its name and its parser.
+
+One function per variable, each reading the environment when called (never at import), so a
+variable is parsed in one place whoever needs it. A value that cannot be used raises
+:class:`~xtp.accelerators.errors.EnvSettingError` (a ``ValueError`` and an ``AcceleratorError``)
+naming the variable and the values that work; the xtp core turns it into its own error type
+where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` for
+``XTP_TIMEOUT``).
+
+=========================== ==================================================================
+``XTP_ACCELERATOR``         accelerator to select (strict: no silent fallback)
+``XTP_DIST_BACKEND``        collective backend instead of the accelerator's default; also
+                            switches the CPU shared-memory path off
+``XTP_DISABLE_PLUGINS``     anything but ``0``: ignore accelerator plugins
+``XTP_TIMEOUT``             seconds a collective waits for its peers (default 300)
+``XTP_CPU_SHM``             ``0``/``false``/``off``/``no``: no shared-memory collectives on CPU
+``XTP_CPU_SHM_CHUNK_BYTES`` bytes per rank per shared-memory buffer (default 1 MiB)
+``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all`` or ``0``
+``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
+=========================== ==================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from .errors import EnvSettingError
+
+ENV_ACCELERATOR = "XTP_ACCELERATOR"
+ENV_DIST_BACKEND = "XTP_DIST_BACKEND"
+ENV_DISABLE_PLUGINS = "XTP_DISABLE_PLUGINS"
+ENV_TIMEOUT = "XTP_TIMEOUT"
+ENV_CPU_SHM = "XTP_CPU_SHM"
+ENV_CHUNK_BYTES = "XTP_CPU_SHM_CHUNK_BYTES"
+ENV_CPU_PACK = "XTP_CPU_PACK"
+ENV_NUM_THREADS = "XTP_NUM_THREADS"
+
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+_FALSE = frozenset({"0", "false", "off", "no"})
+_PACK_OFF = _FALSE
+_PACK_ON = frozenset({"", "1", "true", "on", "yes"})
+_PACK_ALL = frozenset({"all"})
+
+
+def _stripped(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def accelerator_name() -> str | None:
+    """``XTP_ACCELERATOR`` as set (stripped), or ``None`` when unset or empty."""
+    return _stripped(ENV_ACCELERATOR) or None
+
+
+def dist_backend() -> str | None:
+    """``XTP_DIST_BACKEND`` as set (stripped), or ``None`` when unset or empty."""
+    return _stripped(ENV_DIST_BACKEND) or None
+
+
+def plugins_disabled() -> bool:
+    """Whether ``XTP_DISABLE_PLUGINS`` is set to anything but empty or ``0``."""
+    return _stripped(ENV_DISABLE_PLUGINS) not in ("", "0")
+
+
+def timeout_seconds() -> float:
+    """``XTP_TIMEOUT`` in seconds (> 0), or 300 when unset or empty.
+
+    Raises:
+        EnvSettingError: the value is not a number, or not positive.
+    """
+    raw = _stripped(ENV_TIMEOUT)
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise EnvSettingError(
+            f"{ENV_TIMEOUT}={raw!r} is not a number of seconds; set e.g. {ENV_TIMEOUT}=120"
+        ) from None
+    if not seconds > 0:
+        raise EnvSettingError(f"{ENV_TIMEOUT} must be positive, got {raw!r}")
+    return seconds
+
+
+def cpu_shm_switched_off() -> str | None:
+    """The value of ``XTP_CPU_SHM`` (as set) when it switches the shared-memory path off
+    (``0``, ``false``, ``off``, ``no``, any case), else ``None``."""
+    if _stripped(ENV_CPU_SHM).lower() in _FALSE:
+        return os.environ[ENV_CPU_SHM]
+    return None
+
+
+def shm_chunk_bytes() -> int:
+    """``XTP_CPU_SHM_CHUNK_BYTES``, or 1 MiB when unset or empty (not yet checked or rounded:
+    that is the caller's, for an argument and the variable alike).
+
+    Raises:
+        EnvSettingError: the value is not an integer.
+    """
+    raw = _stripped(ENV_CHUNK_BYTES)
+    try:
+        return int(raw) if raw else DEFAULT_CHUNK_BYTES
+    except ValueError:
+        raise EnvSettingError(f"{ENV_CHUNK_BYTES}={raw!r} is not a number of bytes") from None
+
+
+def cpu_pack() -> Literal["on", "off", "all"]:
+    """What ``XTP_CPU_PACK`` asks for: ``"on"`` (unset, ``1``, ``true``, ``on``, ``yes``: each
+    dtype in its default layout), ``"all"`` (every dtype in oneDNN's layout) or ``"off"``
+    (``0``, ``false``, ``off``, ``no``: no packing).
+
+    Raises:
+        EnvSettingError: any other value.
+    """
+    value = os.environ.get(ENV_CPU_PACK, "1").strip().lower()
+    if value in _PACK_OFF:
+        return "off"
+    if value in _PACK_ON:
+        return "on"
+    if value in _PACK_ALL:
+        return "all"
+    raise EnvSettingError(
+        f"{ENV_CPU_PACK}={os.environ[ENV_CPU_PACK]!r} is not understood; use 1 (the default: "
+        "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all (every dtype "
+        "packed for oneDNN) or 0 (no packing)")
+
+
+def num_threads() -> int | None:
+    """``XTP_NUM_THREADS`` (a positive integer), or ``None`` when unset or empty.
+
+    Raises:
+        EnvSettingError: the value is not a positive integer.
+    """
+    raw = _stripped(ENV_NUM_THREADS)
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise EnvSettingError(f"{ENV_NUM_THREADS}={raw!r} must be a positive integer")
+    return int(raw)
+
+
+def setting(name: str) -> str:
+    """``"NAME=value"`` as the environment has it (for messages)."""
+    return f"{name}={os.environ.get(name)}"
