@@ -12,10 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .model_table import GATE_UP_CONCAT, QKV_CONCAT, QKV_GROUPED, QKV_INTERLEAVED
 from .partition import HeadPartition, Partition
-
-Ranges = tuple[tuple[int, int], ...]
+from .spec import Layout, Ranges
 
 
 def _scaled(rng: tuple[int, int], unit: int, offset: int = 0) -> tuple[int, int]:
@@ -31,14 +29,14 @@ def kv_ranges(heads: HeadPartition, head_dim: int, rank: int) -> Ranges:
 
 
 def fused_ranges(
-    layout: str,
+    layout: Layout,
     rank: int,
     heads: HeadPartition | None,
     head_dim: int,
     mlp: Partition | None = None,
 ) -> Ranges:
     """Ranges of the output rows of fused layer ``layout`` owned by ``rank``."""
-    if layout == GATE_UP_CONCAT:
+    if layout == Layout.GATE_UP_CONCAT:
         assert mlp is not None
         a, b = mlp.range(rank)
         return ((a, b), (mlp.total + a, mlp.total + b))
@@ -46,12 +44,12 @@ def fused_ranges(
     H, K, D = heads.num_heads, heads.num_kv_heads, head_dim
     qa, qb = heads.q.range(rank)
     ka, kb = heads.kv_ranges[rank]
-    if layout == QKV_CONCAT:
+    if layout == Layout.QKV_CONCAT:
         return ((qa * D, qb * D), (H * D + ka * D, H * D + kb * D),
                 (H * D + K * D + ka * D, H * D + K * D + kb * D))
-    if layout == QKV_INTERLEAVED:
+    if layout == Layout.QKV_INTERLEAVED:
         return ((qa * 3 * D, qb * 3 * D),)
-    if layout == QKV_GROUPED:
+    if layout == Layout.QKV_GROUPED:
         g = H // K
         if not heads.kv_replicated:
             return ((ka * (g + 2) * D, kb * (g + 2) * D),)
@@ -61,13 +59,14 @@ def fused_ranges(
     raise ValueError(f"unknown fused layout {layout!r}")
 
 
-def fused_width(layout: str, heads: HeadPartition | None, head_dim: int, mlp_total: int = 0) -> int:
+def fused_width(layout: Layout, heads: HeadPartition | None, head_dim: int,
+                mlp_total: int = 0) -> int:
     """Full output width a layer of ``layout`` must have."""
-    if layout == GATE_UP_CONCAT:
+    if layout == Layout.GATE_UP_CONCAT:
         return 2 * mlp_total
     H, K, D = heads.num_heads, heads.num_kv_heads, head_dim
-    return {QKV_CONCAT: (H + 2 * K) * D, QKV_INTERLEAVED: 3 * H * D,
-            QKV_GROUPED: (H + 2 * K) * D}[layout]
+    return {Layout.QKV_CONCAT: (H + 2 * K) * D, Layout.QKV_INTERLEAVED: 3 * H * D,
+            Layout.QKV_GROUPED: (H + 2 * K) * D}[layout]
 
 
 def ranges_len(ranges: Ranges) -> int:

@@ -1,11 +1,12 @@
 """The one declarative table of model knowledge that cannot be derived from structure.
 
-Everything else about a model is found by the data-flow probe (:mod:`xtp.probe`). Each entry
-here has a test (tests/test_model_table.py, and the parity suite for its architecture).
+Everything else about a model is found by the data-flow probe (:mod:`xtp.planning.probe`). Each
+entry here has a test (tests/planning/test_model_table.py, and the parity suite for its
+architecture).
 
 * :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
-* :data:`FUSED_LAYOUTS`: how a fused projection packs its outputs, keyed by
-  ``(model_type, attribute name of the layer)``.
+* :data:`FUSED_LAYOUTS`: how a fused projection packs its outputs (a
+  :class:`~xtp.planning.spec.Layout`), keyed by ``(model_type, attribute name of the layer)``.
 * :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
   width and must become this rank's local value after sharding.
 * :data:`LOCAL_CONFIG_MODEL_TYPES`: model types whose attention reads head counts from its
@@ -15,6 +16,8 @@ here has a test (tests/test_model_table.py, and the parity suite for its archite
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .spec import Layout
 
 #: config attribute names, tried in order
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
@@ -28,35 +31,28 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
 #: configs whose boolean flag means "one KV head" (multi-query attention)
 MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
 
-# Layout names (see xtp/layouts.py for the exact row order of each).
-QKV_CONCAT = "qkv_concat"            # [q heads | k heads | v heads] (Phi-3, GPT-2, Falcon-MQA)
-QKV_INTERLEAVED = "qkv_interleaved"  # per head [q, k, v] (GPT-NeoX, Bloom, Falcon-MHA)
-QKV_GROUPED = "qkv_grouped"          # per KV group [q.., k, v] (Falcon new decoder architecture)
-GATE_UP_CONCAT = "gate_up_concat"    # [gate | up] (Phi-3 gate_up_proj)
-LAYOUTS = (QKV_CONCAT, QKV_INTERLEAVED, QKV_GROUPED, GATE_UP_CONCAT)
-
 
 @dataclass(frozen=True)
 class FusedEntry:
     """A fused layer's layout; ``when`` names a config flag that must be truthy (or falsy,
     with a leading ``!``) for the entry to apply, for models with several variants."""
 
-    layout: str
+    layout: Layout
     when: str | None = None
 
 
 FUSED_LAYOUTS: dict[tuple[str, str], tuple[FusedEntry, ...]] = {
-    ("phi3", "qkv_proj"): (FusedEntry(QKV_CONCAT),),
-    ("phi3", "gate_up_proj"): (FusedEntry(GATE_UP_CONCAT),),
-    ("gpt2", "c_attn"): (FusedEntry(QKV_CONCAT),),
-    ("gpt_bigcode", "c_attn"): (FusedEntry(QKV_CONCAT, when="multi_query"),
-                                FusedEntry(QKV_INTERLEAVED)),
-    ("gpt_neox", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
-    ("bloom", "query_key_value"): (FusedEntry(QKV_INTERLEAVED),),
+    ("phi3", "qkv_proj"): (FusedEntry(Layout.QKV_CONCAT),),
+    ("phi3", "gate_up_proj"): (FusedEntry(Layout.GATE_UP_CONCAT),),
+    ("gpt2", "c_attn"): (FusedEntry(Layout.QKV_CONCAT),),
+    ("gpt_bigcode", "c_attn"): (FusedEntry(Layout.QKV_CONCAT, when="multi_query"),
+                                FusedEntry(Layout.QKV_INTERLEAVED)),
+    ("gpt_neox", "query_key_value"): (FusedEntry(Layout.QKV_INTERLEAVED),),
+    ("bloom", "query_key_value"): (FusedEntry(Layout.QKV_INTERLEAVED),),
     ("falcon", "query_key_value"): (
-        FusedEntry(QKV_GROUPED, when="new_decoder_architecture"),
-        FusedEntry(QKV_CONCAT, when="multi_query"),
-        FusedEntry(QKV_INTERLEAVED),
+        FusedEntry(Layout.QKV_GROUPED, when="new_decoder_architecture"),
+        FusedEntry(Layout.QKV_CONCAT, when="multi_query"),
+        FusedEntry(Layout.QKV_INTERLEAVED),
     ),
 }
 
@@ -125,7 +121,7 @@ def head_shape(config) -> tuple[int, int, int] | None:
     return heads, kv, head_dim
 
 
-def fused_layout(config, leaf: str) -> str | None:
+def fused_layout(config, leaf: str) -> Layout | None:
     """The layout of fused layer ``leaf`` for this config's model type, or ``None``."""
     model_type = getattr(config, "model_type", None)
     for entry in FUSED_LAYOUTS.get((model_type, leaf), ()):
@@ -154,11 +150,19 @@ class ExpertsEntry:
     intermediate_attr: str = "intermediate_dim"
 
 
-EXPERTS = ExpertsEntry()
+#: the parameter names of fused experts (not to be confused with the role ``Role.EXPERTS``)
+EXPERT_PARAMS = ExpertsEntry()
 
 
 def is_fused_experts(module) -> bool:
     """True for a module following the transformers experts interface (3-D expert tensors)."""
-    down = getattr(module, EXPERTS.down, None)
-    return (all(hasattr(module, f) for f in EXPERTS.flags)
+    down = getattr(module, EXPERT_PARAMS.down, None)
+    return (all(hasattr(module, f) for f in EXPERT_PARAMS.flags)
             and getattr(down, "dim", lambda: 0)() == 3)
+
+
+# TEMPORARY aliases while importers move to the enums (removed in the same change)
+QKV_CONCAT, QKV_INTERLEAVED = Layout.QKV_CONCAT, Layout.QKV_INTERLEAVED
+QKV_GROUPED, GATE_UP_CONCAT = Layout.QKV_GROUPED, Layout.GATE_UP_CONCAT
+LAYOUTS = tuple(Layout)
+EXPERTS = EXPERT_PARAMS

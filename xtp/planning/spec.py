@@ -1,34 +1,87 @@
 """ShardPlan: what every module of a model becomes under tensor parallelism, and why.
 
-The plan is derived from structure (:mod:`xtp.probe`) plus the config's head layout and the
-declarative :mod:`xtp.model_table`. It is immutable and per model; ``print(plan)`` shows one
-row per module, collapsed over repeated layer indices. Nothing here touches weights.
+The plan is derived from structure (:mod:`xtp.planning.probe`) plus the config's head layout and
+the declarative :mod:`xtp.planning.model_table`. It is immutable and per model; ``print(plan)``
+shows one row per module, collapsed over repeated layer indices (:mod:`xtp.planning.render`).
+Nothing here touches weights.
+
+Roles, split kinds, weight kinds and fused layouts are :class:`str` enums: a member equals,
+hashes, prints and formats as its bare value (``"column"``), so plans read back from JSON
+(plain strings) compare equal to derived ones.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 
-# Roles
-COLUMN = "column"            # output features split; no collective forward
-ROW = "row"                  # input features split; one all-reduce forward, bias after it
-VOCAB_EMBEDDING = "vocab_embedding"  # vocabulary rows split; one all-reduce forward
-LM_HEAD = "lm_head"          # vocabulary rows split; one all-gather of the logits
-HEAD_EMBEDDING = "head_embedding"  # per-head bias table: columns split by heads
-EXPERTS = "experts"          # fused 3-D MoE experts: intermediate dim split; one all-reduce
-REPLICATE = "replicate"      # every rank keeps the whole module
+from .render import render_plan
 
-SHARDED_ROLES = (COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD, HEAD_EMBEDDING, EXPERTS)
-
-#: weight tensor layouts, by how a module stores its weight
-OUT_IN = "out_in"            # nn.Linear: (out_features, in_features)
-IN_OUT = "in_out"            # transformers Conv1D: (in_features, out_features)
-EMBEDDING = "embedding"      # nn.Embedding: (num_embeddings, embedding_dim)
-EXPERT_WEIGHTS = "expert_weights"  # 3-D expert tensors; per-parameter splits in ModuleSpec.params
-
+#: ``(start, stop)`` ranges of one dimension; a rank's shard is their concatenation in order
 Ranges = tuple[tuple[int, int], ...]
+
+
+class _Value(str, Enum):
+    """A ``str`` enum whose ``str()`` and ``format()`` are its bare value on every Python."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(str.__str__(self), format_spec)
+
+
+class Role(_Value):
+    """What a module becomes under tensor parallelism."""
+
+    COLUMN = "column"                    # output features split; no collective forward
+    ROW = "row"                          # input features split; one all-reduce forward, bias after
+    VOCAB_EMBEDDING = "vocab_embedding"  # vocabulary rows split; one all-reduce forward
+    LM_HEAD = "lm_head"                  # vocabulary rows split; one all-gather of the logits
+    HEAD_EMBEDDING = "head_embedding"    # per-head bias table: columns split by heads
+    EXPERTS = "experts"                  # fused 3-D MoE experts: intermediate dim split; all-reduce
+    REPLICATE = "replicate"              # every rank keeps the whole module
+
+
+SHARDED_ROLES = (Role.COLUMN, Role.ROW, Role.VOCAB_EMBEDDING, Role.LM_HEAD, Role.HEAD_EMBEDDING,
+                 Role.EXPERTS)
+
+
+class Split(_Value):
+    """Which features of a module a sharded role splits."""
+
+    OUT = "out"      # output features (or a per-head table's columns)
+    IN = "in"        # input features (or the experts' intermediate dimension)
+    VOCAB = "vocab"  # an embedding's vocabulary rows
+
+
+class WeightKind(_Value):
+    """How a module stores its weight tensor."""
+
+    OUT_IN = "out_in"                  # nn.Linear: (out_features, in_features)
+    IN_OUT = "in_out"                  # transformers Conv1D: (in_features, out_features)
+    EMBEDDING = "embedding"            # nn.Embedding: (num_embeddings, embedding_dim)
+    EXPERT_WEIGHTS = "expert_weights"  # 3-D expert tensors; per-parameter splits in params
+
+
+class Layout(_Value):
+    """How a fused projection packs its outputs (see :mod:`xtp.planning.layouts` for the exact
+    row order of each)."""
+
+    QKV_CONCAT = "qkv_concat"            # [q heads | k heads | v heads] (Phi-3, GPT-2, Falcon-MQA)
+    QKV_INTERLEAVED = "qkv_interleaved"  # per head [q, k, v] (GPT-NeoX, Bloom, Falcon-MHA)
+    QKV_GROUPED = "qkv_grouped"          # per KV group [q.., k, v] (Falcon new decoder arch.)
+    GATE_UP_CONCAT = "gate_up_concat"    # [gate | up] (Phi-3 gate_up_proj)
+
+
+def split_dim(kind: WeightKind, split: Split) -> int:
+    """The dimension of a weight stored as ``kind`` that ``split`` cuts (a 2-D weight)."""
+    if kind == WeightKind.EMBEDDING:
+        return 0 if split == Split.VOCAB else 1
+    if kind == WeightKind.OUT_IN:
+        return 0 if split == Split.OUT else 1
+    return 1 if split == Split.OUT else 0
 
 
 @dataclass(frozen=True)
@@ -46,19 +99,20 @@ class ParamSplit:
 class ModuleSpec:
     """How one module is sharded.
 
-    ``ranges[r]``: the ranges of the split dimension rank ``r`` owns (see xtp.layouts).
-    ``split``: "out" (output features / vocabulary rows) or "in" (input features) or None.
+    ``ranges[r]``: the ranges of the split dimension rank ``r`` owns (see
+    :mod:`xtp.planning.layouts`).
+    ``split``: which features are split (:class:`Split`), None when replicated.
     ``full``: the full extent of the split dimension.
     """
 
     name: str
-    role: str
-    kind: str
+    role: Role
+    kind: WeightKind
     reason: str
-    split: str | None = None
+    split: Split | None = None
     full: int = 0
     ranges: tuple[Ranges, ...] = ()
-    layout: str | None = None
+    layout: Layout | None = None
     group: str | None = None
     weight_shape: tuple[int, ...] = ()
     nbytes: tuple[int, ...] = ()
@@ -66,18 +120,17 @@ class ModuleSpec:
 
     def param_splits(self) -> tuple[ParamSplit, ...]:
         """How each of the module's own parameters is split (absent: replicated whole)."""
-        if self.params or self.role not in SHARDED_ROLES:
+        if self.params or not self.is_sharded:
             return self.params
-        if self.kind == EMBEDDING:
-            return (ParamSplit("weight", 0 if self.split == "vocab" else 1, self.ranges),)
-        if self.kind == OUT_IN:
-            dim = 0 if self.split == "out" else 1
-        else:
-            dim = 1 if self.split == "out" else 0
-        out = [ParamSplit("weight", dim, self.ranges)]
-        if self.split == "out":
+        out = [ParamSplit("weight", split_dim(self.kind, self.split), self.ranges)]
+        if self.kind != WeightKind.EMBEDDING and self.split == Split.OUT:
             out.append(ParamSplit("bias", 0, self.ranges))
         return tuple(out)
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when the role splits the module (every role but :attr:`Role.REPLICATE`)."""
+        return self.role in SHARDED_ROLES
 
     def local_extent(self, rank: int) -> int:
         return sum(b - a for a, b in self.ranges[rank]) if self.ranges else self.full
@@ -131,7 +184,7 @@ class ShardPlan:
         return self._index.get(name)
 
     def sharded(self) -> list[ModuleSpec]:
-        return [s for s in self.specs if s.role in SHARDED_ROLES]
+        return [s for s in self.specs if s.is_sharded]
 
     def bytes_per_rank(self, rank: int = 0) -> int:
         """Parameter bytes rank ``rank`` holds (its slices plus every replicated tensor)."""
@@ -152,7 +205,7 @@ class ShardPlan:
                 {"name": s.name, "role": s.role, "kind": s.kind, "split": s.split,
                  "layout": s.layout, "group": s.group, "reason": s.reason,
                  "local_extent": [s.local_extent(r) for r in range(self.tp_size)]
-                 if s.role in SHARDED_ROLES else None}
+                 if s.is_sharded else None}
                 for s in self.specs
             ],
             "attr_updates": [
@@ -169,60 +222,9 @@ class ShardPlan:
         return render_plan(self)
 
 
-_LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
-
-def collapse(name: str) -> str:
-    """``model.layers.11.mlp`` -> ``model.layers.*.mlp``."""
-    return _LAYER_INDEX.sub(".*", name)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
-def render_plan(plan: ShardPlan) -> str:
-    rows: dict[tuple, int] = defaultdict(int)
-    first: dict[tuple, ModuleSpec] = {}
-    for s in plan.specs:
-        key = (collapse(s.name), s.role, s.layout, s.split,
-               tuple(s.local_extent(r) for r in range(plan.tp_size)) if s.role in SHARDED_ROLES
-               else None, s.reason)
-        rows[key] += 1
-        first.setdefault(key, s)
-    head = f"ShardPlan: tp_size={plan.tp_size}, model_type={plan.model_type}"
-    if plan.head_shape:
-        h, k, d = plan.head_shape
-        head += f", heads={h}, kv_heads={k}, head_dim={d}"
-    lines = [head, ""]
-    w = max([len(k[0]) for k in rows] + [6])
-    lines.append(f"{'module':<{w}}  {'n':>3}  {'role':<15} {'split':<5} {'per rank':<16} reason")
-    for key, n in rows.items():
-        name, role, layout, split, extents, reason = key
-        role_s = role + (f"[{layout}]" if layout else "")
-        ext = "/".join(map(str, extents)) if extents else "-"
-        lines.append(f"{name:<{w}}  {n:>3}  {role_s:<15} {split or '-':<5} {ext:<16} {reason}")
-    if plan.attr_updates:
-        lines += ["", "attribute updates (per rank):"]
-        seen = set()
-        for u in plan.attr_updates:
-            key = (collapse(u.module), u.attr, u.values)
-            if key in seen:
-                continue
-            seen.add(key)
-            lines.append(f"  {collapse(u.module)}.{u.attr}: {u.full} -> "
-                         f"{'/'.join(map(str, u.values))}")
-    lines += ["", "bytes per rank: " + ", ".join(
-        f"rank {r}: {_fmt_bytes(plan.bytes_per_rank(r))}" for r in range(plan.tp_size))]
-    counts = plan.collective_counts()
-    lines.append("collectives per forward: " + (
-        ", ".join(f"{n} x {op}" for op, n in sorted(counts.items())) or "none"))
-    for note in plan.notes:
-        lines.append(f"note: {note}")
-    for diff in plan.tp_plan_differences:
-        lines.append(f"differs from transformers' tp_plan: {diff}")
-    return "\n".join(lines)
+# TEMPORARY aliases while importers move to the enums (removed in the same change)
+COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD = Role.COLUMN, Role.ROW, Role.VOCAB_EMBEDDING, Role.LM_HEAD
+HEAD_EMBEDDING, EXPERTS, REPLICATE = Role.HEAD_EMBEDDING, Role.EXPERTS, Role.REPLICATE
+OUT_IN, IN_OUT, EMBEDDING = WeightKind.OUT_IN, WeightKind.IN_OUT, WeightKind.EMBEDDING
+EXPERT_WEIGHTS = WeightKind.EXPERT_WEIGHTS

@@ -1,0 +1,120 @@
+"""Attention heads in a pair: which output rows each column layer keeps, and what else changes
+in the attention module when it holds only this rank's heads.
+
+* Column ranges: a plain q (``num_heads x head_dim`` wide) or k/v (``num_kv_heads x head_dim``)
+  projection is cut by heads; a fused projection by its layout from
+  :data:`xtp.planning.model_table.FUSED_LAYOUTS` (after checking its width).
+* Attributes that hold a head count or width (:data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`)
+  get per-rank local values; keyword inputs with one slice per head
+  (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; model
+  types in :data:`~xtp.planning.model_table.LOCAL_CONFIG_MODEL_TYPES` get a local config.
+* Per-head bias tables the row reads (T5 relative attention bias) are split by heads.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnclassifiedModuleError
+from . import model_table as mt
+from .draft import Draft
+from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges
+from .partition import HeadPartition, Partition
+from .render import collapse
+from .spec import AttrUpdate, Layout, Ranges, Role, Split
+from .weights import in_out
+
+
+def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
+                  mlp: Partition | None) -> tuple[Layout | None, list[Ranges]]:
+    """(fused layout or None, per-rank output ranges) of column layer ``col`` feeding a row
+    layer with ``width`` input features, split by heads ``hp`` or evenly by ``mlp``.
+
+    Raises:
+        UnclassifiedModuleError: the width matches neither the heads nor a known fused layout
+            (the message shows the rule that keeps it replicated).
+    """
+    out = in_out(draft.modules[col])[1]
+    leaf = col.rsplit(".", 1)[-1]
+    H, K, D = draft.heads if draft.heads else (0, 0, 0)
+    tp = draft.tp
+    if hp is not None and out == H * D:
+        return None, [q_ranges(hp, D, r) for r in range(tp)]
+    if hp is not None and out == K * D:
+        return None, [kv_ranges(hp, D, r) for r in range(tp)]
+    if hp is None and out == width:
+        return None, [(mlp.range(r),) for r in range(tp)]
+    layout = mt.fused_layout(draft.config, leaf)
+    if layout is not None:
+        need = fused_width(layout, hp, D, width if mlp is not None else 0)
+        if need == out:
+            return layout, [fused_ranges(layout, r, hp, D, mlp) for r in range(tp)]
+    raise UnclassifiedModuleError(
+        f"cannot classify {collapse(col)} ({type(draft.modules[col]).__name__}, "
+        f"{out} output features) feeding {width} input features of its row partner: it looks "
+        f"like a fused layer whose layout xtp does not know"
+        + (f" (heads={H}, kv_heads={K}, head_dim={D})" if draft.heads else "")
+        + f". Keep it replicated with rules={{'{collapse(col)}': 'replicate'}}, or add its "
+        "layout to xtp/model_table.py FUSED_LAYOUTS"
+    )
+
+
+def _attention_name(row: str, cols: list[str]) -> str:
+    """The longest module path the row and its columns share (their attention module)."""
+    common = []
+    for segs in zip(*[n.split(".") for n in [row, *cols]]):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    return ".".join(common)
+
+
+def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition) -> None:
+    """Head counts and widths held by the attention module and its inner helpers."""
+    H, K, D = draft.heads
+    local_q = [hp.local_heads(r) for r in range(draft.tp)]
+    local_kv = [hp.local_kv_heads(r) for r in range(draft.tp)]
+    quantity = {
+        mt.Q_HEADS: (H, local_q), mt.KV_HEADS: (K, local_kv),
+        mt.KV_GROUPS: (H // K, [q // kv for q, kv in zip(local_q, local_kv)]),
+        mt.Q_WIDTH: (H * D, [q * D for q in local_q]),
+        mt.KV_WIDTH: (K * D, [kv * D for kv in local_kv]),
+    }
+    holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
+               if n not in draft.kinds]  # the attention module and its inner helpers
+    for holder_name, holder in holders:
+        for attr, what in mt.HEAD_ATTRIBUTES.items():
+            value = holder.__dict__.get(attr)
+            full, local = quantity[what]
+            if (isinstance(value, int) and not isinstance(value, bool) and value == full
+                    and any(v != full for v in local)):
+                draft.attr_updates.append(AttrUpdate(holder_name, attr, full, tuple(local)))
+
+
+def _config_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition) -> None:
+    """Head-sliced keyword inputs and local configs, by model type."""
+    model_type = getattr(draft.config, "model_type", None)
+    for kwarg, layout in mt.HEAD_SLICED_KWARGS.get(model_type, {}).items():
+        draft.head_sliced.append((attn_name, kwarg, layout,
+                                  tuple(hp.q.range(r) for r in range(draft.tp)), draft.heads[0]))
+    if model_type in mt.LOCAL_CONFIG_MODEL_TYPES and hasattr(attn, "config"):
+        draft.local_configs.append((attn_name, (
+            ("num_attention_heads", tuple(hp.local_heads(r) for r in range(draft.tp))),
+            ("num_key_value_heads", tuple(hp.local_kv_heads(r) for r in range(draft.tp))),
+        )))
+
+
+def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> None:
+    """Everything besides the pair's own specs that follows from splitting its heads as ``hp``:
+    attribute updates, head-sliced kwargs, local configs, per-head bias tables."""
+    attn_name = _attention_name(row, cols)
+    attn = draft.modules.get(attn_name)
+    if attn is None:
+        return
+    _attr_updates(draft, attn_name, attn, hp)
+    _config_updates(draft, attn_name, attn, hp)
+    for name in sorted(draft.graph.producers.get(row, set()) & draft.head_biases):
+        if name not in draft.specs:
+            draft.specs[name] = draft.spec(
+                name, Role.HEAD_EMBEDDING, "structure: one bias column per attention head",
+                split=Split.OUT, ranges=[q_ranges(hp, 1, r) for r in range(draft.tp)])

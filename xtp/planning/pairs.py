@@ -1,0 +1,133 @@
+"""Step 2 of planning: row/column pairs.
+
+A Linear ``R`` whose input comes only from Linears ``S`` that feed nothing but ``R`` is a
+row-parallel layer, and ``S`` its column-parallel partners; the pair shares one partition of the
+inner dimension. A layer cannot be both a column and a row (the outer pair wins: a low-rank
+projection in front of a column layer stays replicated). A pair whose inner activations pass
+through a module with a parameter as wide as the inner dimension (a norm over all heads) is not
+sharded: that module would need every head.
+
+Step 3, partitions: head-granular when the inner width is ``num_heads x head_dim`` (from the
+config), else an even split (:mod:`xtp.planning.heads` for the columns' ranges and what changes
+in the attention module).
+"""
+
+from __future__ import annotations
+
+from ..errors import PlanError
+from .draft import Draft
+from .heads import column_ranges, head_updates
+from .layouts import q_ranges
+from .partition import HeadPartition, Partition, partition_heads, split_aligned
+from .render import collapse
+from .spec import Collective, Ranges, Role, Split
+from .weights import in_out
+
+
+def find_pairs(draft: Draft) -> dict[str, list[str]]:
+    """row layer -> its column partners (in call order), outer pairs only."""
+    g = draft.graph
+    pairs: dict[str, list[str]] = {}
+    for r in g.order:
+        if not draft.is_linear(r):
+            continue
+        cols = g.producers.get(r, set()) - draft.head_biases
+        if cols and all(draft.is_linear(c) and g.consumers.get(c) == {r} for c in cols):
+            pairs[r] = sorted(cols, key=g.order.index)
+    changed = True
+    while changed:
+        changed = False
+        columns = {c for cs in pairs.values() for c in cs}
+        for r in list(pairs):
+            if r in columns:
+                del pairs[r]
+                changed = True
+    return pairs
+
+
+def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
+    """Why the pair cannot be sharded (a module over its whole inner dimension), or None."""
+    widths = {in_out(draft.modules[c])[1] for c in cols} | {in_out(draft.modules[row])[0]}
+    head_dim = draft.heads[2] if draft.heads else None
+    for c in cols:
+        for mod_name, shapes in draft.graph.inner.get(c, {}).items():
+            for shape in shapes:
+                if any(d in widths and d != head_dim for d in shape):
+                    return (f"{collapse(mod_name)} has a parameter of shape {shape} over "
+                            f"the whole inner dimension of {collapse(c)}")
+    return None
+
+
+def plan_pairs(draft: Draft) -> None:
+    """Shard every pair no rule and no unsafe module keeps whole."""
+    for row, cols in find_pairs(draft).items():
+        ruled = [n for n in [row, *cols] if n in draft.rules]
+        if ruled:
+            for n in [row, *cols]:
+                role, pattern = draft.rules.get(n, (Role.REPLICATE, None))
+                draft.kept_whole[n] = (f"rule {pattern!r}" if pattern else
+                                       f"rule on its partner {collapse(ruled[0])}")
+            continue
+        unsafe = unsafe_reason(draft, row, cols)
+        if unsafe:
+            for n in [row, *cols]:
+                draft.kept_whole[n] = f"kept whole: {unsafe}"
+            draft.note(f"{collapse(row)} and its partners kept replicated: {unsafe}")
+            continue
+        plan_pair(draft, row, cols)
+
+
+def _inner_partition(draft: Draft, row: str, width: int
+                     ) -> tuple[HeadPartition | None, Partition | None, list[Ranges], str]:
+    """(head partition or None, even partition or None, the row's ranges per rank, a word on
+    what is split) for a row layer with ``width`` input features."""
+    H, K, D = draft.heads if draft.heads else (0, 0, 0)
+    if draft.heads and width == H * D:
+        hp = partition_heads(H, K, draft.tp)
+        return hp, None, [q_ranges(hp, D, r) for r in range(draft.tp)], "attention heads"
+    if draft.graph.producers.get(row, set()) & draft.head_biases:
+        raise PlanError(f"{collapse(row)} reads per-head biases but its {width} input "
+                        f"features are not num_heads x head_dim ({H} x {D})")
+    mlp = Partition(split_aligned(width, draft.tp))
+    if min(mlp.sizes) == 0:
+        raise PlanError(f"{collapse(row)} has {width} input features, fewer than tp")
+    return None, mlp, [(mlp.range(r),) for r in range(draft.tp)], f"{width} features"
+
+
+def _note_partial_grads(draft: Draft, cols: list[str]) -> None:
+    """Parameters of modules inside the pair (between column and row) see sharded activations."""
+    for c in cols:
+        for mod_name in draft.graph.inner.get(c, {}):
+            for pname, _ in draft.modules[mod_name].named_parameters(recurse=False):
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                if full not in draft.partial_grads:
+                    draft.partial_grads.append(full)
+
+
+def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
+    """Specs of one row layer and its columns, its all-reduce, and the head updates when the
+    inner dimension is attention heads.
+
+    Raises:
+        PlanError: the row's input features cannot be split over ``tp`` ranks.
+        UnclassifiedModuleError: a column's width matches no known layout.
+    """
+    width = in_out(draft.modules[row])[0]
+    hp, mlp, row_ranges, kind = _inner_partition(draft, row, width)
+    _note_partial_grads(draft, cols)
+    col_specs = []
+    for c in cols:
+        layout, ranges = column_ranges(draft, c, width, hp, mlp)
+        col_specs.append(draft.spec(
+            c, Role.COLUMN, f"structure: feeds only {collapse(row)} (split by {kind})",
+            split=Split.OUT, ranges=ranges, layout=layout, group=row))
+    for s in col_specs:
+        draft.specs[s.name] = s
+    draft.specs[row] = draft.spec(
+        row, Role.ROW, "structure: reads only "
+        + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
+        split=Split.IN, ranges=row_ranges, group=row)
+    draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
+    if hp is not None:
+        head_updates(draft, row, cols, hp)
+

@@ -1,0 +1,124 @@
+"""Running the data-flow probe (:mod:`xtp.planning.probe`) on a model without changing it.
+
+Step 1 of planning: one forward on fake tensors tells which Linear outputs reach which Linear
+inputs. The model's training mode, buffers and tensor attributes are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from .probe import FlowGraph, probe
+from .weights import weight_kind
+
+
+def _probe_inputs(model: nn.Module, device: torch.device) -> dict:
+    """Keyword inputs for one forward on 4 tokens (decoder ids too for encoder-decoders)."""
+    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    inputs = {"input_ids": ids}
+    config = getattr(model, "config", None)
+    params = inspect.signature(model.forward).parameters
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = ids.clone()
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _snapshot_tensor_state(model: nn.Module) -> list:
+    """Every module's buffers and plain tensor attributes (a forward may replace them, e.g.
+    rotary embeddings that switch frequency tables by sequence length)."""
+    return [(m, dict(m._buffers),
+             {k: v for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)})
+            for m in model.modules()]
+
+
+def _restore_tensor_state(state: list) -> None:
+    for m, buffers, attrs in state:
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)]:
+            if k not in attrs:
+                del m.__dict__[k]
+        m.__dict__.update(attrs)
+
+
+def _probe_once(model: nn.Module, fake: bool) -> FlowGraph:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    is_source = lambda m: weight_kind(m) is not None  # noqa: E731
+    if not fake:
+        return probe(model, _probe_inputs(model, device), is_source)
+    if device.type == "meta":
+        # meta kernels lack a few ops models use (autocast, data-dependent checks): probe a
+        # copy whose parameters are fake CPU tensors instead (no memory either way)
+        model = copy.deepcopy(model)
+        device = torch.device("cpu")
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device=device)
+            return probe(model, _probe_inputs(model, device), is_source)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return probe(model, _probe_inputs(model, device), is_source)
+
+
+def _probe_fake_then_real(model: nn.Module, state: list) -> FlowGraph:
+    """Probe on fake tensors; if that fails and the weights are real, once for real."""
+    try:
+        return _probe_once(model, fake=True)
+    except Exception as fake_exc:
+        _restore_tensor_state(state)
+        if any(p.is_meta for p in model.parameters()):
+            raise PlanError(
+                f"the structure probe (one forward pass of {type(model).__name__} on fake "
+                f"tensors) failed: {type(fake_exc).__name__}: {fake_exc}. Shard a model "
+                "with real weights instead (xtp.shard after loading it), or report this "
+                "model type"
+            ) from fake_exc
+        try:
+            with torch.no_grad():
+                return _probe_once(model, fake=False)
+        except Exception as exc:
+            raise PlanError(
+                f"the structure probe (one forward pass of {type(model).__name__} on 4 "
+                f"tokens) failed: {type(exc).__name__}: {exc}. xtp needs the model's "
+                "forward to run on input_ids alone; pass a model that does, or report "
+                "this model type"
+            ) from exc
+
+
+def run_probe(model: nn.Module) -> FlowGraph:
+    """Trace ``model``'s data flow with one forward pass on 4 tokens.
+
+    First on fake tensors (no compute, no memory; a meta model is probed through a fake-CPU
+    copy). If the forward cannot run on fake tensors (data-dependent code such as dynamic
+    RoPE) and the model holds real weights, the probe runs for real on its device: one small
+    forward, nothing kept. The model's training mode, buffers and tensor attributes are
+    restored afterwards.
+
+    Raises:
+        PlanError: the forward pass cannot run (on fake tensors for a meta model).
+    """
+    was_training = model.training
+    model.eval()
+    config = getattr(model, "config", None)
+    experts_impl = getattr(config, "_experts_implementation_internal", None)
+    # the gather-based experts kernel runs on fake tensors (eager: nonzero; grouped_mm: bf16)
+    if experts_impl is not None:
+        config._experts_implementation_internal = "batched_mm"
+    state = _snapshot_tensor_state(model)
+    try:
+        return _probe_fake_then_real(model, state)
+    finally:
+        _restore_tensor_state(state)
+        model.train(was_training)
+        if experts_impl is not None:
+            config._experts_implementation_internal = experts_impl
