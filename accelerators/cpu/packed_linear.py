@@ -3,29 +3,24 @@
 
 torch's CPU ``F.linear`` in bf16 hands the plain ``(out, in)`` weight to oneDNN, which re-blocks
 it on every call; at decode (one token: a matrix-vector product) that makes the call
-compute-bound at ~10 GB/s per core. fp32 goes to MKL's GEMV, which streams the plain weight
-at ~17 GB/s per core, below what one core can read. Prepacking once, with torch's own oneDNN ops
-(``torch.ops.mkldnn``, part of every x86 CPU build of torch: nothing to compile), removes the
-re-blocking: measured on a 2-core AMD EPYC VM (bench/RESULTS.md, same ranks, packed and dense
-blocks interleaved) decode of a 0.85B Llama at tp 2 takes 0.73x the dense time in bf16.
-Results equal ``F.linear``'s within rounding (bf16 bit for bit in our measurements);
-``unpack()`` returns the original weight bit for bit.
+compute-bound. fp32 goes to MKL's GEMV, which streams the plain weight slower than one core can
+read it. Prepacking once, with torch's own oneDNN ops (``torch.ops.mkldnn``, part of every x86
+CPU build of torch: nothing to compile), removes the re-blocking. Measured speeds and decode
+times: bench/RESULTS.md. Results equal ``F.linear``'s within rounding (bf16 bit for bit in our
+measurements); ``unpack()`` returns the original weight bit for bit.
 
-Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout and bf16 is
-stored in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
-(:mod:`xtp.accelerators.cpu.gemv`: fp32 up to ~1.35x MKL's read speed on that VM, as fast as a
-plain read when the memory is the limit; bf16 ~2x oneDNN's packed matmul), where it is built and
-the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16 is packed for oneDNN), for
-ranks that compute with one thread (tp ranks sharing the cores; with more threads per rank,
-MKL's and oneDNN's parallel paths), and bf16 except on CPUs with AMX (:data:`AMX_LAYOUTS`); fp16
-is packed for oneDNN. oneDNN's packed fp32 measured 0.96x-1.10x the dense decode time there, not
-worth its packing copy. ``XTP_CPU_PACK`` chooses: ``1`` (default) as above, ``all`` every dtype
-in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the CPU
-instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
-:data:`MIN_BYTES`: oneDNN's packed call costs about 13 us more per call, which only a large
-enough matrix wins back (same VM, one thread, one token: fp32 64x64 3.3x slower, 512x512 (1 MiB)
-even, 1024x512 0.81x; bf16 256x256 0.80x, 1024x1024 0.51x); the GEMV kernel's call costs ~1 us
-more than ``F.linear``'s and wins from ~256x256 on.
+Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout and bf16 is stored
+in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
+(:mod:`xtp.accelerators.cpu.gemv`: faster than MKL's fp32 GEMV and oneDNN's packed bf16 matmul at
+one token), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16
+is packed for oneDNN), for ranks that compute with one thread (tp ranks sharing the cores; with more
+threads per rank, MKL's and oneDNN's parallel paths), and bf16 except on CPUs with AMX
+(:data:`AMX_LAYOUTS`); fp16 is packed for oneDNN (fp32 is not: oneDNN's packed fp32 did not beat the
+dense decode time, not worth its packing copy). ``XTP_CPU_PACK`` chooses: ``1`` (default) as above,
+``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the
+CPU instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
+:data:`MIN_BYTES`: a packed call costs more per call than ``F.linear``'s, which only a large enough
+matrix wins back (the measured break-even sizes: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,9 +37,8 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
 #: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring) ...
 DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
-#: ... except on CPUs with AMX bf16 tiles, where oneDNN's bf16 matmul uses them: measured on an
-#: Intel Xeon with AMX (bench/RESULTS.md), oneDNN's packed bf16 read 1.12-1.15x the kernel's
-#: speed in 2 of 3 runs; fp32 there: the kernel 1.04-1.07x MKL's
+#: ... except on CPUs with AMX bf16 tiles, where oneDNN's bf16 matmul uses them and outran the
+#: kernel as measured on an Intel Xeon with AMX (bench/RESULTS.md); fp32 keeps the kernel there
 AMX_LAYOUTS = {torch.bfloat16: ONEDNN}
 MIN_BYTES = 1 << 20
 

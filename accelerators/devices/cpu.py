@@ -1,8 +1,8 @@
 """Plain CPU cores, collectives through gloo (``ccl`` only when asked for by XTP_DIST_BACKEND).
 
 All-reduce and all-gather between ranks of one host go through shared memory
-(:mod:`xtp.accelerators.cpu.shm`), an order of magnitude faster than gloo for decode-sized
-tensors; the group falls back to gloo where that cannot serve it.
+(:mod:`xtp.accelerators.cpu.shm`), faster than gloo for decode-sized tensors (measured:
+bench/RESULTS.md); the group falls back to gloo where that cannot serve it.
 """
 
 from __future__ import annotations
