@@ -51,12 +51,13 @@ LAYERS: dict[str, list[list[str]]] = {
         ["xtp.loading"],
         # losses, seeds, data parallel, training checkpoints over sharded models
         ["xtp.training"],
-        # the benchmark machinery behind `xtp bench`
-        ["xtp.bench"],
-        # the command line: one module per command
-        ["xtp.cli"],
-        # the public face (xtp/__init__.py only): re-exports
+        # the public face (xtp/__init__.py only): re-exports of the layers below
         ["xtp"],
+        # the benchmark machinery behind `xtp bench`: a client of the public face (its rank
+        # script imports xtp as a user program does)
+        ["xtp.bench"],
+        # the command line, one module per command: a client of the public face
+        ["xtp.cli"],
     ],
     "xtp.accelerators": [
         # base: typed errors, torch version shims, XTP_* environment, custom-op handles
