@@ -9,7 +9,8 @@ docs/architecture.md.
 from __future__ import annotations
 
 from ._version import __version__
-from .distributed.setup import TPContext, init_distributed
+from .distributed.context import TPContext
+from .distributed.setup import init_distributed
 from .errors import XtpError
 from .loading.api import from_pretrained
 from .loading.common import LoadReport, load_report

@@ -14,7 +14,7 @@ from reliability_worker import tiny_model
 from xtp.accelerators.errors import CollectiveError, CollectiveTimeoutError
 from xtp.cli.launch import describe_failures
 from xtp.distributed.consistency import checkpoint_digest, fingerprint
-from xtp.distributed.setup import _setup_failure
+from xtp.distributed.failures import setup_failure as _setup_failure
 from xtp.errors import XtpError
 from xtp.planning.derive import derive_plan
 

@@ -1,5 +1,8 @@
 """Cross-rank consistency checks: a cheap fingerprint exchange at setup, and opt-in verification.
 
+* :func:`exchange_identities` (``init_distributed``, world > 1): every rank records every rank's
+  host and pid (so a later failed collective can name a dead rank) and the ranks check they
+  agree on the TP size and the xtp/torch versions.
 * :func:`check_fingerprints` (always, at ``shard()`` time, tp > 1): every rank of the TP group
   sends a small dict (xtp/torch/transformers versions, tp_size, the model's config, the plan's
   digest; in ``from_pretrained`` also :func:`checkpoint_digest`); any difference raises
@@ -8,6 +11,8 @@
   still whole before slicing) must be identical on all ranks (one all-gather of a vector of
   checksums): ranks that built or loaded different weights are caught, not just replicated
   ones.
+* :func:`all_ranks_ok` (saving checkpoints): a barrier over the world that carries a failure,
+  so every rank raises when one failed.
 """
 
 from __future__ import annotations
@@ -15,18 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..accelerators.comm.failures import guarded
+from ..accelerators.comm.failures import guarded, record_peers
 from ..errors import RanksDisagreeError
 from ..planning.spec import SHARDED_ROLES, ShardPlan
+from .context import TPContext
 
-__all__ = ["RanksDisagreeError", "check_fingerprints", "checkpoint_digest", "disagreement",
-           "fingerprint", "verify_replicated"]
+__all__ = ["RanksDisagreeError", "all_ranks_ok", "check_fingerprints", "checkpoint_digest",
+           "disagreement", "exchange_identities", "fingerprint", "verify_replicated"]
 
 
 _LOCAL_CONFIG_KEYS = frozenset({"_name_or_path", "_commit_hash"})
@@ -40,7 +47,7 @@ def fingerprint(model: nn.Module, plan: ShardPlan) -> dict[str, str]:
     """What must agree across the ranks of a TP group, as short strings."""
     import transformers
 
-    from .._version import __version__
+    from .._version import __version__  # read at call time, not at import
 
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else None
@@ -95,6 +102,38 @@ def disagreement(everyone: list[dict]) -> str | None:
                                for v, r in by_value.items())
             return f"{key} ({detail})"
     return None
+
+
+def exchange_identities(group: dist.ProcessGroup | None, tp_size: int | None,
+                        timeout: timedelta) -> None:
+    """Record every rank's host and pid (for naming a failed rank later) and check the ranks
+    agree on the TP size (``tp_size``, ``None``: the size of ``group``) and the software
+    versions; collective over ``group`` (``None``: the world). ``timeout`` is quoted in later
+    error messages.
+
+    Raises:
+        RanksDisagreeError: a rank asked for another tp_size or runs other xtp/torch versions.
+    """
+    from .._version import __version__
+
+    mine = {"tp_size": str(tp_size or dist.get_world_size(group)), "xtp version": __version__,
+            "torch version": torch.__version__}
+    detail = disagreement(record_peers(group, mine, timeout.total_seconds()))
+    if detail:
+        raise RanksDisagreeError(
+            f"the ranks disagree at init_distributed on {detail}: start every rank with the "
+            "same tp_size and the same installed software")
+
+
+def all_ranks_ok(ok: bool, ctx: TPContext) -> bool:
+    """True when every rank of the world says ``ok``: a barrier over the world that carries a
+    failure (one MIN all-reduce of a flag on ``ctx.device``; collective on every rank). In a
+    single process or a world of one rank, ``ok`` itself."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def check_fingerprints(mine: dict[str, str], group) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..accelerators import Communicator
-from ..distributed.setup import TPContext
+from ..distributed.context import TPContext
 from ..errors import CheckpointError
 from ..formats.checkpoint_index import CheckpointIndex
 from ..formats.presharded import is_presharded, leftovers

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..distributed.consistency import check_fingerprints, checkpoint_digest, fingerprint
-from ..distributed.setup import TPContext, init_distributed
+from ..distributed.context import TPContext
+from ..distributed.setup import init_distributed
 from ..errors import CheckpointError, TPSizeError
 from ..formats.checkpoint_index import ReadStats
 from ..models.build import meta_model

@@ -12,10 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..distributed.setup import TPContext
+from ..distributed.consistency import all_ranks_ok
 from ..errors import CheckpointError, XtpError
 from ..formats.keymap import tied_sources
 from ..formats.presharded import (
@@ -31,15 +30,6 @@ from ..formats.presharded import (
 from ..sharding.packing import require_dense
 from ..sharding.state import sharded_context, sharded_plan
 from .entries import local_entries
-
-
-def _all_ok(ok: bool, ctx: TPContext) -> bool:
-    """True when every rank of the world says ok (a barrier that carries failures)."""
-    if not dist.is_initialized() or ctx.world_size == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _finish_folder(model: nn.Module, plan, tmp: Path, final: Path, dtype: torch.dtype) -> None:
@@ -80,7 +70,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    if not _all_ok(True, ctx):
+    if not all_ranks_ok(True, ctx):
         raise CheckpointError("another rank failed before writing")
     tied = tied_sources(model)
     entries = local_entries(model, None, ctx.tp_rank)
@@ -98,7 +88,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
                             lambda i: entries[i].meta.detach(), ctx.tp_rank, plan)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = exc
-    if not _all_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx):
         raise CheckpointError(f"writing {final} failed on some rank"
                               + (f": {error}" if error else "")) from error
     if leader:
@@ -106,7 +96,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
             _finish_folder(model, plan, tmp, final, dtype)
         except Exception as exc:  # noqa: BLE001
             error = exc
-    if not _all_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx):
         raise CheckpointError(f"finishing {final} failed" + (f": {error}" if error else "")
                               ) from error
     return final

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..accelerators import Communicator
 from ..distributed.consistency import check_fingerprints, fingerprint, verify_replicated
-from ..distributed.setup import TPContext, init_distributed
+from ..distributed.context import TPContext
+from ..distributed.setup import init_distributed
 from ..errors import AlreadyShardedError, PlanError
 from ..planning.derive import derive_plan
 from ..planning.spec import ShardPlan

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..accelerators import Communicator
 from ..accelerators.comm.compiled import handle as op_handle
-from ..distributed.setup import TPContext
+from ..distributed.context import TPContext
 from ..errors import PlanError
 from ..planning.layouts import take_ranges
 from ..planning.spec import ModuleSpec, ParamSplit, ShardPlan

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..distributed.consistency import all_ranks_ok
 from ..errors import CheckpointError, XtpError
 from ..loading.entries import param_split
 from ..planning.layouts import gather_ranges, take_ranges
@@ -61,15 +61,6 @@ def rng_file(rank: int, world: int) -> str:
 
 def _plan_ctx(model: nn.Module):
     return sharded_plan(model), sharded_context(model)
-
-
-def _barrier_ok(ok: bool, ctx) -> bool:
-    """True when every rank of the world says ok (a barrier that carries failures)."""
-    if ctx.world_size == 1 or not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -152,7 +143,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     if ctx.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)
-    if not _barrier_ok(True, ctx):
+    if not all_ranks_ok(True, ctx):
         raise CheckpointError("another rank failed before writing")
     save_sharded(model, folder / "model")
     error = None
@@ -163,7 +154,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.save(_rng_state(ctx.device), folder / rng_file(ctx.rank, ctx.world_size))
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = exc
-    if not _barrier_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx):
         raise CheckpointError(f"writing {folder} failed on some rank"
                               + (f": {error}" if error else "")) from error
     if ctx.rank == 0:
@@ -172,7 +163,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                 "step": step, "extra": extra, "optimizer": type(optimizer).__qualname__}
         (folder / META).write_text(json.dumps(meta, indent=1))
         (folder / MARKER).write_text("ok\n")
-    _barrier_ok(True, ctx)
+    all_ranks_ok(True, ctx)
     return folder
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.setup import TPContext
+from ..distributed.context import TPContext
 
 
 def all_reduce_dp_gradients(model: nn.Module, ctx: TPContext) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..distributed.setup import TPContext
+from ..distributed.context import TPContext
 
 
 def seed_everything(seed: int, ctx: TPContext) -> None:
