@@ -1,6 +1,6 @@
 """Unit tests for xtp.layouts: every fused layout's per-rank ranges, in memory (no processes).
 
-For each layout of ``model_table.LAYOUTS`` and the plain q / kv projections:
+For each layout of ``spec.Layout`` and the plain q / kv projections:
 
 * shard then gather gives back the original tensor exactly (``torch.equal``), along dim 0
   (``nn.Linear``: out x in) and dim 1 (transformers ``Conv1D``: in x out);
@@ -27,21 +27,15 @@ from xtp.planning.layouts import (
     ranges_len,
     take_ranges,
 )
-from xtp.planning.model_table import (
-    GATE_UP_CONCAT,
-    LAYOUTS,
-    QKV_CONCAT,
-    QKV_GROUPED,
-    QKV_INTERLEAVED,
-)
 from xtp.planning.partition import Partition, partition_heads, split_even
+from xtp.planning.spec import Layout
 
 SETTINGS = settings(max_examples=120, deadline=None)
-HEAD_LAYOUTS = (QKV_CONCAT, QKV_INTERLEAVED, QKV_GROUPED)
+HEAD_LAYOUTS = (Layout.QKV_CONCAT, Layout.QKV_INTERLEAVED, Layout.QKV_GROUPED)
 
 
 def test_layouts_table_is_what_this_file_covers():
-    assert set(LAYOUTS) == {*HEAD_LAYOUTS, GATE_UP_CONCAT}
+    assert set(Layout) == {*HEAD_LAYOUTS, Layout.GATE_UP_CONCAT}
 
 
 # -- row labels from each layout's definition ----------------------------------------------------
@@ -55,17 +49,17 @@ def qkv_labels(layout: str, q_heads: list[int], kv_heads: list[int], group: int,
         return [(part, head, d) for d in range(head_dim)]
 
     out: list[tuple] = []
-    if layout == QKV_CONCAT:  # [q heads | k heads | v heads]
+    if layout == Layout.QKV_CONCAT:  # [q heads | k heads | v heads]
         for h in q_heads:
             out += rows("q", h)
         for part in ("k", "v"):
             for k in kv_heads:
                 out += rows(part, k)
-    elif layout == QKV_INTERLEAVED:  # per head [q, k, v] (one KV head per query head)
+    elif layout == Layout.QKV_INTERLEAVED:  # per head [q, k, v] (one KV head per query head)
         assert q_heads == kv_heads
         for h in q_heads:
             out += rows("q", h) + rows("k", h) + rows("v", h)
-    elif layout == QKV_GROUPED:  # per KV group [its q heads.., k, v]
+    elif layout == Layout.QKV_GROUPED:  # per KV group [its q heads.., k, v]
         for k in kv_heads:
             for h in q_heads:
                 if h // group == k:
@@ -86,7 +80,7 @@ def gate_up_labels(features: list[int]) -> list[tuple]:
 @st.composite
 def head_cases(draw, layout: str):
     """(HeadPartition, head_dim) for a head layout the layout can hold and tp that works."""
-    if layout == QKV_INTERLEAVED:
+    if layout == Layout.QKV_INTERLEAVED:
         num_kv = num_heads = draw(st.integers(1, 12))
     else:
         num_kv = draw(st.integers(1, 6))
@@ -168,14 +162,14 @@ def test_grouped_kv_replicated_example():
     two query heads of one group plus that group's K and V."""
     hp = partition_heads(8, 2, 4)
     assert hp.kv_replicated
-    rr = [fused_ranges(QKV_GROUPED, r, hp, 1) for r in range(4)]
+    rr = [fused_ranges(Layout.QKV_GROUPED, r, hp, 1) for r in range(4)]
     assert rr == [((0, 2), (4, 6)), ((2, 4), (4, 6)), ((6, 8), (10, 12)), ((8, 10), (10, 12))]
 
 
 def test_concat_one_kv_head_example():
     """GPT-BigCode multi-query: [12 q | 1 k | 1 v] over 3 ranks, K and V on every rank."""
     hp = partition_heads(12, 1, 3)
-    assert [fused_ranges(QKV_CONCAT, r, hp, 1) for r in range(3)] == [
+    assert [fused_ranges(Layout.QKV_CONCAT, r, hp, 1) for r in range(3)] == [
         ((0, 4), (12, 13), (13, 14)), ((4, 8), (12, 13), (13, 14)),
         ((8, 12), (12, 13), (13, 14))]
 
@@ -190,9 +184,9 @@ def test_gate_up_round_trip_and_local_layout(dim, total, tp):
     if tp > total:
         return
     mlp = Partition(split_even(total, tp))
-    width = fused_width(GATE_UP_CONCAT, None, 0, total)
+    width = fused_width(Layout.GATE_UP_CONCAT, None, 0, total)
     assert width == 2 * total
-    rank_ranges = [fused_ranges(GATE_UP_CONCAT, r, None, 0, mlp) for r in range(tp)]
+    rank_ranges = [fused_ranges(Layout.GATE_UP_CONCAT, r, None, 0, mlp) for r in range(tp)]
     round_trip(width, rank_ranges, dim)
     assert owners(width, rank_ranges) == [1] * width
     labels = gate_up_labels(list(range(total)))
@@ -209,7 +203,7 @@ def test_gate_up_round_trip_and_local_layout(dim, total, tp):
 @SETTINGS
 @given(data=st.data())
 def test_plain_projection_round_trip(which, dim, data):
-    hp, head_dim = data.draw(head_cases(QKV_CONCAT))
+    hp, head_dim = data.draw(head_cases(Layout.QKV_CONCAT))
     if which == "q":
         width = hp.num_heads * head_dim
         rank_ranges = [q_ranges(hp, head_dim, r) for r in range(hp.tp)]

@@ -21,7 +21,7 @@ from parity_cases import CASES, V
 from thread_ranks import rel_err, run_sharded
 from xtp.models.build import meta_model
 from xtp.planning import model_table as mt
-from xtp.planning.spec import COLUMN, EXPERTS, ROW
+from xtp.planning.spec import Layout, Role
 from xtp.sharding.hooks import head_slicing_hook
 
 TOL = 1e-5
@@ -94,16 +94,16 @@ def leaf(name: str) -> str:
 
 #: (model_type, layer leaf, layout) -> config name
 FUSED_CASES = {
-    ("phi3", "qkv_proj", mt.QKV_CONCAT): "phi3",
-    ("phi3", "gate_up_proj", mt.GATE_UP_CONCAT): "phi3",
-    ("gpt2", "c_attn", mt.QKV_CONCAT): "gpt2",
-    ("gpt_bigcode", "c_attn", mt.QKV_CONCAT): "gpt_bigcode",
-    ("gpt_bigcode", "c_attn", mt.QKV_INTERLEAVED): "gpt_bigcode_mha",
-    ("gpt_neox", "query_key_value", mt.QKV_INTERLEAVED): "gpt_neox",
-    ("bloom", "query_key_value", mt.QKV_INTERLEAVED): "bloom",
-    ("falcon", "query_key_value", mt.QKV_GROUPED): "falcon_grouped_kv2",
-    ("falcon", "query_key_value", mt.QKV_CONCAT): "falcon_mqa",
-    ("falcon", "query_key_value", mt.QKV_INTERLEAVED): "falcon_mha",
+    ("phi3", "qkv_proj", Layout.QKV_CONCAT): "phi3",
+    ("phi3", "gate_up_proj", Layout.GATE_UP_CONCAT): "phi3",
+    ("gpt2", "c_attn", Layout.QKV_CONCAT): "gpt2",
+    ("gpt_bigcode", "c_attn", Layout.QKV_CONCAT): "gpt_bigcode",
+    ("gpt_bigcode", "c_attn", Layout.QKV_INTERLEAVED): "gpt_bigcode_mha",
+    ("gpt_neox", "query_key_value", Layout.QKV_INTERLEAVED): "gpt_neox",
+    ("bloom", "query_key_value", Layout.QKV_INTERLEAVED): "bloom",
+    ("falcon", "query_key_value", Layout.QKV_GROUPED): "falcon_grouped_kv2",
+    ("falcon", "query_key_value", Layout.QKV_CONCAT): "falcon_mqa",
+    ("falcon", "query_key_value", Layout.QKV_INTERLEAVED): "falcon_mha",
 }
 #: numeric checks of the variants the parity suite does not run (it runs every other entry's
 #: architecture at tp 2, 3 and 4 in real processes): config name -> tp
@@ -129,8 +129,8 @@ def test_fused_entry_planned_as_column_with_its_layout(key):
     specs = [s for s in plan.specs if leaf(s.name) == layer]
     assert specs, f"no {layer} in the {name} model"
     for s in specs:
-        assert (s.role, s.layout) == (COLUMN, layout), s
-        assert plan.spec(s.group).role == ROW, f"{s.name} feeds {s.group}, which is not a row"
+        assert (s.role, s.layout) == (Role.COLUMN, layout), s
+        assert plan.spec(s.group).role == Role.ROW, f"{s.name} feeds {s.group}, which is not a row"
 
 
 @pytest.mark.parametrize("name,tp", list(FUSED_NUMERIC.items()))
@@ -139,10 +139,10 @@ def test_fused_variant_numerically(name, tp):
 
 
 @pytest.mark.parametrize("flags,layout", [
-    (dict(new_decoder_architecture=True, multi_query=True), mt.QKV_GROUPED),
-    (dict(new_decoder_architecture=True, multi_query=False), mt.QKV_GROUPED),
-    (dict(new_decoder_architecture=False, multi_query=True), mt.QKV_CONCAT),
-    (dict(new_decoder_architecture=False, multi_query=False), mt.QKV_INTERLEAVED),
+    (dict(new_decoder_architecture=True, multi_query=True), Layout.QKV_GROUPED),
+    (dict(new_decoder_architecture=True, multi_query=False), Layout.QKV_GROUPED),
+    (dict(new_decoder_architecture=False, multi_query=True), Layout.QKV_CONCAT),
+    (dict(new_decoder_architecture=False, multi_query=False), Layout.QKV_INTERLEAVED),
 ])
 def test_falcon_variant_order(flags, layout):
     config = SimpleNamespace(model_type="falcon", **flags)
@@ -157,10 +157,11 @@ def test_fused_layout_unknown():
 
 def test_fused_entry_negated_flag(monkeypatch):
     monkeypatch.setitem(mt.FUSED_LAYOUTS, ("toy", "qkv"), (
-        mt.FusedEntry(mt.QKV_CONCAT, when="!interleave"), mt.FusedEntry(mt.QKV_INTERLEAVED)))
-    assert mt.fused_layout(SimpleNamespace(model_type="toy"), "qkv") == mt.QKV_CONCAT
+        mt.FusedEntry(Layout.QKV_CONCAT, when="!interleave"),
+        mt.FusedEntry(Layout.QKV_INTERLEAVED)))
+    assert mt.fused_layout(SimpleNamespace(model_type="toy"), "qkv") == Layout.QKV_CONCAT
     assert mt.fused_layout(SimpleNamespace(model_type="toy", interleave=True),
-                           "qkv") == mt.QKV_INTERLEAVED
+                           "qkv") == Layout.QKV_INTERLEAVED
 
 
 # GPT-BigCode with multi_query=False (e.g. the "santacoder-mha" style configs) stores c_attn per
@@ -170,7 +171,7 @@ def test_fused_entry_negated_flag(monkeypatch):
 # the sharded model computes wrong attention, silently (relative error ~0.6 at tp 2).
 def test_gpt_bigcode_multi_head_c_attn_layout():
     assert {s.layout for s in plan_of("gpt_bigcode_mha", 2).specs
-            if leaf(s.name) == "c_attn"} == {mt.QKV_INTERLEAVED}
+            if leaf(s.name) == "c_attn"} == {Layout.QKV_INTERLEAVED}
 
 
 def test_gpt_bigcode_multi_head_numerically():
@@ -436,7 +437,7 @@ def test_fused_experts_modules(name, cls):
     found = {n for n, m in model.named_modules() if mt.is_fused_experts(m)}
     experts = {n for n, m in model.named_modules() if type(m).__name__ == cls}
     assert experts and found == experts
-    e = mt.EXPERTS
+    e = mt.EXPERT_PARAMS
     plan = plan_of(name, 2)
     for n in experts:
         mod = dict(model.named_modules())[n]
@@ -446,7 +447,7 @@ def test_fused_experts_modules(name, cls):
         assert down.dim() == gate_up.dim() == 3
         inter = down.shape[1] if mod.is_transposed else down.shape[2]
         spec = plan.spec(n)
-        assert spec.role == EXPERTS and spec.full == inter
+        assert spec.role == Role.EXPERTS and spec.full == inter
         assert sum(spec.local_extent(r) for r in range(2)) == inter
         for split in spec.param_splits():
             t = getattr(mod, split.param)
@@ -465,4 +466,4 @@ def test_not_fused_experts():
     assert not mt.is_fused_experts(nn.Linear(2, 2))
     assert not mt.is_fused_experts(model.model.layers[0].mlp.gate)
     plan = plan_of("qwen2_moe", 2)
-    assert plan.spec("model.layers.0.mlp.shared_expert.down_proj").role == ROW
+    assert plan.spec("model.layers.0.mlp.shared_expert.down_proj").role == Role.ROW

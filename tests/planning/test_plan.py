@@ -31,7 +31,7 @@ from thread_ranks import (
 )
 from xtp.errors import AlreadyShardedError, RuleError, TPSizeError, UnclassifiedModuleError
 from xtp.models.build import meta_model
-from xtp.planning.spec import COLUMN, LM_HEAD, REPLICATE, ROW, SHARDED_ROLES, VOCAB_EMBEDDING
+from xtp.planning.spec import SHARDED_ROLES, Role
 
 CASE = {c.id: c for c in CASES}
 
@@ -73,11 +73,11 @@ def test_llama_roles(llama_plan):
         p = f"model.layers.{layer}."
         for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                      "mlp.gate_proj", "mlp.up_proj"):
-            roles[p + leaf] = COLUMN
-        roles[p + "self_attn.o_proj"] = ROW
-        roles[p + "mlp.down_proj"] = ROW
-    roles["model.embed_tokens"] = VOCAB_EMBEDDING
-    roles["lm_head"] = LM_HEAD
+            roles[p + leaf] = Role.COLUMN
+        roles[p + "self_attn.o_proj"] = Role.ROW
+        roles[p + "mlp.down_proj"] = Role.ROW
+    roles["model.embed_tokens"] = Role.VOCAB_EMBEDDING
+    roles["lm_head"] = Role.LM_HEAD
     for name, role in roles.items():
         spec = llama_plan.spec(name)
         assert spec is not None, name
@@ -86,9 +86,9 @@ def test_llama_roles(llama_plan):
     assert {s.name for s in llama_plan.sharded()} == set(roles)
     # a column layer and the row it feeds share one partition of the inner dimension
     for s in llama_plan.specs:
-        if s.role == COLUMN and s.layout is None and s.name.endswith(("q_proj", "up_proj")):
+        if s.role == Role.COLUMN and s.layout is None and s.name.endswith(("q_proj", "up_proj")):
             row = llama_plan.spec(s.group)
-            assert row.role == ROW and row.ranges == s.ranges
+            assert row.role == Role.ROW and row.ranges == s.ranges
 
 
 def test_llama_per_rank_extents(llama_plan):
@@ -146,7 +146,7 @@ def test_to_dict_is_json(llama_plan):
     assert d["head_shape"] == [12, 12, 8]
     assert len(d["modules"]) == len(llama_plan.specs)
     q = next(m for m in d["modules"] if m["name"] == "model.layers.0.self_attn.q_proj")
-    assert q["role"] == COLUMN and q["local_extent"] == [48, 48]
+    assert q["role"] == Role.COLUMN and q["local_extent"] == [48, 48]
     assert d["bytes_per_rank"] == [llama_plan.bytes_per_rank(r) for r in range(2)]
     assert d["collectives_per_forward"] == {"all_reduce": 5, "all_gather": 1}
 
@@ -182,10 +182,10 @@ def test_olmo2_differences_with_transformers_tp_plan():
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         line = next((d for d in diffs if f"model.layers.*.self_attn.{proj}:" in d), None)
         assert line is not None, f"{proj} not reported: {diffs}"
-        assert "transformers says" in line and f"xtp chose {REPLICATE}" in line
+        assert "transformers says" in line and f"xtp chose {Role.REPLICATE}" in line
         assert "q_norm" in line
-    assert plan.spec("model.layers.0.self_attn.q_proj").role == REPLICATE
-    assert plan.spec("model.layers.0.mlp.down_proj").role == ROW
+    assert plan.spec("model.layers.0.self_attn.q_proj").role == Role.REPLICATE
+    assert plan.spec("model.layers.0.mlp.down_proj").role == Role.ROW
     assert plan.collective_counts() == {"all_reduce": 3, "all_gather": 1}
     assert "differs from transformers' tp_plan: model.layers.*.self_attn.q_proj" in str(plan)
     assert any("q_norm" in n for n in plan.notes)
@@ -199,15 +199,15 @@ def test_llama_agrees_with_transformers_tp_plan(llama_plan):
 
 
 def _column_partners(plan) -> dict[str, str]:
-    """Column layer -> role of the row layer it feeds (must be ROW)."""
-    return {s.name: plan.spec(s.group).role for s in plan.specs if s.role == COLUMN}
+    """Column layer -> role of the row layer it feeds (must be Role.ROW)."""
+    return {s.name: plan.spec(s.group).role for s in plan.specs if s.role == Role.COLUMN}
 
 
 @requires_transformers5
 @pytest.mark.parametrize("case_id", ["llama", "gpt2", "opt", "t5", "bert"])
 def test_every_column_feeds_a_row(case_id):
     partners = _column_partners(xtp.plan(config_of(case_id), 2))
-    assert partners and set(partners.values()) == {ROW}
+    assert partners and set(partners.values()) == {Role.ROW}
 
 
 # OPT with word_embed_proj_dim != hidden_size (opt-350m: 512 vs 1024) has project_out
@@ -222,7 +222,7 @@ OPT_350M_LIKE = dict(word_embed_proj_dim=48)
 @requires_transformers5
 def test_every_column_feeds_a_row_opt_projected_embeddings():
     partners = _column_partners(xtp.plan(config_of("opt", **OPT_350M_LIKE), 2))
-    assert set(partners.values()) == {ROW}, partners
+    assert set(partners.values()) == {Role.ROW}, partners
 
 
 @requires_transformers5
@@ -257,16 +257,16 @@ def test_rule_replicates_mlps(llama_config):
     for layer in range(2):
         for leaf in ("gate_proj", "up_proj", "down_proj"):
             spec = plan.spec(f"model.layers.{layer}.mlp.{leaf}")
-            assert spec.role == REPLICATE and "*.mlp.*" in spec.reason
-        assert plan.spec(f"model.layers.{layer}.self_attn.o_proj").role == ROW
+            assert spec.role == Role.REPLICATE and "*.mlp.*" in spec.reason
+        assert plan.spec(f"model.layers.{layer}.self_attn.o_proj").role == Role.ROW
     assert plan.collective_counts() == {"all_reduce": 2 + 1, "all_gather": 1}
 
 
 def test_rule_on_one_partner_keeps_the_pair_whole(llama_config):
     plan = xtp.plan(llama_config, 2, rules={"model.layers.0.mlp.down_proj": "replicate"})
-    assert plan.spec("model.layers.0.mlp.gate_proj").role == REPLICATE
-    assert plan.spec("model.layers.0.mlp.up_proj").role == REPLICATE
-    assert plan.spec("model.layers.1.mlp.down_proj").role == ROW
+    assert plan.spec("model.layers.0.mlp.gate_proj").role == Role.REPLICATE
+    assert plan.spec("model.layers.0.mlp.up_proj").role == Role.REPLICATE
+    assert plan.spec("model.layers.1.mlp.down_proj").role == Role.ROW
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -332,9 +332,9 @@ def test_unclassified_fused_layer_suggests_a_rule():
     assert found, f"no rule in: {msg}"
     rules = ast.literal_eval(found.group(1))
     plan = xtp.plan(model, 2, rules=rules)  # the suggested rule works as given
-    assert plan.spec("layers.0.attn.qkv").role == REPLICATE
-    assert plan.spec("layers.1.attn.o").role == REPLICATE
-    assert plan.spec("embed").role == VOCAB_EMBEDDING
+    assert plan.spec("layers.0.attn.qkv").role == Role.REPLICATE
+    assert plan.spec("layers.1.attn.o").role == Role.REPLICATE
+    assert plan.spec("embed").role == Role.VOCAB_EMBEDDING
 
 
 # -- shard(): already sharded, failures leave the model as it was ---------------------------

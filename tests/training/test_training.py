@@ -210,10 +210,10 @@ def test_gradient_hooks_sum_shared_rows_and_zero_rank0_only_params():
     import torch
     from torch import nn
 
-    from xtp.planning.spec import EXPERT_WEIGHTS, EXPERTS, ModuleSpec, ParamSplit, ShardPlan
+    from xtp.planning.spec import ModuleSpec, ParamSplit, Role, ShardPlan, WeightKind
     from xtp.sharding.hooks import register_split_grad_hooks
 
-    spec = ModuleSpec("m", EXPERTS, EXPERT_WEIGHTS, "unit", params=(
+    spec = ModuleSpec("m", Role.EXPERTS, WeightKind.EXPERT_WEIGHTS, "unit", params=(
         ParamSplit("w", 0, (((0, 2), (4, 6)), ((2, 4), (4, 6)))),   # rows 4..6 shared
         ParamSplit("b", 0, (((0, 3),), ((0, 3),)), zero_off_rank0=True),
     ))

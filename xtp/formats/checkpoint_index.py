@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..planning.spec import Ranges
 from .safetensors_io import TensorInfo, read_header, read_tensor
-
-Ranges = tuple[tuple[int, int], ...]
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-Ranges = tuple[tuple[int, int], ...]
+from ..planning.spec import Ranges
+
 Reader = Callable[[str, int | None, Ranges | None], torch.Tensor]
 
 

@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from ..planning.layouts import ranges_len
-from ..planning.spec import SHARDED_ROLES, ShardPlan
-
-Ranges = tuple[tuple[int, int], ...]
+from ..planning.spec import SHARDED_ROLES, Ranges, ShardPlan
 
 
 @dataclass

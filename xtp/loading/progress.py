@@ -10,13 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from ..planning.render import fmt_bytes
 
 
 class Progress:

@@ -160,9 +160,3 @@ def is_fused_experts(module) -> bool:
     return (all(hasattr(module, f) for f in EXPERT_PARAMS.flags)
             and getattr(down, "dim", lambda: 0)() == 3)
 
-
-# TEMPORARY aliases while importers move to the enums (removed in the same change)
-QKV_CONCAT, QKV_INTERLEAVED = Layout.QKV_CONCAT, Layout.QKV_INTERLEAVED
-QKV_GROUPED, GATE_UP_CONCAT = Layout.QKV_GROUPED, Layout.GATE_UP_CONCAT
-LAYOUTS = tuple(Layout)
-EXPERTS = EXPERT_PARAMS

@@ -222,9 +222,3 @@ class ShardPlan:
         return render_plan(self)
 
 
-
-# TEMPORARY aliases while importers move to the enums (removed in the same change)
-COLUMN, ROW, VOCAB_EMBEDDING, LM_HEAD = Role.COLUMN, Role.ROW, Role.VOCAB_EMBEDDING, Role.LM_HEAD
-HEAD_EMBEDDING, EXPERTS, REPLICATE = Role.HEAD_EMBEDDING, Role.EXPERTS, Role.REPLICATE
-OUT_IN, IN_OUT, EMBEDDING = WeightKind.OUT_IN, WeightKind.IN_OUT, WeightKind.EMBEDDING
-EXPERT_WEIGHTS = WeightKind.EXPERT_WEIGHTS

@@ -27,18 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accelerators import Communicator, copy_to_group, gather_from_group, reduce_from_group
-from ..planning.spec import (
-    COLUMN,
-    EMBEDDING,
-    EXPERTS,
-    HEAD_EMBEDDING,
-    IN_OUT,
-    LM_HEAD,
-    OUT_IN,
-    ROW,
-    VOCAB_EMBEDDING,
-    ModuleSpec,
-)
+from ..planning.spec import ModuleSpec, Role, WeightKind
 from .packing import packed_matmul
 from .rng import RegionRNG
 
@@ -57,7 +46,7 @@ class TPModule:
         """Set this rank's attributes once the class is swapped and the local weights are in
         place; each role adds what its forward needs (``rng`` is the model's one
         :class:`~xtp.sharding.rng.RegionRNG`)."""
-        if spec.kind in (OUT_IN, IN_OUT):
+        if spec.kind in (WeightKind.OUT_IN, WeightKind.IN_OUT):
             self.tp_kind = spec.kind
         set_local_features(self, spec.kind)
 
@@ -66,14 +55,14 @@ def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tens
     packed = packed_matmul(module, x, None)
     if packed is not None:
         return packed
-    if kind == OUT_IN:
+    if kind == WeightKind.OUT_IN:
         return F.linear(x, module.weight)
     w = module.weight  # IN_OUT (Conv1D): (in, out)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
 
 class ColumnParallel(TPModule):
-    tp_role = COLUMN
+    tp_role = Role.COLUMN
     tp_rng: RegionRNG | None = None
 
     def tp_setup(self, spec, tp_size, rank, rng) -> None:
@@ -91,8 +80,8 @@ class ColumnParallel(TPModule):
 
 
 class RowParallel(TPModule):
-    tp_role = ROW
-    tp_kind: str = OUT_IN
+    tp_role = Role.ROW
+    tp_kind: str = WeightKind.OUT_IN
     tp_rng: RegionRNG | None = None
 
     def tp_setup(self, spec, tp_size, rank, rng) -> None:
@@ -110,7 +99,7 @@ class ParallelLMHead(TPModule):
     """``tp_gather_output=False`` (see :func:`xtp.training.local_logits`) returns this rank's
     vocabulary slice of the logits, for a vocab-parallel loss with no full-vocabulary tensor."""
 
-    tp_role = LM_HEAD
+    tp_role = Role.LM_HEAD
     tp_sizes: tuple[int, ...] = ()
     tp_gather_output: bool = True
 
@@ -129,7 +118,7 @@ class ParallelLMHead(TPModule):
 
 
 class VocabParallelEmbedding(TPModule):
-    tp_role = VOCAB_EMBEDDING
+    tp_role = Role.VOCAB_EMBEDDING
     tp_vocab_start: int = 0
 
     def tp_setup(self, spec, tp_size, rank, rng) -> None:
@@ -148,7 +137,7 @@ class VocabParallelEmbedding(TPModule):
 
 
 class HeadParallelEmbedding(TPModule):
-    tp_role = HEAD_EMBEDDING
+    tp_role = Role.HEAD_EMBEDDING
 
 
 class ParallelExperts(TPModule):
@@ -159,7 +148,7 @@ class ParallelExperts(TPModule):
     input (hidden states, and the routing weights the experts scale by) is partial on each
     rank: all of them go through ``copy_to_group`` (all-reduce in backward)."""
 
-    tp_role = EXPERTS
+    tp_role = Role.EXPERTS
 
     def forward(self, hidden_states, *args, **kwargs):
         comm = self.tp_comm
@@ -171,9 +160,9 @@ class ParallelExperts(TPModule):
 
 
 MIXINS: dict[str, type] = {
-    COLUMN: ColumnParallel, ROW: RowParallel, LM_HEAD: ParallelLMHead,
-    VOCAB_EMBEDDING: VocabParallelEmbedding, HEAD_EMBEDDING: HeadParallelEmbedding,
-    EXPERTS: ParallelExperts,
+    Role.COLUMN: ColumnParallel, Role.ROW: RowParallel, Role.LM_HEAD: ParallelLMHead,
+    Role.VOCAB_EMBEDDING: VocabParallelEmbedding, Role.HEAD_EMBEDDING: HeadParallelEmbedding,
+    Role.EXPERTS: ParallelExperts,
 }
 _classes: dict[tuple[type, type], type] = {}
 
@@ -192,11 +181,11 @@ def parallel_class(role: str, base: type) -> type:
 def set_local_features(module: nn.Module, kind: str) -> None:
     """Make size attributes agree with the (already replaced) local weight."""
     w = getattr(module, "weight", None)
-    if kind == OUT_IN:
+    if kind == WeightKind.OUT_IN:
         module.out_features, module.in_features = w.shape[0], w.shape[1]
-    elif kind == IN_OUT:
+    elif kind == WeightKind.IN_OUT:
         module.nf = w.shape[1]
         if hasattr(module, "nx"):
             module.nx = w.shape[0]
-    elif kind == EMBEDDING:
+    elif kind == WeightKind.EMBEDDING:
         module.num_embeddings, module.embedding_dim = w.shape[0], w.shape[1]

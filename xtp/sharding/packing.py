@@ -24,7 +24,7 @@ from torch import nn
 from ..accelerators.packed.compiled import handle as op_handle
 from ..accelerators.packed.compiled import packed_linear
 from ..errors import PackedWeightsError, XtpError
-from ..planning.spec import COLUMN, LM_HEAD, OUT_IN, ROW
+from ..planning.spec import Role, WeightKind
 from .state import (
     PACKED_ATTR,
     PACKED_GRAD_FLAGS_ATTR,
@@ -33,7 +33,7 @@ from .state import (
     sharded_context,
 )
 
-PACKABLE_ROLES = (COLUMN, ROW, LM_HEAD)
+PACKABLE_ROLES = (Role.COLUMN, Role.ROW, Role.LM_HEAD)
 
 
 def _hint(what: str) -> str:
@@ -57,7 +57,8 @@ def _packable(module: nn.Module) -> bool:
     """An xtp-sharded plain ``nn.Linear`` (its original class computes ``F.linear``)."""
     original = getattr(module, "tp_original_class", None)
     return (isinstance(module, nn.Linear) and getattr(module, "tp_role", "") in PACKABLE_ROLES
-            and getattr(module, "tp_kind", OUT_IN) == OUT_IN and original is not None
+            and getattr(module, "tp_kind", WeightKind.OUT_IN) == WeightKind.OUT_IN
+            and original is not None
             and original.forward is nn.Linear.forward and PACKED_ATTR not in module.__dict__)
 
 
