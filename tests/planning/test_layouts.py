@@ -1,4 +1,5 @@
-"""Unit tests for xtp.layouts: every fused layout's per-rank ranges, in memory (no processes).
+"""Unit tests for xtp.planning.layouts: every fused layout's per-rank ranges, in memory (no
+processes).
 
 For each layout of ``spec.Layout`` and the plain q / kv projections:
 
@@ -8,7 +9,7 @@ For each layout of ``spec.Layout`` and the plain q / kv projections:
   (then only the K/V rows repeat, query rows never do);
 * each rank's shard is itself the same layout for its *local* heads, which is what the model's
   unchanged forward code (splitting with the local head counts) needs. The expected row order
-  is built here from each layout's definition, independently of xtp.layouts.
+  is built here from each layout's definition, independently of xtp.planning.layouts.
 """
 
 from __future__ import annotations

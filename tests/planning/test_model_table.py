@@ -1,8 +1,9 @@
-"""One test per entry of xtp.model_table, the only model-specific knowledge xtp has.
+"""One test per entry of xtp.planning.model_table, the only model-specific knowledge xtp has.
 
 Tiers: plans are built on the meta device (no weights); numeric checks run the sharded model
-in one process with thread-ranks (tests/thread_ranks.py, fp32, relative error <= 1e-5 against
-the unsharded model). The real-process proof per architecture is tests/test_parity.py.
+in one process with thread-ranks (tests/helpers/thread_ranks.py, fp32, relative error <= 1e-5
+against the unsharded model). The real-process proof per architecture is
+tests/sharding/test_parity.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Unit tests (pure math, no torch) for xtp.partition: split_even, split_aligned, partition_heads.
+"""Unit tests (pure math, no torch) for xtp.planning.partition: split_even, split_aligned,
+partition_heads.
 
 Property tests draw head layouts the way real models have them: ``num_kv_heads`` KV heads, each
 shared by ``group`` query heads (``num_heads = num_kv_heads * group``), query head ``h`` using KV
