@@ -11,7 +11,7 @@ function                    forward                       backward
 
 When autograd is not recording (inference, ``torch.no_grad()``), each function runs the bare
 collective with no graph bookkeeping. Every function is a no-op when ``world_size == 1``.
-Under ``torch.compile`` the collectives are custom ops (:mod:`compiled_collectives`), so
+Under ``torch.compile`` the collectives are custom ops (:mod:`xtp.accelerators.comm.compiled`), so
 they stay inside the compiled graph.
 """
 

@@ -8,7 +8,7 @@ protocol, gloo calls), which it cannot trace and would split the graph at, once 
 layer. At run time the compiled code calls the op, which calls the same communicator.
 
 Ops take tensors and plain values only, so a communicator is named by an integer handle
-(:func:`handle`, :mod:`op_handles`).
+(:func:`handle`, :mod:`xtp.accelerators.op_handles`).
 
 Shapes: ``all_reduce(x)`` -> ``x.shape``; ``all_gather(x, dim, sizes)`` -> ``x.shape`` with
 ``sizes`` summed along ``dim`` (``world * x.shape[dim]`` when ``sizes`` is empty).

@@ -19,7 +19,7 @@ Contract of :class:`ShmCommunicator`:
   default 300), or whose process dies, makes the others raise ``CollectiveTimeoutError``
   naming it. Ranks that call different collectives raise ``CollectiveMismatchError``. After
   either, the communicator refuses further use.
-* Leaves no ``/dev/shm`` entry behind (see :mod:`cpu_shm_segment`).
+* Leaves no ``/dev/shm`` entry behind (see :mod:`xtp.accelerators.cpu.shm_segment`).
 
 Protocol per chunk (``seq`` counts chunks; buffer set ``seq % 2``): copy this rank's data into
 its slot, write op/size, publish ``seq``; wait until every rank published ``seq``; check they

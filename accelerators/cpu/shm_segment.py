@@ -1,4 +1,4 @@
-"""The shared-memory segment behind :mod:`cpu_shm`: its layout and its lifecycle.
+"""The shared-memory segment behind :mod:`xtp.accelerators.cpu.shm`: its layout and its lifecycle.
 
 Lifecycle (the point of this file is that no ``/dev/shm`` entry outlives a run):
 

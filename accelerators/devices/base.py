@@ -115,7 +115,8 @@ class Accelerator(abc.ABC):
 
     def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
         """``weight`` (``(out, in)``, on this device) in a faster layout for inference
-        matmuls, or ``None`` (the default: keep it dense). See :mod:`packed_linear`."""
+        matmuls, or ``None`` (the default: keep it dense). See
+        :mod:`xtp.accelerators.packed.base`."""
         return None
 
     def linear_packing(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from typing_extensions import override
 
 from .._torch_compat import backend_available
 from ..errors import BackendUnavailableError
@@ -39,21 +40,27 @@ class CpuAccelerator(Accelerator):
         self.pack_min_bytes = pack_min_bytes
         self.pack_dtypes = pack_dtypes
 
+    @override
     def availability(self) -> Availability:
         return Availability(True)
 
+    @override
     def device_count(self) -> int:
         return 1
 
+    @override
     def device(self, index: int | None = None) -> torch.device:
         return torch.device("cpu")
 
+    @override
     def set_device(self, index: int) -> None:
         """CPU ranks share one device; nothing to bind."""
 
+    @override
     def init_device_id(self, local_index: int) -> torch.device | None:
         return None  # torch rejects a CPU device_id for gloo (pytorch issue #160731)
 
+    @override
     def default_dist_backend(self) -> str:
         if not backend_available("gloo"):
             raise BackendUnavailableError(
@@ -61,9 +68,11 @@ class CpuAccelerator(Accelerator):
             )
         return "gloo"
 
+    @override
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    @override
     def pack_linear_weight(self, weight: torch.Tensor) -> PackedLinear | None:
         """oneDNN's blocked layout for bf16/fp16 weights, xtp's GEMV kernel for fp32
         (:mod:`xtp.accelerators.cpu.packed_linear`); ``XTP_CPU_PACK`` chooses (``0``: none,
@@ -73,6 +82,7 @@ class CpuAccelerator(Accelerator):
         return pack_cpu_linear(weight, MIN_BYTES if self.pack_min_bytes is None
                                else self.pack_min_bytes, self.pack_dtypes)
 
+    @override
     def linear_packing(self) -> str:
         from ..cpu.gemv import kernel_isa, unavailable_reason
         from ..cpu.packed_linear import GEMV, MIN_BYTES, layouts_to_use, onednn_available
@@ -104,6 +114,7 @@ class CpuAccelerator(Accelerator):
         return (f"{'; '.join(parts)}; weights >= {size / 2**20:g} MiB ({ENV_CPU_PACK}=all: "
                 f"oneDNN for every dtype, {ENV_CPU_PACK}=0: off)")
 
+    @override
     def communicator(self, group: dist.ProcessGroup | None) -> Communicator:
         """A shared-memory communicator when every rank of ``group`` (more than one) is on
         this host and it is not switched off, else the gloo :class:`TorchCommunicator`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from .._torch_compat import backend_available
 from ..errors import BackendUnavailableError
@@ -14,6 +15,7 @@ class CudaAccelerator(Accelerator):
     device_type = "cuda"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
 
+    @override
     def availability(self) -> Availability:
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
             return Availability(
@@ -30,18 +32,23 @@ class CudaAccelerator(Accelerator):
             )
         return Availability(True)
 
+    @override
     def device_count(self) -> int:
         return torch.cuda.device_count() if self.is_available() else 0
 
+    @override
     def current_device(self) -> int:
         return torch.cuda.current_device()
 
+    @override
     def set_device(self, index: int) -> None:
         torch.cuda.set_device(index)
 
+    @override
     def synchronize(self, index: int | None = None) -> None:
         torch.cuda.synchronize(index)
 
+    @override
     def default_dist_backend(self) -> str:
         if not backend_available("nccl"):
             raise BackendUnavailableError(
@@ -50,21 +57,26 @@ class CudaAccelerator(Accelerator):
             )
         return "nccl"
 
+    @override
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         dtypes = [torch.float32, torch.float16]
         if self.is_available() and torch.cuda.is_bf16_supported():
             dtypes.append(torch.bfloat16)
         return tuple(dtypes)
 
+    @override
     def manual_seed_all(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
 
+    @override
     def memory_allocated(self, index: int | None = None) -> int | None:
         return torch.cuda.memory_allocated(index)
 
+    @override
     def max_memory_allocated(self, index: int | None = None) -> int | None:
         return torch.cuda.max_memory_allocated(index)
 
+    @override
     def reset_peak_memory_stats(self, index: int | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(index)

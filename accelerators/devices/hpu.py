@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from typing_extensions import override
 
 from .._torch_compat import module_installed
 from .base import Accelerator, Availability
@@ -39,6 +40,7 @@ class HpuAccelerator(Accelerator):
             nodes.extend(p for p in glob.glob(pattern) if not p.endswith("_controlD"))
         return sorted(set(nodes))
 
+    @override
     def availability(self) -> Availability:
         if self._vendor_loaded():
             if torch.hpu.is_available():
@@ -64,6 +66,7 @@ class HpuAccelerator(Accelerator):
             )
         return Availability(True)
 
+    @override
     def device_count(self) -> int:
         if not self.is_available():
             return 0
@@ -78,22 +81,27 @@ class HpuAccelerator(Accelerator):
         importlib.import_module(VENDOR_MODULE)
         return torch.hpu
 
+    @override
     def set_device(self, index: int) -> None:
         hpu = self._load()
         if hasattr(hpu, "set_device"):
             hpu.set_device(index)
 
+    @override
     def synchronize(self, index: int | None = None) -> None:
         if self._vendor_loaded():
             torch.hpu.synchronize()
 
+    @override
     def default_dist_backend(self) -> str:
         return "hccl"
 
+    @override
     def prepare_distributed(self, backend: str) -> None:
         if backend == "hccl":
             importlib.import_module(HCCL_MODULE)  # registers 'hccl' with torch.distributed
 
+    @override
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16)
 
@@ -106,12 +114,15 @@ class HpuAccelerator(Accelerator):
             return bool(getattr(sys.modules[CORE_MODULE], "is_lazy", lambda: False)())
         return False
 
+    @override
     def mark_step(self) -> None:
         if self.is_lazy():
             importlib.import_module(CORE_MODULE).mark_step()
 
+    @override
     def memory_allocated(self, index: int | None = None) -> int | None:
         return torch.hpu.memory_allocated(index) if self._vendor_loaded() else None
 
+    @override
     def max_memory_allocated(self, index: int | None = None) -> int | None:
         return torch.hpu.max_memory_allocated(index) if self._vendor_loaded() else None

@@ -8,6 +8,7 @@ chosen, never while detecting.
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from .._torch_compat import backend_available, device_module, module_installed
 from ..errors import BackendUnavailableError
@@ -24,6 +25,7 @@ class XpuAccelerator(Accelerator):
     def _module(self):
         return device_module("xpu")
 
+    @override
     def availability(self) -> Availability:
         xpu = self._module()
         if xpu is None or not hasattr(xpu, "is_available"):
@@ -42,18 +44,23 @@ class XpuAccelerator(Accelerator):
             )
         return Availability(True)
 
+    @override
     def device_count(self) -> int:
         return self._module().device_count() if self.is_available() else 0
 
+    @override
     def current_device(self) -> int:
         return self._module().current_device()
 
+    @override
     def set_device(self, index: int) -> None:
         self._module().set_device(index)
 
+    @override
     def synchronize(self, index: int | None = None) -> None:
         self._module().synchronize(index)
 
+    @override
     def default_dist_backend(self) -> str:
         if backend_available("xccl"):
             return "xccl"
@@ -66,24 +73,30 @@ class XpuAccelerator(Accelerator):
             "XTP_DIST_BACKEND=gloo"
         )
 
+    @override
     def prepare_distributed(self, backend: str) -> None:
         if backend == "ccl":
             import importlib
 
             importlib.import_module(ONECCL_MODULE)  # registers the 'ccl' backend
 
+    @override
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    @override
     def manual_seed_all(self, seed: int) -> None:
         torch.manual_seed(seed)
         self._module().manual_seed_all(seed)
 
+    @override
     def memory_allocated(self, index: int | None = None) -> int | None:
         return self._module().memory_allocated(index)
 
+    @override
     def max_memory_allocated(self, index: int | None = None) -> int | None:
         return self._module().max_memory_allocated(index)
 
+    @override
     def reset_peak_memory_stats(self, index: int | None = None) -> None:
         self._module().reset_peak_memory_stats(index)

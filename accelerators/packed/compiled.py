@@ -1,12 +1,12 @@
 """The packed-weight matmul as a torch custom op, so ``torch.compile`` keeps packed layers
 inside its graph.
 
-A packed weight (:class:`~xtp.accelerators.packed_linear.PackedLinear`, e.g. oneDNN's opaque
+A packed weight (:class:`~xtp.accelerators.packed.base.PackedLinear`, e.g. oneDNN's opaque
 blocked tensor on CPU) is nothing inductor can lower. Eagerly, :func:`packed_linear` calls
 ``packed.matmul`` directly; while ``torch.compile`` traces it emits ``xtp::packed_linear``,
 an opaque op with a known output shape, which calls the same ``matmul`` at run time. The
-packed weight is named by an integer handle (:func:`handle`, :mod:`op_handles`), assigned
-when the weight is packed.
+packed weight is named by an integer handle (:func:`handle`,
+:mod:`xtp.accelerators.op_handles`), assigned when the weight is packed.
 
 Shapes: ``x`` ``(..., in_features)``, ``bias`` ``(out_features,)`` or None ->
 ``(..., out_features)``.
