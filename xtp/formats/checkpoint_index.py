@@ -9,8 +9,8 @@ Formats, tried in this order:
    while the file is open).
 
 A read of ``ranges`` along ``dim`` returns the concatenation of those ranges (the same
-convention as :func:`xtp.planning.layouts.take_ranges`). Every read is counted in :attr:`stats`, so tests
-and benchmarks can check a rank never reads more than its shard.
+convention as :func:`xtp.planning.layouts.take_ranges`). Every read is counted in
+:attr:`stats`, so tests and benchmarks can check a rank never reads more than its shard.
 """
 
 from __future__ import annotations

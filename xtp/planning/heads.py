@@ -55,7 +55,7 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
         f"like a fused layer whose layout xtp does not know"
         + (f" (heads={H}, kv_heads={K}, head_dim={D})" if draft.heads else "")
         + f". Keep it replicated with rules={{'{collapse(col)}': 'replicate'}}, or add its "
-        "layout to xtp/model_table.py FUSED_LAYOUTS"
+        "layout to xtp/planning/model_table.py FUSED_LAYOUTS"
     )
 
 
