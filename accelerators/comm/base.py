@@ -50,6 +50,14 @@ class Communicator(abc.ABC):
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy group rank ``src``'s ``tensor`` into every rank's ``tensor``, in place."""
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of ``tensor`` over the group, in place; returns ``tensor``
+        (what a vocab-parallel softmax needs). The default gathers every rank's tensor along a
+        new leading dimension (correct on every backend)."""
+        if self.world_size == 1:
+            return tensor
+        return tensor.copy_(self.all_gather(tensor.unsqueeze(0), dim=0).amax(dim=0))
+
     def reduce_scatter(
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:
@@ -112,20 +120,26 @@ class TorchCommunicator(Communicator):
     def _failed(self, op: str, exc: RuntimeError) -> XtpError:
         return collective_failure(op, self.group, exc, self._seq)
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, tensor: torch.Tensor, op, name: str) -> torch.Tensor:
         if self._world == 1:
             return tensor
         self._seq += 1
         try:
             if tensor.is_contiguous():
-                dist.all_reduce(tensor, group=self.group)
+                dist.all_reduce(tensor, op=op, group=self.group)
             else:
                 buf = tensor.contiguous()
-                dist.all_reduce(buf, group=self.group)
+                dist.all_reduce(buf, op=op, group=self.group)
                 tensor.copy_(buf)
         except RuntimeError as exc:
-            raise self._failed("all_reduce", exc) from exc
+            raise self._failed(name, exc) from exc
         return tensor
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.SUM, "all_reduce")
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX, "all_reduce_max")
 
     def all_gather(
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None

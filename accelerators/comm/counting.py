@@ -49,6 +49,10 @@ class CountingCommunicator(Communicator):
         self._record("all_reduce", tensor)
         return self.inner.all_reduce(tensor)
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._record("all_reduce_max", tensor)
+        return self.inner.all_reduce_max(tensor)
+
     def all_gather(
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:

@@ -90,6 +90,27 @@ def test_all_reduce_sums_in_place_including_non_contiguous(rank_pool, world):
     assert rank_pool(world).run(_all_reduce) == [(world, r) for r in range(world)]
 
 
+def _all_reduce_max():
+    """Element-wise maximum, in place, through TorchCommunicator's own op and through the
+    interface's default (every rank's tensor gathered), which other communicators inherit."""
+    from xtp.accelerators import Communicator
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = TorchCommunicator()
+    want = torch.tensor([[float(world), -1.0], [0.5, 3.0 * world]])
+    results = []
+    for reduce in (comm.all_reduce_max, lambda t: Communicator.all_reduce_max(comm, t)):
+        t = torch.tensor([[rank + 1.0, -1.0 - rank], [0.5, 3.0 * (world - rank)]])
+        assert reduce(t) is t
+        results.append(torch.equal(t, want))
+    return results
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_all_reduce_max_in_place(rank_pool, world):
+    assert rank_pool(world).run(_all_reduce_max) == [[True, True]] * world
+
+
 def _all_gather(dim: int, kind: str):
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = _sizes(kind, world)

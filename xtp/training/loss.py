@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..accelerators import Communicator
@@ -42,9 +41,7 @@ class _VocabParallelCE(torch.autograd.Function):
         # logits: (N, V_local) this rank's vocabulary slice; target: (N,) global ids
         logits = logits.float()
         local_max = logits.max(dim=-1).values
-        gmax = local_max.clone()
-        if comm.world_size > 1:
-            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=comm.group)
+        gmax = comm.all_reduce_max(local_max.clone())
         shifted = logits - gmax.unsqueeze(-1)
         exp = shifted.exp()
         sum_exp = comm.all_reduce(exp.sum(dim=-1))
