@@ -28,6 +28,8 @@ _DEC = dict(hidden_size=96, intermediate_size=120, num_hidden_layers=2, vocab_si
             max_position_embeddings=64)
 _GQA = dict(_DEC, num_attention_heads=12, num_key_value_heads=6)
 _MHA = dict(_DEC, num_attention_heads=12, num_key_value_heads=12)
+_KV2 = dict(_DEC, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2)
 
 CASES: list[Case] = [
     Case("llama", "llama", _MHA),
@@ -37,6 +39,15 @@ CASES: list[Case] = [
     Case("llama_6heads_tp4", "llama", dict(_DEC, num_attention_heads=6, num_key_value_heads=6),
          tps=(4,)),
     Case("mistral", "mistral", _GQA),
+    # 2 KV heads at tp 3 (refused before issue 17): KV head 0 on ranks 0 and 1, head 1 on rank 2
+    Case("llama_kv2_tp3", "llama", _KV2, tps=(3,)),
+    Case("mistral_kv2_tp3", "mistral", _KV2, tps=(3,)),
+    Case("qwen2_kv2_tp3", "qwen2", _KV2, tps=(3,)),
+    Case("phi3_kv2_tp3", "phi3", dict(_KV2, pad_token_id=0), tps=(3,)),
+    Case("falcon_kv2_tp3", "falcon", dict(hidden_size=64, num_attention_heads=4,
+                                          num_hidden_layers=1, vocab_size=V,
+                                          new_decoder_architecture=True, num_kv_heads=2,
+                                          alibi=False), tps=(3,)),
     Case("qwen2", "qwen2", _GQA),
     Case("qwen3", "qwen3", dict(_GQA, head_dim=8)),
     Case("gemma", "gemma", dict(_GQA, head_dim=8)),

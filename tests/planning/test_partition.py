@@ -28,9 +28,9 @@ SETTINGS = settings(max_examples=300, deadline=None)
 
 
 def works(num_heads: int, num_kv_heads: int, tp: int) -> bool:
-    """Oracle: a head layout takes ``tp`` ranks iff every rank gets a query head and, with fewer
-    KV heads than ranks, every KV head is shared by the same number of ranks."""
-    return tp <= num_heads and (num_kv_heads >= tp or tp % num_kv_heads == 0)
+    """Oracle: a head layout takes ``tp`` ranks iff every rank gets a query head (issue 17: with
+    fewer KV heads than ranks, tp no longer has to be a multiple of the KV head count)."""
+    return tp <= num_heads
 
 
 def working_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
@@ -178,11 +178,24 @@ def test_partition_heads_properties(layout):
         assert max(sizes) - min(sizes) <= group
         assert list(sizes) == sorted(sizes, reverse=True)
     else:
-        # every KV head replicated on tp / num_kv_heads ranks, which split its query heads
+        # every KV head replicated on its group's ranks (tp spread evenly over the groups, at
+        # most one rank difference), which split that group's query heads evenly
         assert hp.kv_replicated
-        assert kv_owners == [tp // num_kv_heads] * num_kv_heads
+        assert max(kv_owners) - min(kv_owners) <= 1 and min(kv_owners) >= 1
+        assert sum(kv_owners) == tp
         assert all(hp.local_kv_heads(r) == 1 for r in range(tp))
-        assert max(sizes) - min(sizes) <= 1
+        for k in range(num_kv_heads):
+            shares = [s for s, (ka, _) in zip(sizes, hp.kv_ranges) if ka == k]
+            assert max(shares) - min(shares) <= 1
+        if tp % num_kv_heads == 0:
+            assert max(sizes) - min(sizes) <= 1
+    # byte balance: the largest rank holds no more query heads than the lower bound of any
+    # split where each rank holds whole groups or part of one group
+    if num_kv_heads >= tp:
+        bound = -(-num_kv_heads // tp) * group
+    else:
+        bound = -(-group // (tp // num_kv_heads))
+    assert max(sizes) == bound
 
 
 @SETTINGS
@@ -259,11 +272,11 @@ def test_heads_that_do_not_group(num_heads, num_kv_heads):
 
 # GQA layouts (1 < K < H), where some tp <= H fail: building the message must not recurse
 # (it did before f3fb2c2: RecursionError instead of TPSizeError for any GQA model at a bad tp).
+# The tp sizes that are not a multiple of the KV head count were refused here before issue 17
+# ("multiple of 3" etc.); they are partitions now (test_gqa_tp_not_a_multiple_of_kv_heads).
 GQA_BAD = [
-    pytest.param(12, 3, 4, "multiple of 3", id="K3-tp4"),
-    pytest.param(64, 8, 12, "multiple of 8", id="llama70b-tp12"),
-    pytest.param(12, 6, 8, "multiple of 6", id="K6-tp8"),
     pytest.param(64, 8, 128, "larger than the number of attention heads", id="llama70b-tp128"),
+    pytest.param(12, 3, 13, "larger than the number of attention heads", id="K3-tp13"),
 ]
 
 
@@ -275,4 +288,22 @@ def test_gqa_bad_tp_raises_tpsizeerror_listing_working_sizes(num_heads, num_kv_h
 
 
 def test_valid_head_tp_sizes_llama70b():
-    assert valid_head_tp_sizes(64, 8, 64) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert valid_head_tp_sizes(64, 8, 64) == list(range(1, 65))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,tp,q_sizes,kv_ranges", [
+    # 4 heads / 2 KV heads at tp 3: KV head 0 on ranks 0 and 1, which split its two queries
+    (4, 2, 3, (1, 1, 2), ((0, 1), (0, 1), (1, 2))),
+    # 32 / 8 at tp 6: whole groups, 2, 2, 1, 1, 1, 1 (a rank may not mix parts of two groups)
+    (32, 8, 6, (8, 8, 4, 4, 4, 4), ((0, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 8))),
+    # 12 / 4 at tp 5: group 0 split over ranks 0 and 1, groups 1-3 whole
+    (12, 4, 5, (2, 1, 3, 3, 3), ((0, 1), (0, 1), (1, 2), (2, 3), (3, 4))),
+    # 12 / 3 at tp 4, 12 / 6 at tp 8 (both refused before issue 17)
+    (12, 3, 4, (2, 2, 4, 4), ((0, 1), (0, 1), (1, 2), (2, 3))),
+    (12, 6, 8, (1, 1, 1, 1, 2, 2, 2, 2),
+     ((0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6))),
+])
+def test_gqa_tp_not_a_multiple_of_kv_heads(num_heads, num_kv_heads, tp, q_sizes, kv_ranges):
+    hp = partition_heads(num_heads, num_kv_heads, tp)
+    assert hp.q.sizes == q_sizes
+    assert hp.kv_ranges == kv_ranges

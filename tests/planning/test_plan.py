@@ -278,9 +278,16 @@ def test_tp_larger_than_heads(llama_config):
     assert "Sizes that work: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]" in str(err)
 
 
-def test_gqa_tp_that_cannot_share_kv_heads():
-    err = raised(TPSizeError, xtp.plan, config_of("mistral"), 8)  # 12 heads, 6 KV heads
-    assert "Sizes that work: [1, 2, 3, 4, 5, 6, 12]" in str(err)
+def test_gqa_tp_not_a_multiple_of_kv_heads_replicates_kv():
+    # refused before issue 17 ("Sizes that work: [1, 2, 3, 4, 5, 6, 12]"): now KV heads 0 and
+    # 1 sit on two ranks each, which split their query heads (12 heads, 6 KV heads, tp 8)
+    plan = xtp.plan(config_of("mistral"), 8)
+    k = plan.spec("model.layers.0.self_attn.k_proj")
+    q = plan.spec("model.layers.0.self_attn.q_proj")
+    D = plan.head_shape[2]
+    assert [k.local_extent(r) for r in range(8)] == [D] * 8
+    assert [q.local_extent(r) for r in range(8)] == [D] * 4 + [2 * D] * 4
+    assert any("replicated" in n for n in plan.notes)
 
 
 class _FusedAttention(nn.Module):

@@ -104,9 +104,21 @@ def _config_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadParti
         )))
 
 
+def kv_replication_note(hp: HeadPartition) -> str:
+    """The plan's note on replicated KV heads: each rank's query and KV heads."""
+    def heads(a: int, b: int) -> str:
+        return str(a) if b - a == 1 else f"{a}-{b - 1}"
+    per_rank = ", ".join(f"rank {r}: q {heads(*hp.q.range(r))} kv {heads(*hp.kv_ranges[r])}"
+                         for r in range(hp.tp))
+    return (f"{hp.num_kv_heads} KV heads over {hp.tp} ranks: each KV head is replicated on the "
+            f"ranks whose query heads use it ({per_rank})")
+
+
 def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> None:
     """Everything besides the pair's own specs that follows from splitting its heads as ``hp``:
     attribute updates, head-sliced kwargs, local configs, per-head bias tables."""
+    if hp.kv_replicated:
+        draft.note(kv_replication_note(hp))
     attn_name = _attention_name(row, cols)
     attn = draft.modules.get(attn_name)
     if attn is None:

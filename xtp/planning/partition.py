@@ -3,7 +3,8 @@
 A :class:`Partition` splits ``total`` elements into ``len(sizes)`` contiguous ranges. Head-
 granular partitions never cut a head; when heads do not divide, the first ranks get one more
 (6 heads over 4 ranks -> 2, 2, 1, 1). With fewer KV heads than ranks, each KV head is
-replicated on the ranks whose query heads use it.
+replicated on the ranks whose query heads use it (any tp up to the number of query heads: 4
+heads and 2 KV heads over 3 ranks -> query heads 1, 1, 2 with KV heads 0, 0, 1).
 """
 
 from __future__ import annotations
@@ -100,9 +101,6 @@ def _head_problem(num_heads: int, num_kv_heads: int, tp: int) -> str | None:
     if tp > num_heads:
         return (f"tp_size={tp} is larger than the number of attention heads ({num_heads}); "
                 "every rank needs at least one head")
-    if num_kv_heads < tp and tp % num_kv_heads:
-        return (f"tp_size={tp} cannot share {num_kv_heads} KV heads: with fewer KV heads than "
-                f"ranks, tp_size must be a multiple of {num_kv_heads}")
     return None
 
 
@@ -116,8 +114,14 @@ def partition_heads(num_heads: int, num_kv_heads: int, tp: int) -> HeadPartition
 
     * ``num_kv_heads >= tp``: the KV groups (one KV head plus its ``num_heads/num_kv_heads``
       query heads) are split evenly-as-possible; each rank keeps whole groups.
-    * ``num_kv_heads < tp``: ``tp`` must be a multiple of ``num_kv_heads``; each KV head is
-      replicated on ``tp/num_kv_heads`` ranks, which split that group's query heads.
+    * ``num_kv_heads < tp``: the ranks are spread evenly-as-possible over the KV groups
+      (``split_even(tp, num_kv_heads)``, first groups get one more); each KV head is replicated
+      on its group's ranks, which split the group's query heads evenly-as-possible.
+
+    Every rank's query heads are either whole KV groups or part of one group, so each rank's
+    query heads use its local KV heads in the model's own order (``q // kv`` per KV head). Under
+    that constraint the split is byte-balanced: the largest rank holds as few query and KV heads
+    as any such split allows, and no rank is idle.
 
     Raises:
         TPSizeError: the heads cannot be spread over ``tp`` ranks (the message lists sizes
@@ -133,11 +137,10 @@ def partition_heads(num_heads: int, num_kv_heads: int, tp: int) -> HeadPartition
         q = Partition(tuple(g * group for g in groups))
         kv = Partition(groups)
         return HeadPartition(num_heads, num_kv_heads, q, tuple(kv.range(r) for r in range(tp)))
-    per_kv = tp // num_kv_heads
     q_sizes: list[int] = []
     kv_ranges: list[tuple[int, int]] = []
-    for kv_head in range(num_kv_heads):
-        for share in split_even(group, per_kv):
+    for kv_head, holders in enumerate(split_even(tp, num_kv_heads)):
+        for share in split_even(group, holders):
             q_sizes.append(share)
             kv_ranges.append((kv_head, kv_head + 1))
     return HeadPartition(num_heads, num_kv_heads, Partition(tuple(q_sizes)), tuple(kv_ranges))
