@@ -119,8 +119,24 @@ def fail_here(how: str) -> None:
         time.sleep(600)
 
 
+#: when the collective under test was entered, where the action does local work before it
+_ENTERED: list[float | None] = [None]
+
+
+def _time_entry(module, name: str) -> None:
+    """Record in :data:`_ENTERED` when ``module.name`` (the collective step) is called."""
+    real = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        _ENTERED[0] = time.monotonic()
+        return real(*args, **kwargs)
+
+    setattr(module, name, timed)
+
+
 def outcome(action, t0: float | None = None) -> dict:
-    """Run ``action``; report the exception it raised (type, message, seconds to raise)."""
+    """Run ``action``; report the exception it raised (type, message, seconds to raise, from
+    ``t0``, or from entering the collective step timed by :func:`_time_entry`)."""
     import xtp
 
     t0 = time.monotonic() if t0 is None else t0
@@ -128,7 +144,7 @@ def outcome(action, t0: float | None = None) -> dict:
         action()
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return {"type": type(exc).__name__, "xtp": isinstance(exc, xtp.XtpError),
-                "message": str(exc), "elapsed": time.monotonic() - t0,
+                "message": str(exc), "elapsed": time.monotonic() - (_ENTERED[0] or t0),
                 "classes": [c.__name__ for c in type(exc).__mro__]}
     return {"type": None, "elapsed": time.monotonic() - t0}
 
@@ -143,11 +159,51 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _fail_at_call(module, name: str, k: int, how: str) -> None:
+    """Make ``module.name`` (a barrier such as ``all_ranks_ok``) fail (``how``) on its
+    ``k``-th call in this process, instead of taking part in it."""
+    real, calls = getattr(module, name), [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            fail_here(how)
+        return real(*args, **kwargs)
+
+    setattr(module, name, patched)
+
+
+def _trained(ctx):
+    """A tiny model sharded on ``ctx``, one forward/backward done, and its optimizer."""
+    import torch
+
+    import xtp
+
+    model = xtp.shard(tiny_model(), context=ctx).train()
+    ids = torch.arange(8).reshape(1, 8)
+    model(ids, labels=ids).loss.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    return model, opt, ids
+
+
+#: ``phase``: (the function whose ``k``-th call the victim fails at, k)
+SAVE_STEPS = {"save-agree": 1, "save-write": 2, "save-finish": 3}
+TRAIN_SAVE_STEPS = {"train-save": 2}
+
+
 def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -> dict:
     """Every rank runs ``phase``; ``victim`` fails (``how``) just before its collective part.
 
-    phase: ``"init"`` (init_distributed), ``"shard"``, ``"load"`` (from_pretrained(folder)) or
-    ``"forward"`` (a forward pass after one that worked)."""
+    phase: ``"init"`` (init_distributed), ``"shard"``, ``"load"`` (from_pretrained(folder)),
+    ``"forward"`` (a forward pass after one that worked), ``"save-agree"`` / ``"save-write"`` /
+    ``"save-finish"`` (save_sharded(folder): the victim fails at its 1st / 2nd / 3rd
+    every-rank-succeeded barrier: before writing, after the rank files, after finishing),
+    ``"dp"`` (tp 1 x dp world: the data-parallel gradient all-reduce), ``"train-save"``
+    (save_training_state(folder): the barrier after the optimizer files), ``"resume"``
+    (load_training_state issues no collective: the survivors' next training step names the
+    dead rank), ``"pack"`` (pack_for_inference issues none either: the packed model's next
+    forward does), ``"bench"`` (the barrier of ``xtp bench``'s ranks)."""
     import torch
 
     import xtp
@@ -158,7 +214,7 @@ def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -
         if victim_here:
             fail_here(how)
         return outcome(lambda: xtp.init_distributed(world))
-    ctx = xtp.init_distributed(world)
+    ctx = xtp.init_distributed(1 if phase == "dp" else world)
     if phase == "shard":
         model = tiny_model()
         before = _snapshot(model)
@@ -167,7 +223,10 @@ def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -
         result = outcome(lambda: xtp.shard(model, context=ctx))
         result["unchanged"] = _same(before, _snapshot(model))
         return result
-    if phase == "load":
+    if phase == "load":  # timed from the fingerprint exchange (skeleton and plan come first)
+        import xtp.loading.common as common
+
+        _time_entry(common, "check_fingerprints")
         if victim_here:
             fail_here(how)
         return outcome(lambda: xtp.from_pretrained(folder, context=ctx))
@@ -179,6 +238,54 @@ def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -
             if victim_here:
                 fail_here(how)
             return outcome(lambda: [model(ids) for _ in range(3)])
+    if phase in SAVE_STEPS:
+        import xtp.loading.save as save
+
+        model = xtp.shard(tiny_model(), context=ctx)
+        if victim_here:
+            _fail_at_call(save, "all_ranks_ok", SAVE_STEPS[phase], how)
+        return outcome(lambda: xtp.save_sharded(model, folder))
+    if phase == "dp":
+        from xtp.training import all_reduce_dp_gradients
+
+        model, _, _ = _trained(ctx)
+        if victim_here:
+            fail_here(how)
+        return outcome(lambda: all_reduce_dp_gradients(model, ctx))
+    if phase in TRAIN_SAVE_STEPS:
+        import xtp.training.checkpoint as checkpoint
+
+        model, opt, _ = _trained(ctx)
+        if victim_here:
+            _fail_at_call(checkpoint, "all_ranks_ok", TRAIN_SAVE_STEPS[phase], how)
+        return outcome(lambda: checkpoint.save_training_state(model, opt, folder, step=1))
+    if phase == "resume":
+        from xtp.training import load_training_state, save_training_state
+
+        model, opt, ids = _trained(ctx)
+        save_training_state(model, opt, folder, step=1)
+        if victim_here:
+            fail_here(how)
+
+        def resume_and_step():
+            load_training_state(model, opt, folder)
+            model(ids, labels=ids).loss.backward()
+        return outcome(resume_and_step)
+    if phase == "pack":
+        model = xtp.shard(tiny_model(), context=ctx)
+        ids = torch.arange(8).reshape(1, 8)
+        with torch.no_grad():
+            model(ids)
+            xtp.pack_for_inference(model)
+            if victim_here:
+                fail_here(how)
+            return outcome(lambda: [model(ids) for _ in range(3)])
+    if phase == "bench":
+        from xtp.bench.rank import barrier
+
+        if victim_here:
+            fail_here(how)
+        return outcome(lambda: barrier("the barrier after loading"))
     raise ValueError(phase)
 
 

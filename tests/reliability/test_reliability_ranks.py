@@ -59,6 +59,32 @@ def test_failed_rank_is_named(phase, how, env, kind, limit):
         assert got["unchanged"], "a failed shard() changed the model"
 
 
+# the collectives of saving and training, each once (killed or hung; the barriers run over the
+# world's gloo group whatever XTP_CPU_SHM says). bench/fault_table.py times every path
+# (load, pack, bench, save's last barrier and resume included) x communicator x way to fail
+PATHS = [  # (phase, how, env, the step the message names)
+    ("save-agree", "kill", KILL_ENV, "barrier of save_sharded"),  # ... (folder) before writing
+    ("save-write", "hang", ENV, "after the rank files"),
+    ("dp", "kill", KILL_ENV, "the data-parallel gradient all-reduce"),
+    ("train-save", "hang", ENV, "after the optimizer and RNG files"),
+]
+
+
+@pytest.mark.parametrize("phase,how,env,step", PATHS, ids=[f"{p}-{h}" for p, h, _, _ in PATHS])
+def test_failed_rank_is_named_when_loading_saving_and_training(tmp_path, phase, how, env, step):
+    folder = tmp_path / "ckpt"
+    out, pid = _survivors(2, 1, phase, how, env, str(folder))
+    got = out[0]
+    kind = "CollectiveError" if how == "kill" else "CollectiveTimeoutError"
+    assert got["type"] == kind and "CollectiveError" in got["classes"], got
+    assert "rank 1 " in got["message"] and f"pid {pid}" in got["message"], got["message"]
+    assert ("exited" if how == "kill" else "did not reach") in got["message"], got["message"]
+    assert step in got["message"], got["message"]
+    assert got["elapsed"] < (PROMPT_S if how == "kill" else HUNG_S), got
+    if phase in ("save-agree", "save-write"):  # nothing half-written in its place
+        assert not folder.exists(), sorted(p.name for p in folder.iterdir())
+
+
 def test_rank_raising_during_from_pretrained_is_named(tmp_path):
     folder = tmp_path / "ckpt"
     tiny_model().save_pretrained(folder)

@@ -155,6 +155,21 @@ def load(impl: str, path: str, tp: int, dtype, device, profile: bool = False):
     raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
 
 
+def barrier(what: str) -> None:
+    """A barrier over the world; with xtp installed, through its guarded path, so a rank that
+    died or hangs is named (``CollectiveError`` / ``CollectiveTimeoutError``, within
+    ``XTP_TIMEOUT``); a peer's rank without xtp gets torch's own error."""
+    import torch.distributed as dist
+
+    try:
+        from xtp.accelerators.comm.failures import guarded
+    except ImportError:  # a peer's rank: only that peer need be installed
+        dist.barrier()
+        return
+    with guarded(what):
+        dist.barrier()
+
+
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     """This rank's share of the memory read bandwidth while every rank of the run reads at
     once, in bytes/s: ``sum()`` over a ``mib`` MiB float32 tensor (larger than any cache) with
@@ -171,11 +186,11 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     times = []
     for i in range(repeats + 1):  # the first read is a warm-up
         if together:
-            dist.barrier()
+            barrier("the barrier before a bandwidth read")
         t = time.perf_counter()
         x.sum()
         if together:
-            dist.barrier()
+            barrier("the barrier after a bandwidth read")
         if i:
             times.append(time.perf_counter() - t)
     return x.numel() * x.element_size() / statistics.median(times)
@@ -279,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         model = load(a.impl, a.path, a.tp, dtype, device, a.profile)
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            barrier("the barrier after loading (every rank holds its model)")
         result.update(load_s=time.time() - t, ready_s=time.time() - process_start(),
                       threads=torch.get_num_threads(), device=str(device))
         vocab = model.config.get_text_config().vocab_size

@@ -125,14 +125,20 @@ def exchange_identities(group: dist.ProcessGroup | None, tp_size: int | None,
             "same tp_size and the same installed software")
 
 
-def all_ranks_ok(ok: bool, ctx: TPContext) -> bool:
+def all_ranks_ok(ok: bool, ctx: TPContext, step: str = "a collective write") -> bool:
     """True when every rank of the world says ``ok``: a barrier over the world that carries a
     failure (one MIN all-reduce of a flag on ``ctx.device``; collective on every rank). In a
-    single process or a world of one rank, ``ok`` itself."""
+    single process or a world of one rank, ``ok`` itself.
+
+    ``step`` names the barrier in errors: a rank that died or hangs before it raises
+    :class:`~xtp.accelerators.errors.CollectiveError` (exited) or
+    :class:`~xtp.accelerators.errors.CollectiveTimeoutError` (did not reach it within
+    ``XTP_TIMEOUT``) naming that rank on every other rank."""
     if ctx.world_size == 1 or not dist.is_initialized():
         return ok
     flag = torch.tensor([1 if ok else 0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    with guarded(f"the every-rank-succeeded barrier of {step}", None):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 

@@ -70,7 +70,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    if not all_ranks_ok(True, ctx):
+    if not all_ranks_ok(True, ctx, f"save_sharded({final}) before writing"):
         raise CheckpointError("another rank failed before writing")
     tied = tied_sources(model)
     entries = local_entries(model, None, ctx.tp_rank)
@@ -88,7 +88,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
                             lambda i: entries[i].meta.detach(), ctx.tp_rank, plan)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = exc
-    if not all_ranks_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx, f"save_sharded({final}) after the rank files"):
         raise CheckpointError(f"writing {final} failed on some rank"
                               + (f": {error}" if error else "")) from error
     if leader:
@@ -96,7 +96,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
             _finish_folder(model, plan, tmp, final, dtype)
         except Exception as exc:  # noqa: BLE001
             error = exc
-    if not all_ranks_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx, f"save_sharded({final}) finishing the folder"):
         raise CheckpointError(f"finishing {final} failed" + (f": {error}" if error else "")
                               ) from error
     return final

@@ -143,7 +143,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     if ctx.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)
-    if not all_ranks_ok(True, ctx):
+    if not all_ranks_ok(True, ctx, f"save_training_state({folder}) before writing"):
         raise CheckpointError("another rank failed before writing")
     save_sharded(model, folder / "model")
     error = None
@@ -154,7 +154,8 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.save(_rng_state(ctx.device), folder / rng_file(ctx.rank, ctx.world_size))
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = exc
-    if not all_ranks_ok(error is None, ctx):
+    if not all_ranks_ok(error is None, ctx,
+                        f"save_training_state({folder}) after the optimizer and RNG files"):
         raise CheckpointError(f"writing {folder} failed on some rank"
                               + (f": {error}" if error else "")) from error
     if ctx.rank == 0:
@@ -163,7 +164,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                 "step": step, "extra": extra, "optimizer": type(optimizer).__qualname__}
         (folder / META).write_text(json.dumps(meta, indent=1))
         (folder / MARKER).write_text("ok\n")
-    all_ranks_ok(True, ctx)
+    all_ranks_ok(True, ctx, f"save_training_state({folder}) finishing the folder")
     return folder
 
 
