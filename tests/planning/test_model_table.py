@@ -91,9 +91,10 @@ def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-# -- FUSED_LAYOUTS -------------------------------------------------------------------------------
+# -- fused layouts, inferred from the forward (FUSED_LAYOUTS is gone: issue 17) --------------
 
-#: (model_type, layer leaf, layout) -> config name
+#: (model_type, layer leaf, layout the forward shows) -> config name; these were the entries of
+#: the former FUSED_LAYOUTS table, now found by xtp.planning.fused.infer_layout
 FUSED_CASES = {
     ("phi3", "qkv_proj", Layout.QKV_CONCAT): "phi3",
     ("phi3", "gate_up_proj", Layout.GATE_UP_CONCAT): "phi3",
@@ -114,18 +115,16 @@ FUSED_NUMERIC = {
 }
 
 
-def test_every_fused_entry_has_a_case():
-    entries = {(mt_, lf, e.layout) for (mt_, lf), es in mt.FUSED_LAYOUTS.items() for e in es}
-    assert entries == set(FUSED_CASES)
+def test_no_fused_layout_table():
+    assert not hasattr(mt, "FUSED_LAYOUTS") and not hasattr(mt, "fused_layout")
 
 
 @pytest.mark.parametrize("key", list(FUSED_CASES), ids=lambda k: "-".join(k))
-def test_fused_entry_planned_as_column_with_its_layout(key):
+def test_fused_layer_planned_as_column_with_its_inferred_layout(key):
     model_type, layer, layout = key
     name = FUSED_CASES[key]
     config = CONFIGS[name]()
     assert config.model_type == model_type
-    assert mt.fused_layout(config, layer) == layout
     plan = plan_of(name, 2)
     specs = [s for s in plan.specs if leaf(s.name) == layer]
     assert specs, f"no {layer} in the {name} model"
@@ -140,36 +139,22 @@ def test_fused_variant_numerically(name, tp):
 
 
 @pytest.mark.parametrize("flags,layout", [
-    (dict(new_decoder_architecture=True, multi_query=True), Layout.QKV_GROUPED),
-    (dict(new_decoder_architecture=True, multi_query=False), Layout.QKV_GROUPED),
+    (dict(new_decoder_architecture=True, multi_query=True, num_kv_heads=2), Layout.QKV_GROUPED),
+    (dict(new_decoder_architecture=True, multi_query=False, num_kv_heads=4), Layout.QKV_GROUPED),
     (dict(new_decoder_architecture=False, multi_query=True), Layout.QKV_CONCAT),
     (dict(new_decoder_architecture=False, multi_query=False), Layout.QKV_INTERLEAVED),
 ])
-def test_falcon_variant_order(flags, layout):
-    config = SimpleNamespace(model_type="falcon", **flags)
-    assert mt.fused_layout(config, "query_key_value") == layout
-
-
-def test_fused_layout_unknown():
-    assert mt.fused_layout(SimpleNamespace(model_type="llama"), "qkv_proj") is None
-    assert mt.fused_layout(SimpleNamespace(model_type="phi3"), "o_proj") is None
-    assert mt.fused_layout(None, "c_attn") is None
-
-
-def test_fused_entry_negated_flag(monkeypatch):
-    monkeypatch.setitem(mt.FUSED_LAYOUTS, ("toy", "qkv"), (
-        mt.FusedEntry(Layout.QKV_CONCAT, when="!interleave"),
-        mt.FusedEntry(Layout.QKV_INTERLEAVED)))
-    assert mt.fused_layout(SimpleNamespace(model_type="toy"), "qkv") == Layout.QKV_CONCAT
-    assert mt.fused_layout(SimpleNamespace(model_type="toy", interleave=True),
-                           "qkv") == Layout.QKV_INTERLEAVED
+def test_falcon_variants_from_the_forward(flags, layout):
+    config = C["falcon"](hidden_size=96, num_attention_heads=12, num_hidden_layers=1,
+                         vocab_size=V, alibi=False, **flags)
+    specs = [s for s in xtp.plan(config, 2).specs if leaf(s.name) == "query_key_value"]
+    assert specs and {s.layout for s in specs} == {layout}
 
 
 # GPT-BigCode with multi_query=False (e.g. the "santacoder-mha" style configs) stores c_attn per
 # head as [q, k, v] (its forward does .view(..., num_heads, 3 * head_dim).split(head_dim)): that
-# is QKV_INTERLEAVED. The table maps ("gpt_bigcode", "c_attn") to QKV_CONCAT unconditionally,
-# and (H + 2K) * D == 3 * H * D when K == H, so the width check passes: the plan is accepted and
-# the sharded model computes wrong attention, silently (relative error ~0.6 at tp 2).
+# is QKV_INTERLEAVED. (H + 2K) * D == 3 * H * D when K == H, so a width check alone would accept
+# QKV_CONCAT and compute wrong attention, silently (relative error ~0.6 at tp 2).
 def test_gpt_bigcode_multi_head_c_attn_layout():
     assert {s.layout for s in plan_of("gpt_bigcode_mha", 2).specs
             if leaf(s.name) == "c_attn"} == {Layout.QKV_INTERLEAVED}
@@ -187,8 +172,8 @@ HEAD_ATTR_CASES = {
     "num_heads": ("gpt2", "GPT2Attention", 12, 2, (6, 6)),
     "num_attention_heads": ("gptj", "GPTJAttention", 12, 2, (6, 6)),
     "n_heads": ("t5", "T5Attention", 12, 2, (6, 6)),
-    # openai-gpt: xtp cannot plan it (c_attn is not in FUSED_LAYOUTS), see the test below
-    "n_head": ("openai", "Attention", 12, 2, None),
+    # openai-gpt: its fused c_attn layout is inferred from the forward since issue 17
+    "n_head": ("openai", "Attention", 12, 2, (6, 6)),
     "num_key_value_heads": ("stablelm", "StableLmAttention", 6, 2, (3, 3)),
     "num_kv_heads": ("falcon_grouped_kv2", "FalconAttention", 2, 4, (1, 1, 1, 1)),
     "num_key_value_groups": ("llama_kv1", "LlamaAttention", 12, 2, (6, 6)),
@@ -229,11 +214,14 @@ def test_head_attributes_only_on_attention_modules():
     assert {u.module.rsplit(".", 1)[-1] for u in plan.attr_updates} == {"attn"}
 
 
-def test_openai_gpt_is_not_plannable():
-    """The n_head entry's only transformers user (openai-gpt) has an unknown fused c_attn:
-    a typed error naming the layer and the rule to keep it replicated."""
-    with pytest.raises(xtp.errors.UnclassifiedModuleError, match="c_attn"):
-        plan_of("openai", 2)
+@pytest.mark.parametrize("tp", [2, 3])
+def test_openai_gpt_fused_c_attn_from_the_forward(tp):
+    """openai-gpt's c_attn was refused while layouts came from a table (no entry for it; this
+    test asserted that refusal before issue 17): its forward's split + view into heads now
+    shows QKV_CONCAT, and the sharded model matches the unsharded one."""
+    specs = [s for s in plan_of("openai", tp).specs if leaf(s.name) == "c_attn"]
+    assert specs and {(s.role, s.layout) for s in specs} == {(Role.COLUMN, Layout.QKV_CONCAT)}
+    assert sharded_rel_err("openai", tp) <= TOL
 
 
 class _Attention(nn.Module):

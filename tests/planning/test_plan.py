@@ -334,7 +334,7 @@ def test_unclassified_fused_layer_suggests_a_rule():
     err = raised(UnclassifiedModuleError, xtp.plan, model, 2)
     msg = str(err)
     assert "layers.*.attn.qkv" in msg and "32 output features" in msg
-    assert "FUSED_LAYOUTS" in msg
+    assert "matches no fused layout xtp can split" in msg
     found = re.search(r"rules=(\{[^}]*\})", msg)
     assert found, f"no rule in: {msg}"
     rules = ast.literal_eval(found.group(1))

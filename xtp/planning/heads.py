@@ -2,8 +2,8 @@
 in the attention module when it holds only this rank's heads.
 
 * Column ranges: a plain q (``num_heads x head_dim`` wide) or k/v (``num_kv_heads x head_dim``)
-  projection is cut by heads; a fused projection by its layout from
-  :data:`xtp.planning.model_table.FUSED_LAYOUTS` (after checking its width).
+  projection is cut by heads; a fused projection by its layout, found from what the forward
+  does with its output (:func:`xtp.planning.fused.infer_layout`, after checking its width).
 * Attributes that hold a head count or width (:data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`)
   get per-rank local values; keyword inputs with one slice per head
   (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; model
@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import UnclassifiedModuleError
 from . import model_table as mt
 from .draft import Draft
+from .fused import infer_layout
 from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges
 from .partition import HeadPartition, Partition
 from .render import collapse
@@ -35,7 +36,6 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
             (the message shows the rule that keeps it replicated).
     """
     out = in_out(draft.modules[col])[1]
-    leaf = col.rsplit(".", 1)[-1]
     H, K, D = draft.heads if draft.heads else (0, 0, 0)
     tp = draft.tp
     if hp is not None and out == H * D:
@@ -44,7 +44,7 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
         return None, [kv_ranges(hp, D, r) for r in range(tp)]
     if hp is None and out == width:
         return None, [(mlp.range(r),) for r in range(tp)]
-    layout = mt.fused_layout(draft.config, leaf)
+    layout = infer_layout(draft.graph, col, draft.heads, width, hp is not None)
     if layout is not None:
         need = fused_width(layout, hp, D, width if mlp is not None else 0)
         if need == out:
@@ -52,10 +52,11 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
     raise UnclassifiedModuleError(
         f"cannot classify {collapse(col)} ({type(draft.modules[col]).__name__}, "
         f"{out} output features) feeding {width} input features of its row partner: it looks "
-        f"like a fused layer whose layout xtp does not know"
+        f"like a fused layer, but what the forward does with its output (splits, views into "
+        f"heads, chunks) matches no fused layout xtp can split"
         + (f" (heads={H}, kv_heads={K}, head_dim={D})" if draft.heads else "")
-        + f". Keep it replicated with rules={{'{collapse(col)}': 'replicate'}}, or add its "
-        "layout to xtp/planning/model_table.py FUSED_LAYOUTS"
+        + f". Keep it replicated with rules={{'{collapse(col)}': 'replicate'}}, or report "
+        "this model"
     )
 
 

@@ -1,12 +1,11 @@
 """The one declarative table of model knowledge that cannot be derived from structure.
 
-Everything else about a model is found by the data-flow probe (:mod:`xtp.planning.probe`). Each
+Everything else about a model is found by the data-flow probe (:mod:`xtp.planning.probe`); fused
+layouts come from what the forward does with a fused output (:mod:`xtp.planning.fused`). Each
 entry here has a test (tests/planning/test_model_table.py, and the parity suite for its
 architecture).
 
 * :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
-* :data:`FUSED_LAYOUTS`: how a fused projection packs its outputs (a
-  :class:`~xtp.planning.spec.Layout`), keyed by ``(model_type, attribute name of the layer)``.
 * :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
   width and must become this rank's local value after sharding.
 * :data:`LOCAL_CONFIG_MODEL_TYPES`: model types whose attention reads head counts from its
@@ -16,8 +15,6 @@ architecture).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from .spec import Layout
 
 #: config attribute names, tried in order
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
@@ -31,30 +28,6 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
 #: configs whose boolean flag means "one KV head" (multi-query attention)
 MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
 
-
-@dataclass(frozen=True)
-class FusedEntry:
-    """A fused layer's layout; ``when`` names a config flag that must be truthy (or falsy,
-    with a leading ``!``) for the entry to apply, for models with several variants."""
-
-    layout: Layout
-    when: str | None = None
-
-
-FUSED_LAYOUTS: dict[tuple[str, str], tuple[FusedEntry, ...]] = {
-    ("phi3", "qkv_proj"): (FusedEntry(Layout.QKV_CONCAT),),
-    ("phi3", "gate_up_proj"): (FusedEntry(Layout.GATE_UP_CONCAT),),
-    ("gpt2", "c_attn"): (FusedEntry(Layout.QKV_CONCAT),),
-    ("gpt_bigcode", "c_attn"): (FusedEntry(Layout.QKV_CONCAT, when="multi_query"),
-                                FusedEntry(Layout.QKV_INTERLEAVED)),
-    ("gpt_neox", "query_key_value"): (FusedEntry(Layout.QKV_INTERLEAVED),),
-    ("bloom", "query_key_value"): (FusedEntry(Layout.QKV_INTERLEAVED),),
-    ("falcon", "query_key_value"): (
-        FusedEntry(Layout.QKV_GROUPED, when="new_decoder_architecture"),
-        FusedEntry(Layout.QKV_CONCAT, when="multi_query"),
-        FusedEntry(Layout.QKV_INTERLEAVED),
-    ),
-}
 
 # Quantities for HEAD_ATTRIBUTES.
 Q_HEADS, KV_HEADS, KV_GROUPS = "q_heads", "kv_heads", "kv_groups"
@@ -119,19 +92,6 @@ def head_shape(config) -> tuple[int, int, int] | None:
             return None
         head_dim = hidden // heads
     return heads, kv, head_dim
-
-
-def fused_layout(config, leaf: str) -> Layout | None:
-    """The layout of fused layer ``leaf`` for this config's model type, or ``None``."""
-    model_type = getattr(config, "model_type", None)
-    for entry in FUSED_LAYOUTS.get((model_type, leaf), ()):
-        if entry.when is None:
-            return entry.layout
-        negate = entry.when.startswith("!")
-        flag = bool(getattr(config, entry.when.lstrip("!"), False))
-        if flag != negate:
-            return entry.layout
-    return None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ costs no memory). Every tensor carries the set of *sources* (Linear-like layers,
 the model input) whose output reached it through ops that are not themselves Linear layers;
 a Linear layer's output starts a fresh set. From that we read, for every Linear layer, which
 sources feed its input and which consumers its output reaches.
+
+Besides, every *layout op* (view, reshape, split, chunk, transpose, indexing, ...) applied to a
+source's output, or to a tensor made from it by layout ops alone, is recorded as a
+:class:`LayoutNode`: replayed on an index tensor (:mod:`xtp.planning.fused`), those ops say
+where each output feature of a fused projection ends up (which of q/k/v or gate/up, which head).
 """
 
 from __future__ import annotations
@@ -20,6 +25,37 @@ from torch.overrides import TorchFunctionMode
 INPUT = "<input>"
 OUTPUT = "<output>"
 _ATTR = "_xtp_sources"
+_NODE = "_xtp_layout_node"
+
+_T = torch.Tensor
+#: ops that move or select features without computing on them
+LAYOUT_OPS = frozenset({
+    _T.view, _T.reshape, _T.split, _T.split_with_sizes, _T.chunk, _T.tensor_split, _T.unbind,
+    _T.transpose, _T.permute, _T.__getitem__, _T.unflatten, _T.flatten, _T.narrow, _T.select,
+    _T.contiguous, _T.unsqueeze, _T.squeeze, _T.movedim, _T.swapaxes,
+    torch.split, torch.chunk, torch.tensor_split, torch.unbind, torch.transpose, torch.permute,
+    torch.reshape, torch.narrow, torch.select, torch.unsqueeze, torch.squeeze, torch.flatten,
+    torch.movedim, torch.swapaxes,
+})
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A placeholder in a recorded op's arguments: node ``node`` of the same source, or the
+    source's own output when ``node`` is -1."""
+
+    node: int
+
+
+@dataclass(frozen=True)
+class LayoutNode:
+    """One layout op on a source's output: ``func(*args, **kwargs)`` with :class:`Ref` for the
+    tensors; ``item`` picks one element when the op returns several (split, chunk, unbind)."""
+
+    func: object
+    args: tuple
+    kwargs: dict
+    item: int | None = None
 
 
 @dataclass
@@ -38,6 +74,10 @@ class FlowGraph:
         default_factory=lambda: defaultdict(dict)
     )
     order: list[str] = field(default_factory=list)
+    #: layout ops applied to each source's output: source -> nodes (see LayoutNode)
+    layout_nodes: dict[str, list[LayoutNode]] = field(default_factory=lambda: defaultdict(list))
+    #: shape of each source's output on its first call
+    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -71,13 +111,49 @@ def _mark(obj, sources: set[str], replace: bool = False) -> None:
             pass
 
 
+def _refs(obj, owner: list):
+    """``obj`` with every tensor replaced by its :class:`Ref`; ``owner`` collects the tensors'
+    sources (``None`` for a tensor not made by layout ops from a source's output)."""
+    if isinstance(obj, torch.Tensor):
+        node = getattr(obj, _NODE, None)
+        owner.append(node[0] if node else None)
+        return Ref(node[1]) if node else None
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        return type(obj)(_refs(o, owner) for o in obj)
+    return obj
+
+
+def _record_layout(graph: FlowGraph, func, args, kwargs, out) -> None:
+    """Record ``func`` when it is a layout op on tensors of exactly one source's lineage."""
+    owner: list = []
+    r_args, r_kwargs = _refs(args, owner), {k: _refs(v, owner) for k, v in kwargs.items()}
+    if not owner or len(set(owner)) != 1 or owner[0] is None:
+        return
+    nodes = graph.layout_nodes[owner[0]]
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    for i, t in enumerate(outs):
+        if isinstance(t, torch.Tensor):
+            nodes.append(LayoutNode(func, r_args, r_kwargs,
+                                    i if isinstance(out, (list, tuple)) else None))
+            try:
+                setattr(t, _NODE, (owner[0], len(nodes) - 1))
+            except (AttributeError, RuntimeError):
+                pass
+
+
 class _FlowMode(TorchFunctionMode):
+    def __init__(self, graph: FlowGraph | None = None) -> None:
+        super().__init__()
+        self.graph = graph
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         src = sources_of(args) | sources_of(kwargs)
         if src:
             _mark(out, src)
+            if self.graph is not None and func in LAYOUT_OPS:
+                _record_layout(self.graph, func, args, kwargs, out)
         return out
 
 
@@ -105,7 +181,14 @@ def probe(
             graph.order.append(name)
 
     def post_hook(mod, args, kwargs, out):
-        _mark(out, {names[mod]}, replace=True)
+        name = names[mod]
+        _mark(out, {name}, replace=True)
+        if isinstance(out, torch.Tensor) and name not in graph.out_shapes:
+            graph.out_shapes[name] = tuple(out.shape)
+            try:
+                setattr(out, _NODE, (name, -1))
+            except (AttributeError, RuntimeError):
+                pass
 
     def inner_hook(mod, args, kwargs, out):
         name = names[mod]
@@ -121,7 +204,7 @@ def probe(
             handles.append(mod.register_forward_hook(inner_hook, with_kwargs=True))
     try:
         _mark(inputs, {INPUT})
-        with _FlowMode(), torch.no_grad():
+        with _FlowMode(graph), torch.no_grad():
             out = model(**inputs)
         for s in sources_of(out):
             graph.consumers[s].add(OUTPUT)
