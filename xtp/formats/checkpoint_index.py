@@ -193,8 +193,8 @@ class CheckpointIndex:
         ``dtype`` on ``device``. Only the requested bytes are read (safetensors)."""
         info = self.info(key)
         path = self.key_file[key]
-        if self.kind == "safetensors":
-            t = read_tensor(self._fd(path), info, dim, ranges)
+        if self.kind == "safetensors":  # converted while read: no stored-dtype copy is held
+            t = read_tensor(self._fd(path), info, dim, ranges, dtype)
         else:
             full = self._bin(path)[key]
             if dim is None or ranges is None:
@@ -202,9 +202,10 @@ class CheckpointIndex:
             else:
                 pieces = [full.narrow(dim, a, b - a) for a, b in ranges]
                 t = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0].clone()
-        self.stats.add(key, t.numel() * t.element_size())
+        nbytes = t.numel() * torch.empty((), dtype=info.dtype).element_size()  # as stored
+        self.stats.add(key, nbytes)
         if self.on_read is not None:
-            self.on_read(t.numel() * t.element_size(), path)
+            self.on_read(nbytes, path)
         if (dtype is not None and dtype != t.dtype) or (device is not None and device != t.device):
             t = t.to(device=device, dtype=dtype)
         return t

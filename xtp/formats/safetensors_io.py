@@ -140,10 +140,25 @@ def slice_runs(shape: Sequence[int], itemsize: int, dim: int, ranges: Ranges):
     return runs
 
 
+#: bytes read at a time when converting on read: the most a conversion holds besides its result
+CONVERT_CHUNK = 4 << 20
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, name: str) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"short read of tensor {name!r} (file truncated?)")
+        got += n
+
+
 def read_tensor(fd: int, info: TensorInfo, dim: int | None = None,
-                ranges: Ranges | None = None) -> torch.Tensor:
+                ranges: Ranges | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read ``info`` (or its ``ranges`` along ``dim``) from open file ``fd`` into a new CPU tensor
-    of the stored dtype. Shape: ``info.shape`` with ``shape[dim] = sum(b - a)``."""
+    of the stored dtype, or of ``dtype``: then converted :data:`CONVERT_CHUNK` bytes at a time,
+    so no stored-dtype copy of the whole tensor is ever held. Shape: ``info.shape`` with
+    ``shape[dim] = sum(b - a)``."""
     shape = list(info.shape)
     itemsize = torch.empty((), dtype=info.dtype).element_size()
     if dim is None or ranges is None:
@@ -151,20 +166,28 @@ def read_tensor(fd: int, info: TensorInfo, dim: int | None = None,
     else:
         runs = slice_runs(info.shape, itemsize, dim, ranges)
         shape[dim] = sum(b - a for a, b in ranges)
-    out = torch.empty(shape, dtype=info.dtype)
+    convert = dtype is not None and dtype != info.dtype
+    out = torch.empty(shape, dtype=dtype if convert else info.dtype)
     if out.numel() == 0:
         return out
-    buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-    pos = 0
+    if not convert:
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        pos = 0
+        for start, length in runs:
+            _pread_exact(fd, buf[pos:pos + length], info.offset + start, info.name)
+            pos += length
+        return out
+    flat = out.view(-1)
+    chunk = max(itemsize, CONVERT_CHUNK // itemsize * itemsize)
+    stage = torch.empty(min(chunk, sum(n for _, n in runs)), dtype=torch.uint8)
+    view = memoryview(stage.numpy()).cast("B")
+    pos = 0  # elements of ``out`` filled
     for start, length in runs:
-        view = buf[pos:pos + length]
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:]], info.offset + start + got)
-            if n <= 0:
-                raise CheckpointError(f"short read of tensor {info.name!r} (file truncated?)")
-            got += n
-        pos += length
+        for at in range(0, length, chunk):
+            n = min(chunk, length - at)
+            _pread_exact(fd, view[:n], info.offset + start + at, info.name)
+            flat[pos:pos + n // itemsize].copy_(stage[:n].view(info.dtype))
+            pos += n // itemsize
     return out
 
 
