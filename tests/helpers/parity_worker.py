@@ -170,3 +170,22 @@ def packed_parity(case_id: str, tp: int, dtype_name: str = "float32",
         out["unpacked_equal_dense"] = bool(torch.equal(forward(model), dense))
     out["gemv_calls"] = spy.calls if spy is not None else 0
     return out
+
+
+def scratch_parity(name: str, tp: int, heads: int | None = None,
+                   kv_heads: int | None = None) -> dict:
+    """A plain PyTorch model of tests/helpers/scratch_models.py sharded over the real group vs
+    unsharded: relative error of the logits, greedy next tokens, and this rank's weight share."""
+    import scratch_models
+    import xtp
+
+    ref = scratch_models.build(name)
+    model = scratch_models.build(name)
+    ids = torch.randint(0, scratch_models.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    full = sum(p.numel() for p in ref.parameters())
+    xtp.shard(model, tp_size=tp, heads=heads, kv_heads=kv_heads)
+    with torch.no_grad():
+        want, got = ref(ids), model(ids)
+    return {"rel_err": float((got - want).norm() / want.norm()),
+            "tokens_equal": bool(torch.equal(got.argmax(-1), want.argmax(-1))),
+            "share": sum(p.numel() for p in model.parameters()) / full}

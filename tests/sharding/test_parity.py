@@ -32,3 +32,31 @@ def test_sharded_matches_unsharded(rank_pool, case_id, tp):
             if case_id not in EXTRA_COLLECTIVES:
                 # two all-reduces per block + one for the vocab embedding; one gather of logits
                 assert r["counts"] == {"all_reduce": 2 * r["layers"] + 1, "all_gather": 1}
+
+
+# -- plain PyTorch models (no transformers, no config): issue 17 ---------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["nanogpt", "scratch_llama"])
+@pytest.mark.parametrize("tp", [2, 3])
+def test_plain_pytorch_model_matches_unsharded(rank_pool, name, tp):
+    """Head counts from the forward's views into heads; fused c_attn's layout from its split."""
+    from parity_worker import scratch_parity
+
+    for rank, r in enumerate(rank_pool(tp).run(scratch_parity, name, tp)):
+        assert r["rel_err"] <= 1e-5, f"rank {rank}: relative error {r['rel_err']:.2e}"
+        assert r["tokens_equal"], f"rank {rank}: greedy tokens differ"
+        assert r["share"] < 0.8, f"rank {rank} holds {r['share']:.2f} of the weights"
+
+
+@pytest.mark.distributed
+def test_explicit_heads_when_the_forward_does_not_show_them(rank_pool):
+    """q is scaled before its view into heads: the forward shows only the KV heads, so the
+    head counts are passed explicitly (xtp.shard(model, heads=6, kv_heads=2))."""
+    from parity_worker import scratch_parity
+
+    results = rank_pool(3).run(scratch_parity, "scratch_llama_prescaled", 3, 6, 2)
+    for rank, r in enumerate(results):
+        assert r["rel_err"] <= 1e-5, f"rank {rank}: relative error {r['rel_err']:.2e}"
+        assert r["tokens_equal"], f"rank {rank}: greedy tokens differ"

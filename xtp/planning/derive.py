@@ -62,8 +62,12 @@ def _freeze(draft: Draft) -> ShardPlan:
     )
 
 
-def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = None) -> ShardPlan:
+def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = None, *,
+                heads: int | None = None, kv_heads: int | None = None) -> ShardPlan:
     """Plan ``model`` for ``tp_size`` ranks. See the module docstring for the steps.
+
+    ``heads``/``kv_heads``: the attention head counts, for a model whose config does not hold
+    them and whose forward does not show them (default: config, then forward).
 
     Raises:
         PlanError: the probe cannot run, or a pair cannot be split over ``tp_size`` ranks.
@@ -71,7 +75,7 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
         TPSizeError: the attention heads cannot be spread over ``tp_size`` ranks.
         UnclassifiedModuleError: a column layer of unknown fused layout.
     """
-    draft = Draft.start(model, tp_size, rules)
+    draft = Draft.start(model, tp_size, rules, heads, kv_heads)
     plan_pairs(draft)
     plan_embeddings(draft)
     plan_experts(draft)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import PlanError
 from . import model_table as mt
+from .fused import infer_head_shape
 from .probe import FlowGraph
 from .rules import glob_rules
 from .spec import AttrUpdate, Collective, Layout, ModuleSpec, Ranges, Role, Split, WeightKind
@@ -59,8 +61,13 @@ class Draft:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, model: nn.Module, tp: int, rules: dict[str, str] | None) -> Draft:
+    def start(cls, model: nn.Module, tp: int, rules: dict[str, str] | None,
+              heads: int | None = None, kv_heads: int | None = None) -> Draft:
         """Probe ``model`` and validate ``rules``: a draft with nothing decided yet.
+
+        Head counts come from ``heads``/``kv_heads`` when given, else from the config
+        (:func:`~xtp.planning.model_table.head_shape`), else from the views into heads the
+        forward makes (:func:`~xtp.planning.fused.infer_head_shape`).
 
         Raises:
             PlanError: the probe's forward pass cannot run.
@@ -71,9 +78,9 @@ class Draft:
         kinds = {n: k for n, m in modules.items() if (k := weight_kind(m))}
         graph = run_probe(model)
         ruled = glob_rules(rules, list(modules))
-        heads = mt.head_shape(config)
-        return cls(model, tp, config, modules, kinds, graph, ruled, heads,
-                   _head_bias_tables(modules, kinds, heads, config))
+        shape = _head_shape(config, graph, heads, kv_heads)
+        return cls(model, tp, config, modules, kinds, graph, ruled, shape,
+                   _head_bias_tables(modules, kinds, shape, config))
 
     def is_linear(self, name: str) -> bool:
         """True for a Linear-like layer (nn.Linear or transformers Conv1D)."""
@@ -90,3 +97,27 @@ class Draft:
         """Add a note to the plan (once)."""
         if text not in self.notes:
             self.notes.append(text)
+
+
+def _head_shape(config, graph, heads: int | None, kv_heads: int | None
+                ) -> tuple[int, int, int] | None:
+    """(heads, kv heads, head dim): explicit counts first, then the config, then the forward.
+
+    Raises:
+        PlanError: explicit counts that do not group, or no head dim to go with them.
+    """
+    found = mt.head_shape(config) or infer_head_shape(graph)
+    if heads is None:
+        return found
+    kv = kv_heads or heads
+    if heads < 1 or kv < 1 or heads % kv:
+        raise PlanError(f"heads={heads} query heads cannot be grouped over kv_heads={kv_heads}; "
+                        "pass kv_heads that divides heads")
+    hidden = mt.config_value(config, "hidden_size") if config is not None else None
+    head_dim = (found[2] if found else None) or (hidden // heads if isinstance(hidden, int)
+                                                 else None)
+    if not head_dim:
+        raise PlanError(f"heads={heads} given, but neither the config nor the forward shows "
+                        "the head size: the model's forward must view its projections into "
+                        "(heads, head_dim)")
+    return heads, kv, head_dim

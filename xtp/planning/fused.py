@@ -189,3 +189,27 @@ def infer_layout(graph: FlowGraph, name: str, heads: tuple[int, int, int] | None
         if canonical_map(layout, heads, width) == found:
             return layout
     return None
+
+
+def infer_head_shape(graph: FlowGraph) -> tuple[int, int, int] | None:
+    """``(num_heads, num_kv_heads, head_dim)`` from the views into heads the forward makes,
+    for a model whose config does not say (a plain PyTorch model): the head dim is the widest
+    last dimension of any view into (heads, head_dim) (rotary halves are narrower); the query
+    and KV head counts are the most and fewest heads seen with that head dim. ``None`` when the
+    forward makes no such view, or the counts do not group."""
+    seen: list[tuple[int, int]] = []
+    for name, nodes in graph.layout_nodes.items():
+        played = replay(nodes, graph.out_shapes[name]) if name in graph.out_shapes else None
+        if played is None:
+            continue
+        for t in played[1]:
+            dims = _varying_dims(t)
+            if len(dims) >= 2:
+                d = t.shape[dims[-1]]
+                seen.append((int(torch.Size([t.shape[x] for x in dims]).numel()) // d, d))
+    if not seen:
+        return None
+    head_dim = max(d for _, d in seen)
+    counts = [n for n, d in seen if d == head_dim]
+    heads, kv = max(counts), min(counts)
+    return (heads, kv, head_dim) if heads % kv == 0 else None

@@ -55,8 +55,9 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
         f"like a fused layer, but what the forward does with its output (splits, views into "
         f"heads, chunks) matches no fused layout xtp can split"
         + (f" (heads={H}, kv_heads={K}, head_dim={D})" if draft.heads else "")
-        + f". Keep it replicated with rules={{'{collapse(col)}': 'replicate'}}, or report "
-        "this model"
+        + f". If those head counts are wrong, pass the right ones (xtp.shard(model, heads=..., "
+        f"kv_heads=...)); else keep it replicated with "
+        f"rules={{'{collapse(col)}': 'replicate'}}, or report this model"
     )
 
 
@@ -70,8 +71,12 @@ def _attention_name(row: str, cols: list[str]) -> str:
     return ".".join(common)
 
 
-def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition) -> None:
-    """Head counts and widths held by the attention module and its inner helpers."""
+def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition,
+                  cols: list[str]) -> None:
+    """Head counts and widths held by the attention module and its inner helpers: attributes
+    named in :data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`, and any other int attribute
+    holding the full query or KV width that the pair's forward used as a view/reshape/split
+    size (found from the forward: ``self.n_embd`` in ``qkv.split(self.n_embd, dim=2)``)."""
     H, K, D = draft.heads
     local_q = [hp.local_heads(r) for r in range(draft.tp)]
     local_kv = [hp.local_kv_heads(r) for r in range(draft.tp)]
@@ -81,14 +86,23 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
         mt.Q_WIDTH: (H * D, [q * D for q in local_q]),
         mt.KV_WIDTH: (K * D, [kv * D for kv in local_kv]),
     }
+    used = set().union(*(draft.graph.layout_sizes.get(c, set()) for c in cols))
+    widths = {quantity[w][0]: tuple(quantity[w][1]) for w in (mt.Q_WIDTH, mt.KV_WIDTH)}
     holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
                if n not in draft.kinds]  # the attention module and its inner helpers
     for holder_name, holder in holders:
-        for attr, what in mt.HEAD_ATTRIBUTES.items():
-            value = holder.__dict__.get(attr)
-            full, local = quantity[what]
-            if (isinstance(value, int) and not isinstance(value, bool) and value == full
-                    and any(v != full for v in local)):
+        for attr, value in holder.__dict__.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if attr in mt.HEAD_ATTRIBUTES:
+                full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
+                if value != full:
+                    continue
+            elif value in widths and value in used:
+                full, local = value, widths[value]
+            else:
+                continue
+            if any(v != full for v in local):
                 draft.attr_updates.append(AttrUpdate(holder_name, attr, full, tuple(local)))
 
 
@@ -124,7 +138,7 @@ def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> 
     attn = draft.modules.get(attn_name)
     if attn is None:
         return
-    _attr_updates(draft, attn_name, attn, hp)
+    _attr_updates(draft, attn_name, attn, hp, cols)
     _config_updates(draft, attn_name, attn, hp)
     for name in sorted(draft.graph.producers.get(row, set()) & draft.head_biases):
         if name not in draft.specs:

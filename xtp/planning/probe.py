@@ -39,6 +39,21 @@ LAYOUT_OPS = frozenset({
 })
 
 
+#: layout ops whose arguments from this position on are sizes (not dimensions)
+SIZE_ARGS = {_T.view: 1, _T.reshape: 1, _T.split: 1, _T.split_with_sizes: 1, _T.unflatten: 2,
+             torch.split: 1, torch.reshape: 1}
+
+
+def _ints(obj) -> set[int]:
+    if isinstance(obj, bool):
+        return set()
+    if isinstance(obj, int):
+        return {obj}
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_ints(o) for o in obj)) if obj else set()
+    return set()
+
+
 @dataclass(frozen=True)
 class Ref:
     """A placeholder in a recorded op's arguments: node ``node`` of the same source, or the
@@ -76,6 +91,8 @@ class FlowGraph:
     order: list[str] = field(default_factory=list)
     #: layout ops applied to each source's output: source -> nodes (see LayoutNode)
     layout_nodes: dict[str, list[LayoutNode]] = field(default_factory=lambda: defaultdict(list))
+    #: sizes (view/reshape shapes, split sizes) layout ops used on activations of each source
+    layout_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     #: shape of each source's output on its first call
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -154,6 +171,10 @@ class _FlowMode(TorchFunctionMode):
             _mark(out, src)
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
+                if func in SIZE_ARGS:
+                    sizes = _ints(args[SIZE_ARGS[func]:]) | _ints(kwargs.get("split_size"))
+                    for s in src:
+                        self.graph.layout_sizes[s] |= sizes
         return out
 
 

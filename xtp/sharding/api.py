@@ -47,6 +47,8 @@ def shard(
     communicator: Communicator | Callable[[Communicator], Communicator] | None = None,
     plan: ShardPlan | None = None,
     verify: bool = False,
+    heads: int | None = None,
+    kv_heads: int | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place for tensor parallelism on this rank's TP group; returns it.
 
@@ -60,6 +62,8 @@ def shard(
         plan: a precomputed plan for this model and tp_size (default: derived).
         verify: also check, before sharding, that every parameter is identical on all ranks
             (one all-gather of checksums).
+        heads, kv_heads: attention head counts for a model whose config does not hold them
+            and whose forward does not show them (passed to the planner).
 
     The model's forward, ``generate()`` and hooks keep working; other ranks' weights are freed
     once nothing else references them. Raises :class:`~xtp.errors.XtpError` subclasses for bad
@@ -68,7 +72,7 @@ def shard(
     ctx = context or init_distributed(tp_size, group=group)
     _check_not_sharded(model, ctx)
     if plan is None:
-        plan = derive_plan(model, ctx.tp_size, rules)
+        plan = derive_plan(model, ctx.tp_size, rules, heads=heads, kv_heads=kv_heads)
     elif plan.tp_size != ctx.tp_size:
         raise PlanError(f"the plan is for tp_size={plan.tp_size}, this group has {ctx.tp_size}")
     if ctx.tp_size > 1:  # cheap: one small all-gather, before anything changes
