@@ -31,8 +31,26 @@ class AlreadyShardedError(XtpError):
     """``shard()`` on a model that is already sharded."""
 
 
+class ArgumentError(XtpError, ValueError):
+    """An argument of a public function or ``xtp`` command with a wrong type or value (a tp
+    size that is not a positive integer, a dtype that is not a torch dtype, a path that does
+    not exist); the message names the argument and the values that work."""
+
+
 class CheckpointError(XtpError):
     """A checkpoint is missing a tensor, has an extra one, a wrong shape or is damaged."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A model config (``config.json``, a config JSON file, a config object) that cannot be read,
+    is not valid JSON, names an unknown ``model_type``, or that transformers or xtp rejects
+    (head counts that are not positive integers, sizes that do not divide); the message names
+    the file and the field. A ``CheckpointError`` because a folder's config is part of it."""
+
+
+class NotPreshardedError(CheckpointError):
+    """A folder given where a pre-sharded folder (``xtp preshard``, :func:`xtp.save_sharded`)
+    is expected is not one: it has no ``xtp_metadata.json``."""
 
 
 class RanksDisagreeError(XtpError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 from ..accelerators.env import ENV_CPU_PACK as ENV
-from ..errors import XtpError
 
 
 def add_pack_option(parser) -> None:
@@ -30,12 +29,8 @@ def apply_pack_option(args) -> None:
 
 
 def dtype_arg(name: str | None):
-    """``torch.<name>`` for a ``--dtype`` value (``None`` stays ``None``)."""
-    if name is None:
-        return None
-    import torch
+    """``torch.<name>`` for a ``--dtype`` value (``None`` stays ``None``); ArgumentError
+    otherwise (:func:`xtp.models.inputs.check_dtype`)."""
+    from ..models.inputs import check_dtype
 
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise XtpError(f"--dtype {name!r} is not a torch dtype; use e.g. bfloat16, float16")
-    return dt
+    return check_dtype(name, "--dtype")

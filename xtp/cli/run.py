@@ -129,9 +129,13 @@ def _report(results: list[dict], args) -> int:
 
 def run(args) -> int:
     from ..errors import XtpError
+    from ..models.builtin import resolve_config
 
     if args.tp < 1:
         raise XtpError(f"--tp must be >= 1, got {args.tp}")
+    if args.max_new_tokens < 1:
+        raise XtpError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    resolve_config(args.model)  # a wrong MODEL fails here, once, before any rank starts
     params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
     from .launch import run_on_ranks
 

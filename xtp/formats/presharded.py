@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..planning.serialize import fingerprint, plan_to_json
+from ..errors import CheckpointError, NotPreshardedError
+from ..planning.serialize import fingerprint, plan_from_json, plan_to_json
 from ..planning.spec import ShardPlan
 from .keymap import choose_alias, tied_sources
 from .safetensors_io import StreamWriter
@@ -49,17 +49,63 @@ def is_presharded(folder: Path) -> bool:
 
 
 def read_metadata(folder: Path) -> dict:
-    """``xtp_metadata.json`` of a complete pre-sharded folder (CheckpointError otherwise)."""
+    """``xtp_metadata.json`` of a complete pre-sharded folder.
+
+    Raises:
+        NotPreshardedError: ``folder`` is missing, not a folder, or has no ``xtp_metadata.json``
+            (an ordinary checkpoint, say); the message says what the caller expects instead.
+        CheckpointError: the folder's writing was interrupted (no ``.xtp_complete``), or its
+            metadata is not valid JSON, is another format, or lacks a field readers need.
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise NotPreshardedError(f"{folder} is not a folder; give a pre-sharded folder (written "
+                                 "by xtp preshard or xtp.save_sharded)")
+    if not is_presharded(folder):
+        kind = ("an ordinary checkpoint folder (config.json, no " + METADATA + ")"
+                if (folder / "config.json").is_file() else f"not one (no {METADATA})")
+        raise NotPreshardedError(
+            f"{folder} is not a pre-sharded folder: it is {kind}; this needs a folder written "
+            "by xtp preshard or xtp.save_sharded (from_pretrained loads an ordinary checkpoint "
+            "folder directly)")
     if not (folder / MARKER).is_file():
         raise CheckpointError(f"{folder} is an incomplete pre-sharded folder (no {MARKER}): its "
                               "writing was interrupted; write it again")
-    meta = json.loads((folder / METADATA).read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        meta = json.loads((folder / METADATA).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / METADATA} cannot be read as JSON ({exc}); the folder "
+                              "is damaged: write it again") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / METADATA} is not a JSON object; the folder is "
+                              "damaged: write it again")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{folder / METADATA} is format {meta.get('format')!r} version "
-                              f"{meta.get('format_version')}; this xtp reads {FORMAT} version "
-                              f"<= {FORMAT_VERSION}: upgrade xtp")
+                              f"{meta.get('format_version')!r}; this xtp reads {FORMAT} version "
+                              f"<= {FORMAT_VERSION}: upgrade xtp, or write the folder again")
+    bad = [k for k, kind in _FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if not bad and (meta["tp_size"] < 1 or isinstance(meta["tp_size"], bool)):
+        bad = ["tp_size"]
+    if not bad and not isinstance(getattr(torch, meta["dtype"], None), torch.dtype):
+        bad = ["dtype"]
+    if not bad and not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                           and Path(e["file"]).name == e["file"]
+                           for e in (meta["files"].get(str(r)) for r in range(meta["tp_size"]))):
+        bad = ["files"]
+    if not bad:
+        try:
+            plan_from_json(meta["plan"])
+        except Exception:  # any damage to the stored plan
+            bad = ["plan"]
+    if bad:
+        raise CheckpointError(f"{folder / METADATA} is damaged (field {', '.join(bad)} missing "
+                              "or of the wrong type or value); write the folder again")
     return meta
+
+
+#: the fields of ``xtp_metadata.json`` readers rely on, and their JSON types
+_FIELDS = {"tp_size": int, "dtype": str, "plan": dict, "plan_fingerprint": str, "files": dict}
 
 
 def _versions() -> dict:

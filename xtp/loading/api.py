@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +24,8 @@ from ..accelerators import Communicator
 from ..distributed.context import TPContext
 from ..errors import CheckpointError
 from ..formats.checkpoint_index import CheckpointIndex
-from ..formats.presharded import is_presharded, leftovers
+from ..formats.presharded import is_presharded, leftovers, read_metadata
+from ..models.inputs import check_path, check_tp_size
 from ..planning.derive import derive_plan
 from .common import (
     context_for,
@@ -72,8 +72,7 @@ def from_pretrained(
         CheckpointError: missing/unexpected tensors, wrong shapes, damaged or truncated files,
             an index naming absent files, a pre-sharded folder for another tp_size.
     """
-    ctx = context_for(context, tp_size)
-    folder = Path(path)
+    folder = check_path(path, "path")
     left = leftovers(folder)
     if not folder.is_dir() and left:
         raise CheckpointError(
@@ -83,9 +82,14 @@ def from_pretrained(
         raise CheckpointError(
             f"{folder} is not a folder; xtp.from_pretrained reads a local checkpoint folder "
             "(download a hub model first, e.g. huggingface_hub.snapshot_download(repo_id))")
+    if tp_size is not None:
+        check_tp_size(tp_size)
     if is_presharded(folder):
+        read_metadata(folder)  # a damaged or incomplete folder fails here, before any rank waits
+        ctx = context_for(context, tp_size)
         return load_presharded(folder, ctx, dtype, model_class, rules, progress, communicator)
-    config = load_config(folder)
+    config = load_config(folder)  # checked before the process group starts
+    ctx = context_for(context, tp_size)
     with CheckpointIndex.open(folder) as ckpt:
         model = None
         stored = None

@@ -17,7 +17,10 @@ def model_class_for(config, model_class: type | None = None) -> type:
         cls = getattr(transformers, auto)
         if type(config) in cls._model_mapping:
             return cls
-    raise ValueError(f"transformers has no model class for config {type(config).__name__}")
+    from ..errors import ConfigError
+
+    raise ConfigError(f"transformers has no model class for config {type(config).__name__}; "
+                      "pass model_class=... (a transformers model class)")
 
 
 def meta_model(

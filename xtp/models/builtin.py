@@ -3,7 +3,6 @@ benchmarks. Weights are random but deterministic (seeded), so every rank builds 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -24,27 +23,24 @@ SEED = 1234
 
 def resolve_config(model: str):
     """A transformers config for MODEL: a built-in name, a config JSON file, or a checkpoint
-    folder (its config.json)."""
-    import transformers
+    folder (its config.json); checked (:mod:`xtp.models.config`), so a bad one is a
+    :class:`~xtp.errors.ConfigError` naming the file and the field."""
+    from ..errors import ArgumentError
+    from .config import config_from_dict, config_from_file, load_folder_config
 
-    from ..errors import XtpError
-
+    if not isinstance(model, str):
+        raise ArgumentError(f"MODEL must be a string (a built-in name, a config JSON file or a "
+                            f"checkpoint folder), got {type(model).__name__}")
     if model in BUILTIN_CONFIGS:
-        spec = dict(BUILTIN_CONFIGS[model])
-    elif os.path.isdir(model):
-        return transformers.AutoConfig.from_pretrained(model, local_files_only=True)
-    elif os.path.isfile(model):
-        with open(model) as f:
-            spec = json.load(f)
-    else:
-        raise XtpError(
-            f"MODEL {model!r} is neither a built-in ({', '.join(BUILTIN_CONFIGS)}), a config "
-            "JSON file nor a checkpoint folder"
-        )
-    model_type = spec.pop("model_type", None)
-    if model_type not in transformers.CONFIG_MAPPING:
-        raise XtpError(f"config for {model!r} has no known model_type (got {model_type!r})")
-    return transformers.CONFIG_MAPPING[model_type](**spec)
+        return config_from_dict(dict(BUILTIN_CONFIGS[model]), f"built-in {model!r}")
+    if os.path.isdir(model):
+        return load_folder_config(model)
+    if os.path.isfile(model):
+        return config_from_file(model)
+    raise ArgumentError(
+        f"MODEL {model!r} is neither a built-in ({', '.join(BUILTIN_CONFIGS)}), a config "
+        "JSON file nor a checkpoint folder"
+    )
 
 
 def build_random(config, dtype: torch.dtype = torch.float32):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..models.build import meta_model
+from ..models.config import check_config
+from ..models.inputs import check_tp_size
 from .derive import derive_plan
 from .spec import ShardPlan
 
@@ -12,9 +14,16 @@ from .spec import ShardPlan
 def plan(model_or_config, tp_size: int, rules: dict[str, str] | None = None,
          model_class: type | None = None) -> ShardPlan:
     """The :class:`ShardPlan` for a model (or a transformers config, built on the meta device
-    at no weight cost) at ``tp_size`` ranks. ``print()`` it for a table."""
+    at no weight cost) at ``tp_size`` ranks. ``print()`` it for a table.
+
+    Raises:
+        TPSizeError: ``tp_size`` is not a positive integer, or the model cannot take it.
+        ConfigError: ``model_or_config`` is neither a module nor a usable transformers config.
+    """
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int):
+        check_tp_size(tp_size)  # the type; a size < 1 gets the planner's list of sizes that work
     if isinstance(model_or_config, nn.Module):
         model = model_or_config
     else:
-        model = meta_model(model_or_config, model_class)
+        model = meta_model(check_config(model_or_config, "model_or_config"), model_class)
     return derive_plan(model, tp_size, rules)
