@@ -55,13 +55,11 @@ def load_report(model: nn.Module) -> LoadReport | None:
 
 
 def load_config(folder: Path):
-    """``config.json`` of ``folder`` through transformers' ``AutoConfig`` (local, no hub)."""
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; save the model with "
-                              "save_pretrained(), or copy its config.json next to the weights")
-    import transformers
+    """``config.json`` of ``folder`` through transformers' ``AutoConfig`` (local, no hub),
+    checked: :func:`xtp.models.config.load_folder_config` (ConfigError when bad)."""
+    from ..models.config import load_folder_config
 
-    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    return load_folder_config(folder)
 
 
 def skeleton(config, model_class: type | None, dtype: torch.dtype) -> nn.Module:

@@ -37,6 +37,7 @@ from ..formats.presharded import (
     write_rank_file,
 )
 from ..formats.safetensors_io import StreamWriter
+from ..models.inputs import check_path, check_tp_size
 from ..planning.derive import derive_plan
 from ..planning.layouts import gather_ranges
 from ..planning.serialize import plan_from_json
@@ -93,7 +94,8 @@ def preshard(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tp_size: 
              model_class: type | None = None, progress: bool | None = None) -> Path:
     """Write the pre-sharded folder for ``tp_size`` ranks from the full checkpoint in
     ``model_dir`` (one process, no process group). Same files as :func:`xtp.save_sharded`."""
-    src, final = Path(model_dir), Path(out_dir)
+    src, final = check_path(model_dir, "model_dir"), check_path(out_dir, "out_dir")
+    check_tp_size(tp_size)
     config = load_config(src)
     tmp = prepare_target(final)
     if tmp.exists():
@@ -250,7 +252,7 @@ def gather(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Stream the pre-sharded folder ``src_dir`` back into one ordinary checkpoint in
     ``out_dir`` (offline, one process). ``max_shard_size`` (bytes) splits the output into
     several files with an index; ``dtype`` converts floating-point tensors."""
-    src, final = Path(src_dir), Path(out_dir)
+    src, final = check_path(src_dir, "src_dir"), check_path(out_dir, "out_dir")
     meta = read_metadata(src)
     plan = plan_from_json(meta["plan"])
     n = plan.tp_size
