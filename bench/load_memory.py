@@ -116,7 +116,7 @@ def rank_main(args) -> None:
         getattr(transformers, (cfg.architectures or ["AutoModelForCausalLM"])[0])
         result["model_code_kib"] = rss_kib("VmRSS")
         start = time.time()
-        model = load(args.loader, args.folder, args.tp)
+        model = load(args.loader, args.folder, args.tp, args.dtype)
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -146,13 +146,13 @@ def shard_bytes(model) -> int:
     return total
 
 
-def load(loader: str, folder: str, tp: int):
+def load(loader: str, folder: str, tp: int, dtype: str | None = None):
     import torch
 
     if loader in ("xtp", "xtp-presharded"):
         import xtp
 
-        return xtp.from_pretrained(folder, tp_size=tp, progress=False)
+        return xtp.from_pretrained(folder, tp_size=tp, progress=False, dtype=dtype)
     if loader == "deepspeed":
         import deepspeed
         import transformers
@@ -177,7 +177,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_loader(loader: str, folder: Path, tp: int, out: Path, timeout: float) -> list[dict]:
+def run_loader(loader: str, folder: Path, tp: int, out: Path, timeout: float,
+               dtype: str | None = None) -> list[dict]:
     out.unlink(missing_ok=True)
     port = free_port()
     procs = []
@@ -187,7 +188,8 @@ def run_loader(loader: str, folder: Path, tp: int, out: Path, timeout: float) ->
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // tp)))
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "_rank", str(folder), "--loader", loader, "--tp", str(tp),
-             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+             "--out", str(out)] + (["--dtype", dtype] if dtype else []),
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     errors = []
     for p in procs:
         try:
@@ -251,12 +253,14 @@ def main() -> None:
     r.add_argument("--tp", type=int, default=2)
     r.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     r.add_argument("--timeout", type=float, default=1800)
+    r.add_argument("--dtype", help="xtp loaders: load in this dtype (e.g. bfloat16)")
     r.add_argument("--write", type=Path, help="append the table to this markdown file")
     w = sub.add_parser("_rank")
     w.add_argument("folder")
     w.add_argument("--loader", required=True)
     w.add_argument("--tp", type=int, required=True)
     w.add_argument("--out", required=True)
+    w.add_argument("--dtype")
     args = p.parse_args()
     if args.cmd == "make":
         return make(args.folder, args.preset, args.dtype)
@@ -273,7 +277,7 @@ def main() -> None:
                 preshard(args.folder, folder, args.tp, progress=False)
         results[loader] = run_loader(loader, folder, args.tp,
                                      Path(f"/tmp/xtp-bench-{os.getpid()}-{loader}.jsonl"),
-                                     args.timeout)
+                                     args.timeout, args.dtype)
         print(f"{loader}: done", file=sys.stderr)
     text = table(results, args.folder, args.tp, model_bytes(args.folder))
     print(text)

@@ -215,7 +215,10 @@ def phase_worker(phase: str, victim: int, how: str, folder: str | None = None) -
             fail_here(how)
         return outcome(lambda: xtp.init_distributed(world))
     ctx = xtp.init_distributed(1 if phase == "dp" else world)
-    if phase == "shard":
+    if phase == "shard":  # timed from the fingerprint exchange (the plan comes first)
+        import xtp.sharding.api as sharding_api
+
+        _time_entry(sharding_api, "check_fingerprints")
         model = tiny_model()
         before = _snapshot(model)
         if victim_here:
