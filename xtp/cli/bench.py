@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import XtpError
+from ..errors import ArgumentError
 from .options import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
@@ -34,7 +34,7 @@ PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
 
 
-class BenchUsageError(XtpError):
+class BenchUsageError(ArgumentError):
     """A bench option that cannot work (unknown implementation, bad list, missing extra)."""
 
 
@@ -245,7 +245,10 @@ def run(args) -> int:
     from ..bench.report import merge_rounds, plot, profile_text, table
     from ..models.builtin import resolve_config
 
+    from .launch import check_environment
+
     tps, dtypes, vs = _check(args)
+    check_environment()  # a bad XTP_* value fails here, not in every run's ranks
     apply_pack_option(args)
     resolve_config(args.model)  # a wrong MODEL fails here, before anything starts
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable

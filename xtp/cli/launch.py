@@ -24,6 +24,17 @@ def set_threads_env(tp: int) -> int:
     return int(os.environ["OMP_NUM_THREADS"])
 
 
+def check_environment() -> None:
+    """Parse every ``XTP_*`` variable and select the accelerator here, once, so that a bad value
+    is one error before any rank starts (EnvSettingError / AcceleratorError naming it)."""
+    from ..accelerators import env, select
+
+    for parse in (env.timeout_seconds, env.shm_chunk_bytes, env.cpu_pack, env.num_threads,
+                  env.cross_node_tp):
+        parse()
+    select()
+
+
 def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
                  ) -> list[dict] | None:
     """``fn(*params)`` on each of ``tp`` ranks; the results in rank order on the reporting
@@ -33,6 +44,7 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
         XtpError: a started rank failed; one line per :func:`describe_failures` (the
             launcher's own tracebacks are kept out of the terminal).
     """
+    check_environment()
     if "RANK" in os.environ or tp == 1:
         result = fn(*params)
         import torch.distributed as dist

@@ -25,8 +25,8 @@ def check_path(path, name: str) -> Path:
 
 
 def check_dtype(dtype, name: str = "dtype"):
-    """A ``torch.dtype`` for ``dtype`` (a dtype or its name; ``None`` stays ``None``);
-    ArgumentError naming the argument otherwise."""
+    """A floating-point ``torch.dtype`` for ``dtype`` (a dtype or its name; ``None`` stays
+    ``None``); ArgumentError naming the argument otherwise."""
     if dtype is None:
         return None
     import torch
@@ -37,4 +37,7 @@ def check_dtype(dtype, name: str = "dtype"):
     if not isinstance(found, torch.dtype):
         raise ArgumentError(f"{name} {dtype!r} is not a torch dtype; use e.g. bfloat16, "
                             "float16, float32")
+    if not found.is_floating_point:
+        raise ArgumentError(f"{name} {dtype!r} is not a floating-point dtype (weights are "
+                            "stored and loaded as one); use e.g. bfloat16, float16, float32")
     return found
