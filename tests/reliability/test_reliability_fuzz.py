@@ -12,6 +12,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -155,3 +156,84 @@ def test_damaged_index(raw):
                 ckpt.read(key)
     except CheckpointError:
         pass
+
+
+def _presharded() -> Path:
+    """A complete pre-sharded folder (tp 2) of a tiny Llama, made once."""
+    folder = TMP / "pre"
+    if not (folder / ".xtp_complete").is_file():
+        import transformers
+
+        import xtp
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=1, num_attention_heads=4,
+                                          num_key_value_heads=2, vocab_size=37)
+        transformers.LlamaForCausalLM(config).save_pretrained(TMP / "plain")
+        xtp.preshard(TMP / "plain", folder, 2, progress=False)
+    return folder
+
+
+def _copy_presharded(name: str) -> Path:
+    import shutil
+
+    dst = TMP / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(_presharded(), dst)
+    return dst
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["format", "format_version", "tp_size", "dtype", "plan",
+                        "plan_fingerprint", "files", "model_class", None]), json_values)
+def test_damaged_presharded_metadata(field, value):
+    """An edited xtp_metadata.json: gather (which reads every rank file with the stored plan)
+    works or raises CheckpointError, and never touches the source folder."""
+    import xtp
+
+    folder = _copy_presharded("pre-edit")
+    meta_path = folder / "xtp_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    if field is None:
+        meta = value
+    else:
+        meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = TMP / "pre-edit-out"
+    __import__("shutil").rmtree(out, ignore_errors=True)
+    try:
+        xtp.gather(folder, out, progress=False)
+    except CheckpointError:
+        assert not out.exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@SETTINGS
+@given(st.binary(max_size=120))
+def test_presharded_metadata_that_is_not_json(raw):
+    from xtp.formats.presharded import read_metadata
+
+    folder = _copy_presharded("pre-bytes")
+    (folder / "xtp_metadata.json").write_bytes(raw)
+    try:
+        read_metadata(folder)
+    except CheckpointError:
+        pass
+
+
+def test_presharded_markers():
+    """No .xtp_complete: incomplete; no xtp_metadata.json: not a pre-sharded folder at all."""
+    from xtp.errors import NotPreshardedError
+    from xtp.formats.presharded import read_metadata
+
+    folder = _copy_presharded("pre-marker")
+    (folder / ".xtp_complete").unlink()
+    with pytest.raises(CheckpointError, match="incomplete pre-sharded folder"):
+        read_metadata(folder)
+    (folder / "xtp_metadata.json").unlink()
+    with pytest.raises(NotPreshardedError, match="is not a pre-sharded folder"):
+        read_metadata(folder)
+    with pytest.raises(NotPreshardedError, match="is not a folder"):
+        read_metadata(folder / "rank-0-of-2.safetensors")
