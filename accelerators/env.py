@@ -17,6 +17,7 @@ where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` fo
 ``XTP_CPU_SHM_CHUNK_BYTES`` bytes per rank per shared-memory buffer (default 1 MiB)
 ``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all`` or ``0``
 ``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
+``XTP_CROSS_NODE_TP``       ``1``/``true``/``on``/``yes``: let a TP group span nodes (slow)
 =========================== ==================================================================
 """
 
@@ -35,6 +36,7 @@ ENV_CPU_SHM = "XTP_CPU_SHM"
 ENV_CHUNK_BYTES = "XTP_CPU_SHM_CHUNK_BYTES"
 ENV_CPU_PACK = "XTP_CPU_PACK"
 ENV_NUM_THREADS = "XTP_NUM_THREADS"
+ENV_CROSS_NODE_TP = "XTP_CROSS_NODE_TP"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -139,6 +141,23 @@ def num_threads() -> int | None:
     if not raw.isdigit() or int(raw) < 1:
         raise EnvSettingError(f"{ENV_NUM_THREADS}={raw!r} must be a positive integer")
     return int(raw)
+
+
+def cross_node_tp() -> bool:
+    """Whether ``XTP_CROSS_NODE_TP`` lets a TP group span nodes: ``1``/``true``/``on``/``yes``
+    (any case) yes; unset, empty, ``0``/``false``/``off``/``no`` no.
+
+    Raises:
+        EnvSettingError: any other value.
+    """
+    value = _stripped(ENV_CROSS_NODE_TP).lower()
+    if value in _FALSE or not value:
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    raise EnvSettingError(
+        f"{ENV_CROSS_NODE_TP}={os.environ[ENV_CROSS_NODE_TP]!r} is not understood; use 1 to let "
+        "a TP group span nodes (slow: docs/topology.md) or 0 (the default: tp inside a node)")
 
 
 def setting(name: str) -> str:

@@ -94,12 +94,21 @@ def record_peers(group: dist.ProcessGroup | None = None, agree: dict | None = No
     return [a for _, a in everyone]
 
 
+def known_peers() -> dict[int, Peer]:
+    """Every rank :func:`record_peers` has recorded in this world: global rank -> :class:`Peer`
+    (a copy; ``xtp.init_distributed`` reads the hosts from it to place the TP groups)."""
+    _fresh()
+    return dict(_peers)
+
+
 def gone_ranks(ranks: Sequence[int], wait_s: float = 0.0) -> list[int]:
     """Those of global ``ranks`` whose process provably exited (same machine only), waiting up
     to ``wait_s`` seconds for one to show up as gone."""
     me = this_peer()
     local = [p for r in ranks if (p := _peers.get(r)) is not None and p.machine == me.machine
              and p.pid != me.pid]
+    if not local:  # none can be checked from here (other hosts): no point waiting
+        return []
     deadline = time.monotonic() + wait_s
     while True:
         gone = [p.rank for p in local if process_gone(p.pid)]
@@ -145,6 +154,17 @@ def _who(ranks: Sequence[int], group_rank: dict[int, int], world: bool) -> str:
     return ", ".join(parts)
 
 
+def _remote_hosts(ranks: Sequence[int]) -> str:
+    """`` (host h runs global ranks 2, 3)`` for each other machine among ``ranks``' hosts: a node
+    that went down takes all of them (``""`` when none is on another machine)."""
+    me = this_peer().machine
+    hosts = dict.fromkeys(p.host for r in ranks
+                          if (p := _peers.get(r)) is not None and p.machine != me)
+    parts = [f"host {h} runs global ranks "
+             + ", ".join(str(r) for r in sorted(_peers) if _peers[r].host == h) for h in hosts]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -184,7 +204,8 @@ def collective_failure(op: str, group: dist.ProcessGroup | None, exc: BaseExcept
     if absent:
         return CollectiveTimeoutError(
             f"{op} on {where} failed on rank {me}: {_who(absent, group_rank, world)} did not "
-            f"reach it {limit}; it is stuck, died on another host, or failed outside a "
+            f"reach it {limit}{_remote_hosts(absent)}; it is stuck, died on another host, or "
+            f"failed outside a "
             f"collective (its output says why), or the ranks call different collectives. "
             f"(torch: {reason})")
     if timed_out:

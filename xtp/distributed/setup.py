@@ -9,7 +9,8 @@ Four paths, one function each:
 * an existing group or ``DeviceMesh``: adopt it as the TP (and DP) group (:func:`_adopt`);
 * otherwise split the world into TP and DP groups (:func:`_split_world`): consecutive global
   ranks form one TP group, ranks with the same TP rank one DP group
-  (:mod:`xtp.distributed.context` has the layout).
+  (:mod:`xtp.distributed.context` has the layout). Over several nodes each TP group must stay
+  inside one node unless cross-node tp is asked for (:mod:`xtp.distributed.topology`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from ..accelerators import Accelerator, get_accelerator, resolve_dist_backend
-from ..accelerators.comm.failures import guarded
-from ..accelerators.env import timeout_seconds
+from ..accelerators.comm.failures import group_ranks, guarded, known_peers
+from ..accelerators.env import cross_node_tp, timeout_seconds
 from ..accelerators.errors import EnvSettingError
 from ..errors import DistributedSetupError, TPSizeError
 from .consistency import exchange_identities
 from .context import TPContext
 from .failures import setup_failure
+from .topology import Topology, check_placement
 
 
 def default_timeout() -> timedelta:
@@ -68,6 +70,7 @@ def init_distributed(
     group: dist.ProcessGroup | None = None,
     mesh=None,
     timeout: timedelta | float | None = None,
+    allow_cross_node_tp: bool | None = None,
 ) -> TPContext:
     """Set up (or adopt) torch.distributed and return this process's :class:`TPContext`.
 
@@ -78,15 +81,19 @@ def init_distributed(
         group: an existing process group to use as the TP group.
         mesh: an existing ``DeviceMesh`` with a ``"tp"`` dimension (and optionally ``"dp"``).
         timeout: collective timeout (seconds or timedelta); default :func:`default_timeout`.
+        allow_cross_node_tp: let a TP group span nodes (slow: a warning names the cost);
+            default ``XTP_CROSS_NODE_TP``, else no.
 
     Raises:
-        TPSizeError: ``tp_size`` is < 1 or does not divide the world size.
+        TPSizeError: ``tp_size`` is < 1, does not divide the world size, or (over several
+            nodes, without ``allow_cross_node_tp``) does not divide the ranks per node.
         DistributedSetupError: tp_size > 1 without a launcher, a bad group/mesh, or ranks
             that did not all reach the rendezvous within ``timeout`` (the message says how
             many arrived).
         RanksDisagreeError: the ranks asked for different tp_size or run different xtp/torch
             versions (checked with one small all-gather that also records every rank's host
-            and pid, so a later failed collective can name a dead rank).
+            and pid, so a later failed collective can name a dead rank, and places the TP
+            groups on the nodes).
     """
     acc = get_accelerator(accelerator)
     if timeout is None:
@@ -95,6 +102,11 @@ def init_distributed(
         timeout = timedelta(seconds=float(timeout))
     if tp_size is not None and (not isinstance(tp_size, int) or tp_size < 1):
         raise TPSizeError(f"tp_size must be a positive integer, got {tp_size!r}")
+    if allow_cross_node_tp is None:
+        try:
+            allow_cross_node_tp = cross_node_tp()
+        except EnvSettingError as exc:
+            raise DistributedSetupError(str(exc)) from None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     if not dist.is_initialized():
@@ -108,8 +120,8 @@ def init_distributed(
         proc = _Process(acc, _bind_device(acc, local_rank), local_rank, dist.get_backend(),
                         timeout)
     if group is not None or mesh is not None:
-        return _adopt(proc, tp_size, group, mesh)
-    return _split_world(proc, tp_size)
+        return _adopt(proc, tp_size, group, mesh, allow_cross_node_tp)
+    return _split_world(proc, tp_size, allow_cross_node_tp)
 
 
 def _under_launcher() -> bool:
@@ -134,7 +146,8 @@ def _single_process(acc: Accelerator, tp_size: int | None, local_rank: int,
         )
     proc = _Process(acc, _bind_device(acc, local_rank), local_rank, None, timeout)
     return proc.context(rank=0, world_size=1, tp_rank=0, tp_size=1, tp_group=None,
-                        dp_rank=0, dp_size=1, dp_group=None)
+                        dp_rank=0, dp_size=1, dp_group=None,
+                        topology=Topology.build(1, [(0,)], {}))
 
 
 def _start_process_group(acc: Accelerator, backend: str | None, local_rank: int,
@@ -154,9 +167,10 @@ def _start_process_group(acc: Accelerator, backend: str | None, local_rank: int,
 
 
 def _adopt(proc: _Process, tp_size: int | None, group: dist.ProcessGroup | None,
-           mesh) -> TPContext:
+           mesh, allow_cross_node: bool) -> TPContext:
     """Use ``group`` (or ``mesh``'s ``"tp"`` dimension, and its ``"dp"`` one if any) as the
-    TP (and DP) group."""
+    TP (and DP) group. A given group that spans nodes was asked for: a warning, never an
+    error."""
     dp_group = None
     if mesh is not None:
         names = tuple(mesh.mesh_dim_names or ())
@@ -167,20 +181,24 @@ def _adopt(proc: _Process, tp_size: int | None, group: dist.ProcessGroup | None,
     size = dist.get_world_size(group)
     if tp_size is not None and tp_size != size:
         raise TPSizeError(f"tp_size={tp_size} but the given group has {size} ranks")
+    topology = None
     if size > 1:
         exchange_identities(group, tp_size, proc.timeout)
+        topology = Topology.build(dist.get_world_size(), [group_ranks(group)], known_peers())
+        check_placement(topology, size, allow_cross_node=True)
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     return proc.context(
         rank=dist.get_rank(), world_size=dist.get_world_size(),
         tp_rank=dist.get_rank(group), tp_size=size, tp_group=group if size > 1 else None,
         dp_rank=dist.get_rank(dp_group) if dp_group is not None else 0, dp_size=dp_size,
-        dp_group=dp_group if dp_size > 1 else None,
+        dp_group=dp_group if dp_size > 1 else None, topology=topology,
     )
 
 
-def _split_world(proc: _Process, tp_size: int | None) -> TPContext:
-    """Split the world into TP groups of ``tp_size`` (default: the whole world) and DP groups;
-    collective over the world."""
+def _split_world(proc: _Process, tp_size: int | None, allow_cross_node: bool) -> TPContext:
+    """Split the world into TP groups of ``tp_size`` (default: the whole world) and DP groups,
+    after checking their placement on the nodes (:func:`check_placement`); collective over
+    the world."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world > 1:
         exchange_identities(None, tp_size, proc.timeout)
@@ -190,12 +208,15 @@ def _split_world(proc: _Process, tp_size: int | None) -> TPContext:
         raise TPSizeError(
             f"tp_size={tp} does not divide the world size {world}; choose one of {divisors}"
         )
+    topology = Topology.build(world, [range(k, k + tp) for k in range(0, world, tp)],
+                              known_peers())
+    check_placement(topology, tp, allow_cross_node)
     with guarded("creating the TP and DP process groups"):
         tp_group, dp_group = _split_groups(world, rank, tp, proc.timeout)
     return proc.context(
         rank=rank, world_size=world, tp_rank=rank % tp, tp_size=tp,
         tp_group=tp_group if tp > 1 else None, dp_rank=rank // tp, dp_size=world // tp,
-        dp_group=dp_group,
+        dp_group=dp_group, topology=topology,
     )
 
 
