@@ -262,6 +262,16 @@ def test_every_command_with_wrong_arguments(tmp_path, capsys, plain_checkpoint, 
     assert not Path(out).exists(), "a failed command left its output folder"
 
 
+def test_debug_shows_the_typed_exception(tmp_path):
+    from xtp.cli.bench import BenchUsageError
+
+    with pytest.raises(BenchUsageError, match="unknown implementation") as info:
+        main(["--debug", "bench", "tiny-llama", "--vs", "nope"])
+    assert isinstance(info.value, ArgumentError)
+    with pytest.raises(ConfigError, match="has no config.json"):
+        main(["--debug", "plan", str(tmp_path), "--tp", "1"])
+
+
 @pytest.mark.parametrize("var,value,command", [
     ("XTP_TIMEOUT", "soon", ["run", "--tp", "2"]),
     ("XTP_TIMEOUT", "-5", ["verify", "--tp", "2"]),
