@@ -6,8 +6,8 @@ in the attention module when it holds only this rank's heads.
   does with its output (:func:`xtp.planning.fused.infer_layout`, after checking its width).
 * Attributes that hold a head count or width (:data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`)
   get per-rank local values; keyword inputs with one slice per head
-  (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; model
-  types in :data:`~xtp.planning.model_table.LOCAL_CONFIG_MODEL_TYPES` get a local config.
+  (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; an
+  attention module whose forward reshapes by its config's head counts gets a local config.
 * Per-head bias tables the row reads (T5 relative attention bias) are split by heads.
 """
 
@@ -106,13 +106,17 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
                 draft.attr_updates.append(AttrUpdate(holder_name, attr, full, tuple(local)))
 
 
-def _config_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition) -> None:
-    """Head-sliced keyword inputs and local configs, by model type."""
+def _config_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition,
+                    cols: list[str]) -> None:
+    """Head-sliced keyword inputs (by model type), and a local config for an attention module
+    whose forward reshapes the pair's activations by the config's head counts (seen in the
+    probe: :attr:`~xtp.planning.probe.FlowGraph.config_reads`)."""
     model_type = getattr(draft.config, "model_type", None)
     for kwarg, layout in mt.HEAD_SLICED_KWARGS.get(model_type, {}).items():
         draft.head_sliced.append((attn_name, kwarg, layout,
                                   tuple(hp.q.range(r) for r in range(draft.tp)), draft.heads[0]))
-    if model_type in mt.LOCAL_CONFIG_MODEL_TYPES and hasattr(attn, "config"):
+    reads = set().union(*(draft.graph.config_reads.get(c, set()) for c in cols))
+    if reads and getattr(attn, "config", None) is draft.config:
         draft.local_configs.append((attn_name, (
             ("num_attention_heads", tuple(hp.local_heads(r) for r in range(draft.tp))),
             ("num_key_value_heads", tuple(hp.local_kv_heads(r) for r in range(draft.tp))),
@@ -139,7 +143,7 @@ def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> 
     if attn is None:
         return
     _attr_updates(draft, attn_name, attn, hp, cols)
-    _config_updates(draft, attn_name, attn, hp)
+    _config_updates(draft, attn_name, attn, hp, cols)
     for name in sorted(draft.graph.producers.get(row, set()) & draft.head_biases):
         if name not in draft.specs:
             draft.specs[name] = draft.spec(

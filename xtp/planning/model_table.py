@@ -8,8 +8,6 @@ architecture).
 * :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
 * :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
   width and must become this rank's local value after sharding.
-* :data:`LOCAL_CONFIG_MODEL_TYPES`: model types whose attention reads head counts from its
-  ``config`` object in forward; their attention modules get a private copy with local counts.
 """
 
 from __future__ import annotations
@@ -48,8 +46,6 @@ HEAD_ATTRIBUTES: dict[str, str] = {
     "hidden_size": Q_WIDTH,
     "kv_dim": KV_WIDTH,
 }
-
-LOCAL_CONFIG_MODEL_TYPES: frozenset[str] = frozenset({"phi3"})
 
 #: keyword inputs of an attention module that carry one slice per head for *all* heads and
 #: must be cut to this rank's heads: model_type -> {kwarg: layout}. Layout "batch_x_heads":

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .traced import origins
+
 INPUT = "<input>"
 OUTPUT = "<output>"
 _ATTR = "_xtp_sources"
@@ -93,6 +95,9 @@ class FlowGraph:
     layout_nodes: dict[str, list[LayoutNode]] = field(default_factory=lambda: defaultdict(list))
     #: sizes (view/reshape shapes, split sizes) layout ops used on activations of each source
     layout_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    #: config attributes (traced during the probe) behind the sizes and indices layout ops
+    #: used on activations of each source
+    config_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     #: shape of each source's output on its first call
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -171,6 +176,9 @@ class _FlowMode(TorchFunctionMode):
             _mark(out, src)
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
+                read = origins(args[1:]) | origins(kwargs)
+                for s in src if read else ():
+                    self.graph.config_reads[s] |= read
                 if func in SIZE_ARGS:
                     sizes = _ints(args[SIZE_ARGS[func]:]) | _ints(kwargs.get("split_size"))
                     for s in src:

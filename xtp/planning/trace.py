@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from .model_table import CONFIG_ALIASES
 from .probe import FlowGraph, probe
+from .traced import instrument_config, restore
 from .weights import weight_kind
+
+#: config attributes that may hold a head count (traced during the probe)
+HEAD_COUNT_NAMES = CONFIG_ALIASES["num_heads"] + CONFIG_ALIASES["num_kv_heads"]
 
 
 def _probe_inputs(model: nn.Module, device: torch.device) -> dict:
@@ -115,9 +120,11 @@ def run_probe(model: nn.Module) -> FlowGraph:
     if experts_impl is not None:
         config._experts_implementation_internal = "batched_mm"
     state = _snapshot_tensor_state(model)
+    traced = instrument_config(config, HEAD_COUNT_NAMES)
     try:
         return _probe_fake_then_real(model, state)
     finally:
+        restore(traced)
         _restore_tensor_state(state)
         model.train(was_training)
         if experts_impl is not None:

@@ -1,0 +1,81 @@
+"""Which config values feed which reshape: provenance of the config's ints during the probe.
+
+For the probe's forward, every plain ``int`` attribute of the model's ``config`` is replaced by
+a :class:`TracedInt` of the same value that remembers its name, and arithmetic on it keeps that
+memory (``self.config.num_attention_heads * self.head_dim`` remembers
+``num_attention_heads``). The probe records the names behind the sizes and indices each layout
+op receives (:attr:`~xtp.planning.probe.FlowGraph.config_reads`), so the planner gives a local
+config to exactly the attention modules whose forward reshapes by the config's head counts.
+The config is put back after the probe.
+"""
+
+from __future__ import annotations
+
+
+class TracedInt(int):
+    """An ``int`` that remembers the config attribute names it was computed from."""
+
+    origin: frozenset = frozenset()
+
+    def __new__(cls, value: int, origin=frozenset()):
+        obj = super().__new__(cls, value)
+        obj.origin = frozenset(origin)
+        return obj
+
+    def __deepcopy__(self, memo):
+        return TracedInt(int(self), self.origin)
+
+    def __reduce__(self):
+        return (TracedInt, (int(self), self.origin))
+
+
+def _keep_origin(op: str):
+    base = getattr(int, op)
+
+    def method(self, other):
+        out = base(self, other)
+        if isinstance(out, int) and not isinstance(out, bool):
+            return TracedInt(out, self.origin | getattr(other, "origin", frozenset()))
+        return out
+
+    return method
+
+
+for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+            "__rfloordiv__", "__mod__", "__rmod__"):
+    setattr(TracedInt, _op, _keep_origin(_op))
+
+
+def origins(obj) -> set[str]:
+    """Names behind every :class:`TracedInt` in ``obj`` (nested lists, tuples, slices, dicts)."""
+    if isinstance(obj, TracedInt):
+        return set(obj.origin)
+    if isinstance(obj, slice):
+        return origins((obj.start, obj.stop, obj.step))
+    if isinstance(obj, dict):
+        return origins(tuple(obj.values()))
+    if isinstance(obj, (list, tuple)):
+        out: set[str] = set()
+        for o in obj:
+            out |= origins(o)
+        return out
+    return set()
+
+
+def instrument_config(config, names) -> list:
+    """Replace the int attributes ``names`` of ``config`` by traced ones; returns what
+    :func:`restore` needs."""
+    saved = []
+    cdict = getattr(config, "__dict__", None)
+    if isinstance(cdict, dict):
+        for k in names:
+            v = cdict.get(k)
+            if type(v) is int:
+                saved.append((cdict, k, v))
+                cdict[k] = TracedInt(v, {k})
+    return saved
+
+
+def restore(saved: list) -> None:
+    for d, k, v in saved:
+        d[k] = v
