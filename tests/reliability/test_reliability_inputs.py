@@ -318,6 +318,12 @@ def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug(monkeypatch, cap
     (lambda d: xtp.preshard(None, d / "out", 2), ArgumentError, "model_dir"),
     (lambda d: xtp.gather(d, d / "out"), NotPreshardedError, "not a pre-sharded folder"),
     (lambda d: xtp.init_distributed("2"), TPSizeError, "positive integer"),
+    (lambda d: xtp.shard("model"), ArgumentError, "must be a torch.nn.Module"),
+    (lambda d: xtp.plan(xtp.models.builtin.resolve_config("tiny-llama"), 2, rules=["x"]),
+     ArgumentError, "rules must be a dict"),
+    (lambda d: xtp.from_pretrained(d, rules={"a": 1}), ArgumentError, "rules must be a dict"),
+    (lambda d: xtp.pack_for_inference("m"), XtpError, "needs a model sharded"),
+    (lambda d: xtp.save_sharded("m", d / "out"), XtpError, "needs a model sharded"),
 ])
 def test_public_functions_raise_typed_errors(plain_checkpoint, call, error, words):
     before = tree_hash(plain_checkpoint)

@@ -244,7 +244,6 @@ def run(args) -> int:
     from ..bench.prep import checkpoint_for, weight_bytes
     from ..bench.report import merge_rounds, plot, profile_text, table
     from ..models.builtin import resolve_config
-
     from .launch import check_environment
 
     tps, dtypes, vs = _check(args)

@@ -25,7 +25,7 @@ from ..distributed.context import TPContext
 from ..errors import CheckpointError
 from ..formats.checkpoint_index import CheckpointIndex
 from ..formats.presharded import is_presharded, leftovers, read_metadata
-from ..models.inputs import check_path, check_tp_size
+from ..models.inputs import check_path, check_rules, check_tp_size
 from ..planning.derive import derive_plan
 from .common import (
     context_for,
@@ -84,6 +84,7 @@ def from_pretrained(
             "(download a hub model first, e.g. huggingface_hub.snapshot_download(repo_id))")
     if tp_size is not None:
         check_tp_size(tp_size)
+    check_rules(rules)
     if is_presharded(folder):
         read_metadata(folder)  # a damaged or incomplete folder fails here, before any rank waits
         ctx = context_for(context, tp_size)

@@ -41,3 +41,23 @@ def check_dtype(dtype, name: str = "dtype"):
         raise ArgumentError(f"{name} {dtype!r} is not a floating-point dtype (weights are "
                             "stored and loaded as one); use e.g. bfloat16, float16, float32")
     return found
+
+
+def check_model(model, name: str = "model"):
+    """``model`` when it is a ``torch.nn.Module``; ArgumentError otherwise."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"{name} must be a torch.nn.Module, got {type(model).__name__}; load "
+                            "or build the model first (a folder: xtp.from_pretrained(path))")
+    return model
+
+
+def check_rules(rules):
+    """``rules`` when it is None or a ``{glob: role}`` dict of strings; ArgumentError
+    otherwise (which globs match and which roles exist is the planner's check)."""
+    if rules is None or (isinstance(rules, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in rules.items())):
+        return rules
+    raise ArgumentError(f"rules must be a dict {{glob: role}} of strings, e.g. "
+                        f"{{'model.layers.*.mlp.*': 'replicate'}}; got {rules!r}"[:300])

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..models.build import meta_model
 from ..models.config import check_config
-from ..models.inputs import check_tp_size
+from ..models.inputs import check_rules, check_tp_size
 from .derive import derive_plan
 from .spec import ShardPlan
 
@@ -22,6 +22,7 @@ def plan(model_or_config, tp_size: int, rules: dict[str, str] | None = None,
     """
     if isinstance(tp_size, bool) or not isinstance(tp_size, int):
         check_tp_size(tp_size)  # the type; a size < 1 gets the planner's list of sizes that work
+    check_rules(rules)
     if isinstance(model_or_config, nn.Module):
         model = model_or_config
     else:

@@ -16,6 +16,7 @@ from ..distributed.consistency import check_fingerprints, fingerprint, verify_re
 from ..distributed.context import TPContext
 from ..distributed.setup import init_distributed
 from ..errors import AlreadyShardedError, PlanError
+from ..models.inputs import check_model, check_rules
 from ..planning.derive import derive_plan
 from ..planning.spec import ShardPlan
 from .apply import apply_plan, resolve_communicator, slice_in_memory
@@ -69,6 +70,8 @@ def shard(
     once nothing else references them. Raises :class:`~xtp.errors.XtpError` subclasses for bad
     input, and leaves the model unchanged when anything fails.
     """
+    check_model(model)  # plain arguments first: nothing starts on bad input
+    check_rules(rules)
     ctx = context or init_distributed(tp_size, group=group)
     _check_not_sharded(model, ctx)
     if plan is None:
