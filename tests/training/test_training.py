@@ -237,3 +237,19 @@ def test_load_refuses_an_incomplete_training_checkpoint(tmp_path):
     (tmp_path / "training_state.json").write_text("{}")
     with pytest.raises(CheckpointError, match="interrupted"):
         read_training_meta(tmp_path)
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "cannot be read"),
+    (b"\xff\xfe", "cannot be read"),
+    ("[1, 2]", "holds a JSON list"),
+])
+def test_load_refuses_a_damaged_training_state_file(tmp_path, content, says):
+    from xtp.errors import CheckpointError
+    from xtp.training.checkpoint import read_training_meta
+
+    (tmp_path / ".xtp_training_complete").write_text("ok\n")
+    path = tmp_path / "training_state.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=f"training_state.json {says}.*damaged"):
+        read_training_meta(tmp_path)

@@ -50,8 +50,11 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
         import torch.distributed as dist
 
         if dist.is_initialized():
+            from ..accelerators.comm.failures import guarded
+
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, result)
+            with guarded("gathering the ranks' results"):
+                dist.all_gather_object(gathered, result)
             return gathered if dist.get_rank() == 0 else None
         return [result]
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
