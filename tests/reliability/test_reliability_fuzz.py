@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from xtp.errors import CheckpointError
@@ -187,6 +187,7 @@ def _copy_presharded(name: str) -> Path:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["format", "format_version", "tp_size", "dtype", "plan",
                         "plan_fingerprint", "files", "model_class", None]), json_values)
+@example("model_class", True)  # found by this fuzzer: a non-string class name
 def test_damaged_presharded_metadata(field, value):
     """An edited xtp_metadata.json: gather (which reads every rank file with the stored plan)
     works or raises CheckpointError, and never touches the source folder."""

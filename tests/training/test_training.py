@@ -242,7 +242,7 @@ def test_load_refuses_an_incomplete_training_checkpoint(tmp_path):
 @pytest.mark.parametrize("content, says", [
     ("{not json", "cannot be read"),
     (b"\xff\xfe", "cannot be read"),
-    ("[1, 2]", "holds a JSON list"),
+    ("[1, 2]", "is not a JSON object"),
 ])
 def test_load_refuses_a_damaged_training_state_file(tmp_path, content, says):
     from xtp.errors import CheckpointError

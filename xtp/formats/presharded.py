@@ -21,7 +21,6 @@ metadata, one rank file, and the atomic commit.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from torch import nn
 from ..errors import CheckpointError, NotPreshardedError
 from ..planning.serialize import fingerprint, plan_from_json, plan_to_json
 from ..planning.spec import ShardPlan
+from .json_object import read_json_object
 from .keymap import choose_alias, tied_sources
 from .safetensors_io import StreamWriter
 
@@ -71,14 +71,7 @@ def read_metadata(folder: Path) -> dict:
     if not (folder / MARKER).is_file():
         raise CheckpointError(f"{folder} is an incomplete pre-sharded folder (no {MARKER}): its "
                               "writing was interrupted; write it again")
-    try:
-        meta = json.loads((folder / METADATA).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / METADATA} cannot be read as JSON ({exc}); the folder "
-                              "is damaged: write it again") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{folder / METADATA} is not a JSON object; the folder is "
-                              "damaged: write it again")
+    meta = read_json_object(folder / METADATA, "the folder is damaged: write it again")
     if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
             or meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{folder / METADATA} is format {meta.get('format')!r} version "

@@ -24,15 +24,16 @@ from .sources import RankFileSource
 
 def saved_model_class(path: str | None) -> type | None:
     """The class a folder's metadata names (``module.Class``), when it can be imported."""
-    if not path or "." not in path:
+    if not isinstance(path, str) or "." not in path:
         return None
     import importlib
 
     mod, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError):
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
         return None
+    return cls if isinstance(cls, type) else None
 
 
 def load_presharded(folder: Path, ctx: TPContext, dtype, model_class: type | None,

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..distributed.consistency import all_ranks_ok
 from ..errors import CheckpointError, XtpError
+from ..formats.json_object import read_json_object
 from ..loading.entries import param_split
 from ..planning.layouts import gather_ranges, take_ranges
 from ..planning.spec import ShardPlan
@@ -174,15 +175,7 @@ def read_training_meta(path: str | os.PathLike) -> dict:
     if not (folder / MARKER).is_file():
         raise CheckpointError(f"{folder} is not a complete xtp training checkpoint (no "
                               f"{MARKER}): its writing was interrupted, or it is another folder")
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / META} cannot be read ({exc}); the training checkpoint "
-                              "is damaged: save it again") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{folder / META} holds a JSON {type(meta).__name__}, not the "
-                              "object xtp writes; the training checkpoint is damaged: save it "
-                              "again")
+    meta = read_json_object(folder / META, "the training checkpoint is damaged: save it again")
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder / META} is format {meta.get('format')!r} version "
                               f"{meta.get('format_version')}; this xtp reads {FORMAT} <= "
