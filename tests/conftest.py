@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from ranks import RankPool
+
+# The property and fuzz tests draw the same examples on every run (CI must not fail on a case
+# that no local run saw); HYPOTHESIS_PROFILE=explore draws new ones, to look for new failures.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(autouse=True)
