@@ -27,6 +27,7 @@ from ..accelerators.comm.failures import group_ranks, guarded, known_peers
 from ..accelerators.env import cross_node_tp, timeout_seconds
 from ..accelerators.errors import EnvSettingError
 from ..errors import DistributedSetupError, TPSizeError
+from ..models.inputs import check_tp_size
 from .consistency import exchange_identities
 from .context import TPContext
 from .failures import setup_failure
@@ -100,8 +101,8 @@ def init_distributed(
         timeout = default_timeout()
     elif not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
-    if tp_size is not None and (not isinstance(tp_size, int) or tp_size < 1):
-        raise TPSizeError(f"tp_size must be a positive integer, got {tp_size!r}")
+    if tp_size is not None:
+        check_tp_size(tp_size)
     if allow_cross_node_tp is None:
         try:
             allow_cross_node_tp = cross_node_tp()
