@@ -138,7 +138,8 @@ def num_threads() -> int | None:
     raw = _stripped(ENV_NUM_THREADS)
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    # isascii: str.isdigit also accepts digits int() refuses ("²")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise EnvSettingError(f"{ENV_NUM_THREADS}={raw!r} must be a positive integer")
     return int(raw)
 

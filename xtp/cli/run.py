@@ -76,7 +76,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         xtp.shard(model, context=ctx)
     packed = xtp.pack_for_inference(model)
     ready = time.perf_counter() - t0
-    if tokenizer is not None and not prompt.replace(" ", "").isdigit():
+    if tokenizer is not None and not _token_ids(prompt):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     else:
         ids = torch.tensor([[int(t) % config.vocab_size for t in prompt.split()]])
@@ -127,6 +127,29 @@ def _report(results: list[dict], args) -> int:
     return 0
 
 
+def _token_ids(prompt: str) -> bool:
+    """Whether ``prompt`` is space-separated token ids (ASCII digits only: ``int`` refuses
+    other digits such as "²")."""
+    parts = prompt.split()
+    return bool(parts) and all(p.isascii() and p.isdigit() for p in parts)
+
+
+def _check_prompt(prompt: str, model: str) -> None:
+    """A text prompt needs a tokenizer saved with MODEL; checked once, before any rank."""
+    from pathlib import Path
+
+    from ..errors import ArgumentError
+
+    if _token_ids(prompt):
+        return
+    folder = Path(model)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                "tokenizer.model")):
+        raise ArgumentError(
+            f"--prompt {prompt!r} is text, but {model} has no tokenizer (tokenizer.json or "
+            "tokenizer_config.json in its folder); give token ids, e.g. --prompt '1 2 3'")
+
+
 def run(args) -> int:
     from ..errors import XtpError
     from ..models.builtin import resolve_config
@@ -136,6 +159,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise XtpError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     resolve_config(args.model)  # a wrong MODEL fails here, once, before any rank starts
+    _check_prompt(args.prompt, args.model)
     params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
     from .launch import run_on_ranks
 

@@ -52,7 +52,8 @@ def _natural(key: str):
     try:
         from transformers.core_model_loading import dot_natural_key
     except ImportError:
-        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split("."))
+        return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p)
+                     for p in key.split("."))
     return dot_natural_key(key)
 
 

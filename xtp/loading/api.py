@@ -25,7 +25,7 @@ from ..distributed.context import TPContext
 from ..errors import CheckpointError
 from ..formats.checkpoint_index import CheckpointIndex
 from ..formats.presharded import is_presharded, leftovers, read_metadata
-from ..models.inputs import check_path, check_rules, check_tp_size
+from ..models.inputs import check_dtype, check_path, check_rules, check_tp_size
 from ..planning.derive import derive_plan
 from .common import (
     context_for,
@@ -69,6 +69,9 @@ def from_pretrained(
     Returns the sharded model in eval mode; :func:`load_report` tells the bytes read.
 
     Raises:
+        ArgumentError: ``path``, ``dtype`` or ``rules`` of the wrong kind (before anything
+            starts).
+        TPSizeError: ``tp_size`` not a positive integer.
         CheckpointError: missing/unexpected tensors, wrong shapes, damaged or truncated files,
             an index naming absent files, a pre-sharded folder for another tp_size.
     """
@@ -85,6 +88,8 @@ def from_pretrained(
     if tp_size is not None:
         check_tp_size(tp_size)
     check_rules(rules)
+    if dtype != "auto":
+        check_dtype(dtype)  # before any rank waits on the process group
     if is_presharded(folder):
         read_metadata(folder)  # a damaged or incomplete folder fails here, before any rank waits
         ctx = context_for(context, tp_size)

@@ -26,6 +26,7 @@ from ..distributed.setup import init_distributed
 from ..errors import CheckpointError, TPSizeError
 from ..formats.checkpoint_index import ReadStats
 from ..models.build import meta_model
+from ..models.inputs import check_dtype
 from ..planning.spec import ShardPlan
 from ..sharding.apply import adopt_local_shards
 from ..sharding.state import REPORT_ATTR
@@ -87,15 +88,15 @@ def saved_class(config) -> type | None:
 
 
 def resolve_dtype(dtype, config, stored: torch.dtype | None) -> torch.dtype:
-    """An explicit dtype wins; ``None`` or ``"auto"``: the config's dtype, else the stored one."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise CheckpointError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16'")
-        return getattr(torch, dtype)
-    if dtype not in (None, "auto"):
-        raise CheckpointError(f"dtype must be a torch.dtype, a string or None, got {dtype!r}")
+    """An explicit dtype wins; ``None`` or ``"auto"``: the config's dtype, else the stored one.
+
+    Raises:
+        ArgumentError: ``dtype`` is neither ``None``/``"auto"`` nor a floating-point dtype
+            (or its name) — :func:`xtp.models.inputs.check_dtype`.
+    """
+    explicit = None if dtype == "auto" else check_dtype(dtype)
+    if explicit is not None:
+        return explicit
     cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(cfg, str) and isinstance(getattr(torch, cfg, None), torch.dtype):
         cfg = getattr(torch, cfg)

@@ -37,7 +37,7 @@ from ..formats.presharded import (
     write_rank_file,
 )
 from ..formats.safetensors_io import StreamWriter
-from ..models.inputs import check_path, check_tp_size
+from ..models.inputs import check_dtype, check_path, check_tp_size
 from ..planning.derive import derive_plan
 from ..planning.layouts import gather_ranges
 from ..planning.serialize import plan_from_json
@@ -96,6 +96,8 @@ def preshard(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tp_size: 
     ``model_dir`` (one process, no process group). Same files as :func:`xtp.save_sharded`."""
     src, final = check_path(model_dir, "model_dir"), check_path(out_dir, "out_dir")
     check_tp_size(tp_size)
+    if dtype != "auto":
+        check_dtype(dtype)
     config = load_config(src)
     tmp = prepare_target(final)
     if tmp.exists():
@@ -253,6 +255,7 @@ def gather(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ``out_dir`` (offline, one process). ``max_shard_size`` (bytes) splits the output into
     several files with an index; ``dtype`` converts floating-point tensors."""
     src, final = check_path(src_dir, "src_dir"), check_path(out_dir, "out_dir")
+    dtype = check_dtype(dtype)
     meta = read_metadata(src)
     plan = plan_from_json(meta["plan"])
     n = plan.tp_size
