@@ -18,10 +18,10 @@ from reliability_worker import TINY
 pytestmark = pytest.mark.distributed
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _start(*args: str, timeout: str = "5") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "xtp.cli.main", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "XTP_TIMEOUT": "5", "XTP_ACCELERATOR": "cpu"})
+                            env={**os.environ, "XTP_TIMEOUT": timeout, "XTP_ACCELERATOR": "cpu"})
 
 
 def _rank_processes(parent: int) -> list[int]:
@@ -81,7 +81,9 @@ def test_ranks_raising_is_one_line_and_non_zero(tmp_path):
     cfg = tmp_path / "one_head.json"  # one attention head cannot be split over 2 ranks
     cfg.write_text(json.dumps({"model_type": "llama", **TINY, "num_attention_heads": 1,
                                "num_key_value_heads": 1}))
-    proc = _start("run", str(cfg), "--tp", "2", "--max-new-tokens", "2")
+    # both ranks fail in planning; a generous timeout so that a rank slowed by a loaded machine
+    # still reaches the agreement step (a timeout there would be another, correct, error)
+    proc = _start("run", str(cfg), "--tp", "2", "--max-new-tokens", "2", timeout="60")
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 2, err
     line = _one_line_error(err)
