@@ -69,6 +69,37 @@ def placement() -> dict:
     shm, reason = ShmCommunicator.create(dist.group.WORLD)
     out["world_shm"] = shm is not None
     out["world_shm_reason"] = reason
+    out.update(given_groups())
+    return out
+
+
+def given_groups() -> dict:
+    """The user's own TP group or DeviceMesh: adopted as given; one that spans nodes was asked
+    for, so it warns (never refuses); a node-local one is silent."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import xtp
+    from xtp.distributed.topology import CrossNodeTPWarning
+
+    out: dict = {}
+    rank = dist.get_rank()
+    cases = {
+        # every rank creates every group (torch's rule), then adopts the one it is in
+        "group_across": [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2],
+        "mesh_inside": init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")),
+        "mesh_across": init_device_mesh("cpu", (2, 2), mesh_dim_names=("tp", "dp")),
+    }
+    for name, given in cases.items():
+        kw = {"group": given} if name.startswith("group") else {"mesh": given}
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ctx = xtp.init_distributed(**kw)
+        out[name] = {
+            "warnings": [str(w.message) for w in seen
+                         if issubclass(w.category, CrossNodeTPWarning)],
+            "tp_groups": ctx.topology.as_dict()["tp_groups"], "tp_size": ctx.tp_size,
+            "dp_size": ctx.dp_size, "comm": type(ctx.communicator()).__name__}
     return out
 
 

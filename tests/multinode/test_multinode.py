@@ -111,6 +111,23 @@ def test_cross_node_tp_when_asked_warns_the_cost_and_never_uses_shared_memory(wo
         assert res["world_shm_reason"].endswith("not one host")
 
 
+def test_a_given_group_or_mesh_is_adopted_and_warns_only_when_it_spans_nodes(world):
+    for res in world:
+        r = res["rank"]
+        across = res["group_across"]
+        assert len(across["warnings"]) == 1 and "span nodes" in across["warnings"][0], across
+        assert across["tp_groups"] == [{"ranks": [r % 2, r % 2 + 2], "hosts": HOSTS}]
+        assert (across["tp_size"], across["comm"]) == (2, "TorchCommunicator")
+        inside = res["mesh_inside"]
+        assert inside["warnings"] == [] and inside["comm"] == "ShmCommunicator", inside
+        assert inside["tp_groups"] == [TP_GROUPS[r // 2]]
+        assert (inside["tp_size"], inside["dp_size"]) == (2, 2)
+        mesh_across = res["mesh_across"]
+        assert len(mesh_across["warnings"]) == 1, mesh_across
+        assert mesh_across["tp_groups"] == across["tp_groups"]
+        assert mesh_across["comm"] == "TorchCommunicator"
+
+
 def test_tp_groups_stay_inside_a_node_and_the_context_says_where(world):
     for res in world:
         r = res["rank"]
