@@ -1,31 +1,34 @@
-"""xtp's own GEMV kernel for one-token CPU decode: fp32 (:class:`GemvLinear`) and bf16
-(:class:`Bf16GemvLinear`).
+"""xtp's GEMV kernel for CPU decode: fp32 (:class:`GemvLinear`) and bf16
+(:class:`Bf16GemvLinear`), on the rank's threads.
 
-At decode a linear layer multiplies one row by its weight, a matrix-vector product whose time
-is the time to read the weight. xtp's kernel (``accelerators/cpu/csrc/cpu_gemv.c``: eight rows
-at a time, one AVX-512 or AVX2 accumulator each) reads it faster on one core than torch's CPU
-``F.linear`` does (MKL's GEMV in fp32; measured speeds in bench/RESULTS.md). The kernel is a
-C extension built at install time (``setup.py``, optional: no compiler, no kernel) and needs no
-torch headers; the instruction set is picked when it is imported (:func:`kernel_isa`).
+At decode a linear layer multiplies one row (or a few: batched decode) by its weight, a
+matrix-vector product whose time is the time to read the weight. xtp's kernel
+(``accelerators/cpu/csrc/``: eight weight rows at a time, one AVX-512 or AVX2 accumulator each,
+two input rows per pass on AVX-512) reads it faster than torch's CPU ``F.linear`` does (MKL's
+GEMV in fp32; measured speeds in bench/RESULTS.md). One product is split by output rows across
+the rank's threads (``torch.get_num_threads()``) by the extension's own thread pool
+(``gemv_pool.c``: persistent pthreads started on first need, spinning briefly between products
+then sleeping, fork-safe; not OpenMP, which torch bundles its own copy of), with the GIL
+released. Every output is summed in the same order whatever the thread count and the number of
+rows, so results do not depend on either. The kernel is a C extension built at install time
+(``setup.py``, optional: no compiler, no kernel) and needs no torch headers; the instruction set
+is picked when it is imported (:func:`kernel_isa`).
 
-:class:`GemvLinear` keeps the plain weight (no copy, no other layout: ``unpack()`` returns it)
-and uses the kernel when the call is one it serves: the input holds a single row, the rank
-computes with one thread (``torch.get_num_threads() == 1``, as xtp runs tp ranks that share the
-cores, :mod:`.threads`; with more threads MKL's parallel GEMV is used) and no gradient is
-recorded. Everything else (prefill, batches) is ``F.linear`` on the same weight. Results differ
-from ``F.linear``'s only by rounding (a different summation order).
+Which calls the kernel serves: inputs of up to :data:`MAX_KERNEL_ROWS` rows, ranks computing
+with up to :data:`MAX_KERNEL_THREADS` threads (the switch: ``1`` serves only one-thread ranks,
+as before the kernel had threads; torch's parallel paths above), calls that record no gradient.
+Everything else (prefill, training) is ``F.linear`` on the same weight. Results differ from
+``F.linear``'s only by rounding (a different summation order).
 
-:class:`Bf16GemvLinear` (chosen for a rank computing with one thread, when weights are packed)
-stores the bf16 weight once in the kernel's blocked layout
+:class:`GemvLinear` keeps the plain fp32 weight (no copy, no other layout: ``unpack()`` returns
+it). :class:`Bf16GemvLinear` stores the bf16 weight once in the kernel's blocked layout
 (:func:`pack_bf16`: blocks of 8 rows read as one stream, where plain bf16 rows are short
 streams the CPU's prefetchers restart at every page), widens it to fp32 exactly and sums with
-FMA; at one token it reads faster than oneDNN's packed bf16 matmul (torch's fastest path).
-Inputs of up to :data:`MAX_KERNEL_ROWS` rows go to the kernel (each block reused from L1 for
-every row); prefill unpacks each weight for ``F.linear`` (a copy of the weight per call: a
-fixed cost per forward that long prompts amortize). The layout is for one-sequence decode:
-with several rows (batched decode) oneDNN's layout is faster per matmul
-(:data:`MAX_KERNEL_ROWS`), and ``XTP_CPU_PACK=all`` selects it. Measured speeds:
-bench/RESULTS.md.
+FMA; prefill unpacks each weight for ``F.linear`` (a copy of the weight per call: a fixed cost
+per forward that long prompts amortize). With several rows the kernel makes one FMA pass per
+row over each block (two rows per pass on AVX-512) and turns compute bound as rows grow, where
+oneDNN's layout (``XTP_CPU_PACK=all``) may be faster per matmul: ``bench/cpu_gemv_threads.py``
+measures both by rows and threads. Measured speeds: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -56,10 +59,41 @@ def unavailable_reason() -> str:
     return _WHY
 
 
+#: inputs with more rows than this (prefill) go to ``F.linear``: up to here the kernel is faster
+#: than unpack + ``F.linear`` in bf16 (per row count: bench/RESULTS.md, "bf16 through the kernel
+#: too"); fp32 takes the same limit (bench/cpu_gemv_threads.py measures 1, 4 and 16 rows)
+MAX_KERNEL_ROWS = 16
+#: ranks computing with more threads than this (``torch.get_num_threads()``) use torch's
+#: parallel paths instead of the kernel; the default serves every thread count (the pool's
+#: limit is 256), 1 serves only ranks computing on one thread
+MAX_KERNEL_THREADS = 256
+
+
+def kernel_threads() -> int:
+    """The threads the kernel splits a product across: the rank's ``torch.get_num_threads()``
+    (0 when that is above :data:`MAX_KERNEL_THREADS`: the kernel does not serve the call)."""
+    threads = torch.get_num_threads()
+    return threads if threads <= MAX_KERNEL_THREADS else 0
+
+
+def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> int:
+    """How many threads the kernel computes ``x @ W.T + bias`` on, or 0 when it does not serve
+    this call (too many rows or threads, a gradient recorded, a bias it cannot read)."""
+    rows = x.numel() // max(in_features, 1)
+    if (x.shape[-1] != in_features or rows > MAX_KERNEL_ROWS or rows < 1
+            or (torch.is_grad_enabled() and (x.requires_grad or (
+                bias is not None and bias.requires_grad)))
+            or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
+        return 0
+    return kernel_threads()
+
+
 class GemvLinear(PackedLinear):
-    """An fp32 CPU weight ``(out_features, in_features)``, row-major, whose one-row products
-    go to xtp's GEMV kernel. Raises ``ValueError`` for any other weight, ``RuntimeError``
-    where the kernel is not available (:func:`unavailable_reason`)."""
+    """An fp32 CPU weight ``(out_features, in_features)``, row-major, whose products with up to
+    :data:`MAX_KERNEL_ROWS` input rows go to xtp's GEMV kernel (:func:`_serves`). Raises
+    ``ValueError`` for any other weight, ``RuntimeError`` where the kernel is not available
+    (:func:`unavailable_reason`)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         if _WHY:
@@ -75,18 +109,14 @@ class GemvLinear(PackedLinear):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         out_features, in_features = self.shape
-        if (x.numel() != in_features or x.shape[-1] != in_features
-                or torch.get_num_threads() != 1
-                or (torch.is_grad_enabled() and (x.requires_grad or (
-                    bias is not None and bias.requires_grad)))
-                or (bias is not None and (bias.dtype != torch.float32
-                                          or bias.device.type != "cpu"))):
+        threads = _serves(x, in_features, bias, torch.float32)
+        if not threads:
             return F.linear(x, self._weight, bias)
         x = x.contiguous()
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
         b = None if bias is None else bias.detach().contiguous()
         _kernel.gemv(self._weight.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(),
-                     y.data_ptr(), out_features, in_features)
+                     y.data_ptr(), out_features, in_features, x.numel() // in_features, threads)
         return y
 
     def unpack(self) -> torch.Tensor:
@@ -98,12 +128,6 @@ class GemvLinear(PackedLinear):
 
 
 ROW_BLOCK, COLUMN_CHUNK = 8, 32  # the bf16 layout's blocks: 8 rows x chunks of 32 columns
-#: inputs with more rows than this (prefill) go to F.linear on the unpacked weight: up to here
-#: the kernel is faster than unpack + F.linear (per row count: bench/RESULTS.md, "bf16 through
-#: the kernel too"). With several rows the kernel (one FMA pass per row) turns compute bound
-#: and oneDNN's layout is faster: for batched bf16 decode use XTP_CPU_PACK=all (oneDNN's layout
-#: for every dtype)
-MAX_KERNEL_ROWS = 16
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -132,8 +156,8 @@ def unpack_bf16(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 class Bf16GemvLinear(PackedLinear):
     """A bf16 CPU weight ``(out_features, in_features)`` in the kernel's blocked layout
     (:func:`pack_bf16`: one copy, made once), whose products with up to
-    :data:`MAX_KERNEL_ROWS` input rows go to xtp's GEMV kernel, whatever the thread count (the
-    layout is the kernel's own). Larger inputs (prefill) and calls that record a gradient use
+    :data:`MAX_KERNEL_ROWS` input rows go to xtp's GEMV kernel on the rank's threads (up to
+    :data:`MAX_KERNEL_THREADS`). Larger inputs (prefill) and calls that record a gradient use
     ``F.linear`` on the unpacked weight, one weight at a time. Sums are fp32; each output is
     rounded to bf16 once, as ``F.linear`` does, so results differ from it only by rounding
     (summation order). Raises like :class:`GemvLinear`."""
@@ -150,19 +174,15 @@ class Bf16GemvLinear(PackedLinear):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         out_features, in_features = self.shape
-        rows = x.numel() // max(in_features, 1)
-        if (x.shape[-1] != in_features or rows > MAX_KERNEL_ROWS
-                or (torch.is_grad_enabled() and (x.requires_grad or (
-                    bias is not None and bias.requires_grad)))
-                or (bias is not None and (bias.dtype != torch.bfloat16
-                                          or bias.device.type != "cpu"))):
+        threads = _serves(x, in_features, bias, torch.bfloat16)
+        if not threads:
             return F.linear(x, self.unpack(), bias)
         x = x.contiguous()
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
         b = None if bias is None else bias.detach().contiguous()
         _kernel.gemv_bf16(self._packed.data_ptr(), x.data_ptr(),
                           None if b is None else b.data_ptr(), y.data_ptr(), out_features,
-                          in_features, rows)
+                          in_features, x.numel() // in_features, threads)
         return y
 
     def unpack(self) -> torch.Tensor:

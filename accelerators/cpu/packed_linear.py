@@ -13,8 +13,8 @@ Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout 
 in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
 (:mod:`xtp.accelerators.cpu.gemv`: faster than MKL's fp32 GEMV and oneDNN's packed bf16 matmul at
 one token), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16
-is packed for oneDNN), for ranks that compute with one thread (tp ranks sharing the cores; with more
-threads per rank, MKL's and oneDNN's parallel paths), and bf16 except on CPUs with AMX
+is packed for oneDNN), at any thread count per rank (the kernel splits a product across the rank's
+threads; ``gemv.MAX_KERNEL_THREADS`` is the switch), and bf16 except on CPUs with AMX
 (:data:`AMX_LAYOUTS`); fp16 is packed for oneDNN (fp32 is not: oneDNN's packed fp32 did not beat the
 dense decode time, not worth its packing copy). ``XTP_CPU_PACK`` chooses: ``1`` (default) as above,
 ``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the
@@ -117,14 +117,14 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
             or weight.numel() * weight.element_size() < min_bytes):
         return None
     if layout == GEMV:  # fp32 or bf16
-        from .gemv import Bf16GemvLinear, GemvLinear, unavailable_reason
+        from .gemv import Bf16GemvLinear, GemvLinear, kernel_threads, unavailable_reason
 
         usable = not unavailable_reason()
         if weight.dtype == torch.float32:  # without the kernel: dense (MKL)
             return GemvLinear(weight) if usable and weight.is_contiguous() else None
-        # bf16: the kernel runs on one thread, so a rank with more threads keeps oneDNN's
+        # bf16: a rank computing with more threads than the kernel serves keeps oneDNN's
         # parallel matmul (the layout is chosen once, here, with the threads set for the run)
-        if usable and torch.get_num_threads() == 1:
+        if usable and kernel_threads():
             return Bf16GemvLinear(weight)
     if not onednn_available():  # bf16 without the kernel: oneDNN's layout
         return None

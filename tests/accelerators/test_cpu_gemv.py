@@ -111,18 +111,19 @@ def test_one_row_inputs_of_any_layout_go_to_the_kernel(one_thread, spy):
 
 
 @needs_gemv
-def test_other_calls_go_to_linear(one_thread, spy):
+def test_other_calls_go_to_linear(one_thread, spy, monkeypatch):
     w = torch.randn(40, 24)
     lin = GemvLinear(w)
-    x2 = torch.randn(2, 24)
-    assert torch.equal(lin.matmul(x2), F.linear(x2, w))  # two rows (prefill, batches)
+    many = torch.randn(cpu_gemv.MAX_KERNEL_ROWS + 1, 24)  # more rows than it serves (prefill)
+    assert torch.equal(lin.matmul(many), F.linear(many, w))
     xg = torch.randn(1, 24, requires_grad=True)
     lin.matmul(xg).sum().backward()  # a gradient is recorded: autograd's F.linear
     assert torch.allclose(xg.grad, w.sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         lin.matmul(xg)  # no gradient recorded: the kernel
     torch.set_num_threads(2)
-    lin.matmul(torch.randn(1, 24))  # more than one thread: MKL's parallel GEMV
+    monkeypatch.setattr(cpu_gemv, "MAX_KERNEL_THREADS", 1)  # the switch: one-thread ranks only
+    lin.matmul(torch.randn(1, 24))  # more threads than that: MKL's parallel GEMV
     torch.set_num_threads(1)
     with pytest.raises(RuntimeError, match="same dtype"):  # a bias the kernel cannot read:
         lin.matmul(torch.randn(1, 24), torch.randn(40, dtype=torch.float64))  # F.linear's error
@@ -199,7 +200,7 @@ def test_bf16_kernel_is_exact_on_integer_data(isa, spy):
 
 
 @needs_gemv
-def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy):
+def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy, monkeypatch):
     w = torch.randn(40, 64).to(torch.bfloat16)
     lin = Bf16GemvLinear(w)
     many = torch.randn(cpu_gemv.MAX_KERNEL_ROWS + 1, 64).to(torch.bfloat16)  # prefill
@@ -209,8 +210,11 @@ def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy):
     assert xg.grad is not None and xg.grad.shape == (1, 64)
     assert spy.calls == 0
     before = torch.get_num_threads()
-    torch.set_num_threads(2)  # the layout is the kernel's own: it serves any thread count
+    torch.set_num_threads(2)  # the kernel serves any thread count up to MAX_KERNEL_THREADS
     try:
+        lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
+        assert spy.calls == 1
+        monkeypatch.setattr(cpu_gemv, "MAX_KERNEL_THREADS", 1)  # the switch: above it F.linear
         lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
     finally:
         torch.set_num_threads(before)

@@ -1,13 +1,18 @@
 /*
- * xtp.accelerators.cpu._gemv: fp32 and bf16 matrix-vector products for one-token decode on CPU.
+ * xtp.accelerators.cpu._gemv: fp32 and bf16 matrix products for decode on CPU (one to a few
+ * input rows), computed on one thread or split by output rows across several.
  *
- * Contract (fp32, gemv): y[o] = sum_i W[o * in + i] * x[i] (+ b[o]) for o < out, with W a
- * row-major (out, in) fp32 matrix and x, y, b contiguous fp32 vectors. bf16 (gemv_bf16): the
- * same for m rows of x, W in a blocked layout (see below). One thread; the caller holds the
- * GIL. Eight rows are read together, one AVX-512 (or AVX2) accumulator each, so the weight
- * streams through at close to a core's read bandwidth; each row's sum is reduced in a fixed
- * order, so results are deterministic for a given instruction set (they differ from MKL's
- * only by rounding).
+ * Contract (fp32, gemv): y[j, o] = sum_i W[o * in + i] * x[j, i] (+ b[o]) for o < out and
+ * j < m, with W a row-major (out, in) fp32 matrix and x (m, in), y (m, out), b (out)
+ * contiguous fp32. bf16 (gemv_bf16): the same with W in a blocked layout (gemv_kernels.c),
+ * sums in fp32 and one rounding to bf16 per output. Each output is summed in a fixed order
+ * for a given instruction set, whatever the thread count and m: results are deterministic and
+ * differ from MKL's / oneDNN's only by rounding.
+ *
+ * Threads: the last, optional argument of gemv / gemv_bf16 (default 1); the product's output
+ * rows are split across that many threads (gemv_pool.c: a persistent pthread pool, why not
+ * OpenMP there). The GIL is released while computing, so other Python threads run meanwhile;
+ * the caller keeps the tensors alive (they are passed as addresses).
  *
  * Built at install time by setup.py (an optional extension: where it does not compile, xtp
  * keeps torch's own paths). Nothing here depends on torch: addresses come in as integers. The
@@ -21,55 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define XTP_GEMV_X86 1
-#include <immintrin.h>
-#endif
-
-typedef void (*gemv_fn)(const float *w, const float *x, const float *b, float *y,
-                        Py_ssize_t out, Py_ssize_t in);
-
-/* bf16: w packed (see gemv_bf16 below), x (m, in) and y (m, out) row-major, b (out) or NULL */
-typedef void (*gemv_bf16_fn)(const uint16_t *p, const uint16_t *x, const uint16_t *b,
-                             uint16_t *y, Py_ssize_t out, Py_ssize_t in, Py_ssize_t m);
-
-static gemv_fn chosen = NULL;
-static gemv_bf16_fn chosen_bf16 = NULL;
-static const char *chosen_isa = "";
-
-/*
- * bf16. The weight is packed once (cpu_gemv.py does it with torch: bit-exact, reversible):
- * rows padded with zeros to a multiple of 8, columns to a multiple of 32, then stored as
- * blocks of 8 rows, each block as chunks of 32 columns, each chunk as its 8 rows of 32 values
- * (8 x 64 bytes). A block is one sequential stream of 8 x in_pad values: plain rows of a bf16
- * weight are short streams (4 KiB for 2048 columns), which the CPU's prefetchers restart at
- * every page, and read slower (bench/RESULTS.md). bf16 values are widened to fp32 exactly
- * (shift / mask) and summed in fp32 with FMA; each output is rounded once to bf16 (nearest
- * even), bias included.
- * m rows of x reuse each block while it is in L1.
- */
-#define CHUNK 32
-#define ROW_BLOCK 8 /* rows per block of the bf16 layout, and per pass of every kernel */
-
-static inline uint16_t
-round_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN stays NaN (quiet) */
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float
-widen_bf16(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "gemv.h"
 
 /* the m rows of x, each padded with zeros to in_pad columns, into buf (m * in_pad) */
 static void
@@ -80,191 +37,6 @@ pad_rows(const uint16_t *x, uint16_t *buf, Py_ssize_t in, Py_ssize_t in_pad, Py_
         memset(buf + j * in_pad + in, 0, (size_t)(in_pad - in) * 2);
     }
 }
-
-#ifdef XTP_GEMV_X86
-
-__attribute__((target("avx512f"))) static void
-gemv_avx512(const float *w, const float *x, const float *b, float *y, Py_ssize_t out,
-            Py_ssize_t in)
-{
-    const Py_ssize_t full = in & ~(Py_ssize_t)15;
-    const __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
-    Py_ssize_t o = 0;
-    for (; o + ROW_BLOCK <= out; o += ROW_BLOCK) {
-        const float *r = w + o * in;
-        __m512 acc[ROW_BLOCK];
-        for (int k = 0; k < ROW_BLOCK; k++)
-            acc[k] = _mm512_setzero_ps();
-        for (Py_ssize_t i = 0; i < full; i += 16) {
-            const __m512 xv = _mm512_loadu_ps(x + i);
-#pragma GCC unroll 8
-            for (int k = 0; k < ROW_BLOCK; k++)
-                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(r + k * in + i), xv, acc[k]);
-        }
-        if (tail) {
-            const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-            for (int k = 0; k < ROW_BLOCK; k++)
-                acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + k * in + full), xv,
-                                         acc[k]);
-        }
-        for (int k = 0; k < ROW_BLOCK; k++)
-            y[o + k] = _mm512_reduce_add_ps(acc[k]) + (b ? b[o + k] : 0.0f);
-    }
-    for (; o < out; o++) {
-        const float *r = w + o * in;
-        __m512 acc = _mm512_setzero_ps();
-        for (Py_ssize_t i = 0; i < full; i += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), acc);
-        if (tail)
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + full),
-                                  _mm512_maskz_loadu_ps(tail, x + full), acc);
-        y[o] = _mm512_reduce_add_ps(acc) + (b ? b[o] : 0.0f);
-    }
-}
-
-__attribute__((target("avx2,fma"))) static float
-hsum256(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) static void
-gemv_avx2(const float *w, const float *x, const float *b, float *y, Py_ssize_t out,
-          Py_ssize_t in)
-{
-    const Py_ssize_t full = in & ~(Py_ssize_t)7;
-    Py_ssize_t o = 0;
-    for (; o + ROW_BLOCK <= out; o += ROW_BLOCK) {
-        const float *r = w + o * in;
-        __m256 acc[ROW_BLOCK];
-        for (int k = 0; k < ROW_BLOCK; k++)
-            acc[k] = _mm256_setzero_ps();
-        for (Py_ssize_t i = 0; i < full; i += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + i);
-#pragma GCC unroll 8
-            for (int k = 0; k < ROW_BLOCK; k++)
-                acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(r + k * in + i), xv, acc[k]);
-        }
-        for (int k = 0; k < ROW_BLOCK; k++) {
-            float s = hsum256(acc[k]);
-            for (Py_ssize_t i = full; i < in; i++)
-                s += r[k * in + i] * x[i];
-            y[o + k] = s + (b ? b[o + k] : 0.0f);
-        }
-    }
-    for (; o < out; o++) {
-        const float *r = w + o * in;
-        __m256 acc = _mm256_setzero_ps();
-        for (Py_ssize_t i = 0; i < full; i += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), acc);
-        float s = hsum256(acc);
-        for (Py_ssize_t i = full; i < in; i++)
-            s += r[i] * x[i];
-        y[o] = s + (b ? b[o] : 0.0f);
-    }
-}
-
-
-__attribute__((target("avx512f"))) static void
-gemv_bf16_avx512(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16_t *y,
-                 Py_ssize_t out, Py_ssize_t in, Py_ssize_t m)
-{
-    const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK, chunks = in_pad / CHUNK;
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
-        const uint16_t *blk = p + o * in_pad;
-        for (Py_ssize_t j = 0; j < m; j++) {
-            const uint16_t *xj = x + j * in_pad;
-            __m512 acc[ROW_BLOCK];
-            for (int k = 0; k < ROW_BLOCK; k++)
-                acc[k] = _mm512_setzero_ps();
-            for (Py_ssize_t c = 0; c < chunks; c++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(xj + c * CHUNK));
-                const __m512 xlo = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
-                const __m512 xhi = _mm512_castsi512_ps(_mm512_and_si512(xv, high));
-                const uint16_t *q = blk + c * ROW_BLOCK * CHUNK;
-#pragma GCC unroll 8
-                for (int k = 0; k < ROW_BLOCK; k++) {
-                    const __m512i wv = _mm512_loadu_si512((const void *)(q + k * CHUNK));
-                    acc[k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)),
-                                             xlo, acc[k]);
-                    acc[k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, high)),
-                                             xhi, acc[k]);
-                }
-            }
-            for (int k = 0; k < ROW_BLOCK && o + k < out; k++)
-                y[j * out + o + k] = round_bf16(_mm512_reduce_add_ps(acc[k]) +
-                                                (b ? widen_bf16(b[o + k]) : 0.0f));
-        }
-    }
-}
-
-__attribute__((target("avx2,fma"))) static void
-gemv_bf16_avx2(const uint16_t *p, const uint16_t *x, const uint16_t *b, uint16_t *y,
-               Py_ssize_t out, Py_ssize_t in, Py_ssize_t m)
-{
-    const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK, chunks = in_pad / CHUNK;
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
-        const uint16_t *blk = p + o * in_pad;
-        for (Py_ssize_t j = 0; j < m; j++) {
-            const uint16_t *xj = x + j * in_pad;
-            __m256 acc[ROW_BLOCK];
-            for (int k = 0; k < ROW_BLOCK; k++)
-                acc[k] = _mm256_setzero_ps();
-            for (Py_ssize_t c = 0; c < chunks; c++) {
-                for (int half = 0; half < 2; half++) {
-                    const __m256i xv =
-                        _mm256_loadu_si256((const __m256i *)(xj + c * CHUNK + half * 16));
-                    const __m256 xlo = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16));
-                    const __m256 xhi = _mm256_castsi256_ps(_mm256_and_si256(xv, high));
-                    const uint16_t *q = blk + c * ROW_BLOCK * CHUNK + half * 16;
-#pragma GCC unroll 8
-                    for (int k = 0; k < ROW_BLOCK; k++) {
-                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + k * CHUNK));
-                        acc[k] = _mm256_fmadd_ps(
-                            _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xlo, acc[k]);
-                        acc[k] = _mm256_fmadd_ps(
-                            _mm256_castsi256_ps(_mm256_and_si256(wv, high)), xhi, acc[k]);
-                    }
-                }
-            }
-            for (int k = 0; k < ROW_BLOCK && o + k < out; k++)
-                y[j * out + o + k] = round_bf16(hsum256(acc[k]) +
-                                                (b ? widen_bf16(b[o + k]) : 0.0f));
-        }
-    }
-}
-
-static int
-choose(const char *isa)
-{
-    __builtin_cpu_init();
-    const int avx512 = __builtin_cpu_supports("avx512f");
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (isa == NULL || strcmp(isa, "avx512") == 0)) {
-        chosen = gemv_avx512;
-        chosen_bf16 = gemv_bf16_avx512;
-        chosen_isa = "avx512";
-    } else if (avx2 && (isa == NULL || strcmp(isa, "avx2") == 0)) {
-        chosen = gemv_avx2;
-        chosen_bf16 = gemv_bf16_avx2;
-        chosen_isa = "avx2";
-    } else {
-        return isa == NULL;
-    }
-    return 1;
-}
-#else
-static int
-choose(const char *isa)
-{
-    return isa == NULL;
-}
-#endif
 
 static void *
 address(PyObject *obj, int optional)
@@ -278,14 +50,19 @@ address(PyObject *obj, int optional)
 }
 
 /* The arguments of a kernel call, as ints: n_addr addresses (the one at index `optional` may
-   be None, giving NULL; -1: none may), then n_size non-negative sizes. 0 on success, else -1
-   with a Python error set. `sig` names the call in the messages. */
+   be None, giving NULL; -1: none may), then n_min to n_size non-negative sizes (those not
+   given keep the values size[] holds). 0 on success, else -1 with a Python error set. `sig`
+   names the call in the messages. */
 static int
 parse_call(const char *sig, PyObject *const *args, Py_ssize_t nargs, int n_addr, int optional,
-           void **addr, int n_size, Py_ssize_t *size)
+           void **addr, int n_min, int n_size, Py_ssize_t *size)
 {
-    if (nargs != n_addr + n_size) {
-        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", sig, n_addr + n_size);
+    if (nargs < n_addr + n_min || nargs > n_addr + n_size) {
+        if (n_min == n_size)
+            PyErr_Format(PyExc_TypeError, "%s takes %d arguments", sig, n_addr + n_size);
+        else
+            PyErr_Format(PyExc_TypeError, "%s takes %d to %d arguments", sig, n_addr + n_min,
+                         n_addr + n_size);
         return -1;
     }
     for (int i = 0; i < n_addr; i++) {
@@ -293,7 +70,7 @@ parse_call(const char *sig, PyObject *const *args, Py_ssize_t nargs, int n_addr,
         if (addr[i] == NULL && PyErr_Occurred())
             return -1;
     }
-    for (int i = 0; i < n_size; i++) {
+    for (int i = 0; i < nargs - n_addr; i++) {
         size[i] = PyLong_AsSsize_t(args[n_addr + i]);
         if (size[i] == -1 && PyErr_Occurred())
             return -1;
@@ -313,43 +90,94 @@ have_kernel(const void *kernel)
     return kernel != NULL;
 }
 
-/* gemv(w, x, b, y, out, in): addresses as ints (b may be None); returns None. */
+/* threads as asked: at least 1 (0 is refused), at most INT_MAX */
+static int
+thread_count(const char *sig, Py_ssize_t threads)
+{
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: threads must be at least 1", sig);
+        return 0;
+    }
+    return threads > 0x7fffffff ? 0x7fffffff : (int)threads;
+}
+
+/* gemv(w, x, b, y, out, in[, m[, threads]]): fp32, x (m, in), y (m, out), m = 1 and one
+   thread by default; addresses as ints (b may be None); returns None. */
 static PyObject *
 py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    static const char sig[] = "gemv(w, x, b, y, out, in[, m[, threads]])";
     void *a[4];
-    Py_ssize_t n[2];
-    if (parse_call("gemv(w, x, b, y, out, in)", args, nargs, 4, 2, a, 2, n) < 0
-        || !have_kernel((const void *)chosen))
+    Py_ssize_t n[4] = {0, 0, 1, 1};
+    if (parse_call(sig, args, nargs, 4, 2, a, 2, 4, n) < 0
+        || !have_kernel((const void *)gemv_f32))
         return NULL;
-    chosen(a[0], a[1], a[2], a[3], n[0], n[1]);
+    const int threads = thread_count(sig, n[3]);
+    if (!threads)
+        return NULL;
+    const gemv_args g = {a[0], a[1], a[2], a[3], n[0], n[1], n[2]};
+    const gemv_kernel kernel = gemv_f32;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(kernel, &g, threads, (size_t)(n[0] * n[1]) * 4);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* gemv_bf16(p, x, b, y, out, in, m): packed bf16 weight, x (m, in), y (m, out); b may be
-   None; addresses as ints. x is copied into a zero-padded buffer when in is not a multiple of
-   32. Returns None. */
+/* gemv_bf16(p, x, b, y, out, in, m[, threads]): packed bf16 weight, x (m, in), y (m, out); b
+   may be None; addresses as ints. x is copied into a zero-padded buffer when in is not a
+   multiple of 32. Returns None. */
 static PyObject *
 py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    static const char sig[] = "gemv_bf16(p, x, b, y, out, in, m[, threads])";
     void *a[4];
-    Py_ssize_t n[3];
-    if (parse_call("gemv_bf16(p, x, b, y, out, in, m)", args, nargs, 4, 2, a, 3, n) < 0
-        || !have_kernel((const void *)chosen_bf16))
+    Py_ssize_t n[4] = {0, 0, 0, 1};
+    if (parse_call(sig, args, nargs, 4, 2, a, 3, 4, n) < 0
+        || !have_kernel((const void *)gemv_bf16))
+        return NULL;
+    const int threads = thread_count(sig, n[3]);
+    if (!threads)
         return NULL;
     const Py_ssize_t out = n[0], in = n[1], m = n[2];
     const Py_ssize_t in_pad = (in + CHUNK - 1) / CHUNK * CHUNK;
-    if (in_pad == in) {
-        chosen_bf16(a[0], a[1], a[2], a[3], out, in, m);
-        Py_RETURN_NONE;
+    uint16_t *buf = NULL;
+    if (in_pad != in) {
+        buf = PyMem_Malloc((size_t)(m * in_pad) * 2 + 2);
+        if (buf == NULL)
+            return PyErr_NoMemory();
+        pad_rows(a[1], buf, in, in_pad, m);
     }
-    uint16_t *buf = PyMem_Malloc((size_t)(m * in_pad) * 2 + 2);
-    if (buf == NULL)
-        return PyErr_NoMemory();
-    pad_rows(a[1], buf, in, in_pad, m);
-    chosen_bf16(a[0], buf, a[2], a[3], out, in, m);
+    const gemv_args g = {a[0], buf ? buf : a[1], a[2], a[3], out, in, m};
+    const gemv_kernel kernel = gemv_bf16;
+    const size_t bytes = (size_t)(((out + ROW_BLOCK - 1) / ROW_BLOCK) * ROW_BLOCK * in_pad) * 2;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(kernel, &g, threads, bytes);
+    Py_END_ALLOW_THREADS
     PyMem_Free(buf);
     Py_RETURN_NONE;
+}
+
+/* threads_for(out, in, itemsize, threads): how many threads a product of an (out, in) weight
+   of itemsize-byte values uses when `threads` are asked (small products use fewer) */
+static PyObject *
+py_threads_for(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const char sig[] = "threads_for(out, in, itemsize, threads)";
+    Py_ssize_t n[4];
+    if (parse_call(sig, args, nargs, 0, -1, NULL, 4, 4, n) < 0)
+        return NULL;
+    const int threads = thread_count(sig, n[3]);
+    if (!threads)
+        return NULL;
+    const gemv_args g = {NULL, NULL, NULL, NULL, n[0], n[1], 1};
+    return PyLong_FromLong(pool_threads_for(&g, threads, (size_t)(n[0] * n[1] * n[2])));
+}
+
+/* pool_workers(): pool threads started in this process (0 in a new fork child until used) */
+static PyObject *
+py_pool_workers(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(pool_workers());
 }
 
 /* unpack_bf16(p, w, out, in): the packed bf16 weight p back into the row-major (out, in) w;
@@ -360,7 +188,7 @@ py_unpack_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     void *a[2];
     Py_ssize_t n[2];
-    if (parse_call("unpack_bf16(p, w, out, in)", args, nargs, 2, -1, a, 2, n) < 0)
+    if (parse_call("unpack_bf16(p, w, out, in)", args, nargs, 2, -1, a, 2, 2, n) < 0)
         return NULL;
     const uint16_t *p = a[0];
     uint16_t *w = a[1];
@@ -380,7 +208,7 @@ py_unpack_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 py_isa(PyObject *self, PyObject *unused)
 {
-    return PyUnicode_FromString(chosen_isa);
+    return PyUnicode_FromString(gemv_isa);
 }
 
 /* use(name): switch to "avx512" or "avx2" (for tests of the other path); False if this CPU
@@ -391,16 +219,22 @@ py_use(PyObject *self, PyObject *arg)
     const char *isa = PyUnicode_AsUTF8(arg);
     if (isa == NULL)
         return NULL;
-    return PyBool_FromLong(choose(isa));
+    return PyBool_FromLong(gemv_choose(isa));
 }
 
 static PyMethodDef methods[] = {
     {"gemv", (PyCFunction)(void (*)(void))py_gemv, METH_FASTCALL,
-     "gemv(w, x, b, y, out, in): y = W @ x (+ b), fp32; addresses as ints, b may be None"},
+     "gemv(w, x, b, y, out, in[, m[, threads]]): y = x @ W.T (+ b), fp32, x (m, in) (m = 1 "
+     "by default), on `threads` threads (1 by default); addresses as ints, b may be None"},
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL,
-     "gemv_bf16(p, x, b, y, out, in, m): y = x @ W.T (+ b), bf16, W packed (cpu_gemv.py)"},
+     "gemv_bf16(p, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W packed "
+     "(gemv.py), on `threads` threads (1 by default)"},
     {"unpack_bf16", (PyCFunction)(void (*)(void))py_unpack_bf16, METH_FASTCALL,
      "unpack_bf16(p, w, out, in): the packed bf16 weight p into row-major w"},
+    {"threads_for", (PyCFunction)(void (*)(void))py_threads_for, METH_FASTCALL,
+     "threads_for(out, in, itemsize, threads): the threads a product of that weight uses"},
+    {"pool_workers", py_pool_workers, METH_NOARGS,
+     "pool threads started in this process (0 in a fork child until it computes)"},
     {"isa", py_isa, METH_NOARGS, "the instruction set gemv uses here, or '' if none"},
     {"use", py_use, METH_O, "use('avx512' | 'avx2'): switch kernels; False if unsupported"},
     {NULL, NULL, 0, NULL},
@@ -408,12 +242,13 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_gemv",
-    "fp32 matrix-vector products for one-token CPU decode (see cpu_gemv.py)", -1, methods,
+    "fp32 and bf16 matrix products for CPU decode, on one or several threads (see gemv.py)",
+    -1, methods,
 };
 
 PyMODINIT_FUNC
 PyInit__gemv(void)
 {
-    choose(NULL);
+    gemv_choose(NULL);
     return PyModule_Create(&module);
 }

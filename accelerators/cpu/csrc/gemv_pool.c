@@ -1,0 +1,220 @@
+/*
+ * The thread pool of xtp.accelerators.cpu._gemv: one product split by output rows across the
+ * calling thread and up to 255 workers (gemv.h, pool_run).
+ *
+ * Why a pool of our own (pthreads) and not OpenMP or torch's intra-op pool: torch's wheels
+ * bundle their own OpenMP runtime (libgomp, or Intel's), and a second runtime linked into this
+ * extension would be a second set of threads with its own spinning policy, or a clash of
+ * symbols; torch's pool is reachable only through torch's C++ headers, which this extension
+ * does not build against (it builds with a C compiler alone). A product is one
+ * fork-join of a few microseconds' setup: a generation counter the workers watch, a count of
+ * parts still running, the caller computing the first part itself.
+ *
+ * Workers are started on first need (a product asking for more threads than exist) and live
+ * for the process. Between products each spins on the counter for SPIN_NS (calling
+ * sched_yield now and then, so a runnable thread of torch's on the same core gets the core),
+ * then sleeps on a condition variable; the next product wakes it. One product at a time: a
+ * second caller (another Python thread; the GIL is released while computing) waits for the
+ * first. Fork-safe: pthread_atfork holds that lock across fork(), and the child starts with no
+ * workers (they do not exist there) and starts its own on first need.
+ *
+ * Workers inherit the CPU affinity of the thread that starts them (the rank's cores, where
+ * xtp pins ranks); the pool does not pin them further.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "gemv.h"
+
+#define MAX_THREADS 256
+#define SPIN_NS 200000L               /* a worker's spin before it sleeps: 0.2 ms */
+#define MIN_BYTES_PER_THREAD (64 << 10) /* smaller parts than this are not worth a thread */
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static struct {
+    pthread_mutex_t submit; /* one product at a time; held across fork() */
+    pthread_mutex_t lock;   /* with wake: sleeping workers */
+    pthread_cond_t wake;
+    atomic_uint gen;        /* bumped once per product, after the job below is written */
+    atomic_int sleepers;
+    atomic_int pending;     /* parts of the current product not yet done by workers */
+    atomic_int threads;     /* threads of the current product */
+    gemv_kernel kernel;
+    const gemv_args *args;
+    int workers;            /* workers started: ids 1..workers */
+    unsigned start_gen[MAX_THREADS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void
+before_fork(void)
+{
+    pthread_mutex_lock(&pool.submit);
+}
+
+static void
+after_fork_parent(void)
+{
+    pthread_mutex_unlock(&pool.submit);
+}
+
+static void
+after_fork_child(void)
+{   /* only the forking thread exists here: no workers, no waiter, nothing running */
+    pthread_mutex_init(&pool.submit, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.pending, 0);
+    pool.workers = 0;
+}
+
+static void
+register_atfork(void)
+{
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/* part `id` of `threads`: whole blocks of ROW_BLOCK outputs, as even as they divide */
+static void
+run_part(gemv_kernel kernel, const gemv_args *a, int id, int threads)
+{
+    const ptrdiff_t blocks = (a->out + ROW_BLOCK - 1) / ROW_BLOCK;
+    const ptrdiff_t o0 = blocks * id / threads * ROW_BLOCK;
+    ptrdiff_t o1 = blocks * (id + 1) / threads * ROW_BLOCK;
+    if (o1 > a->out)
+        o1 = a->out;
+    if (o0 < o1)
+        kernel(a, o0, o1);
+}
+
+static long
+elapsed_ns(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
+}
+
+/* the generation after `seen`: spin, then sleep */
+static unsigned
+next_gen(unsigned seen)
+{
+    struct timespec t0;
+    unsigned g;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned n = 1;; n++) {
+        g = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        if (g != seen)
+            return g;
+        CPU_RELAX();
+        if ((n & 63) == 0) {
+            if (elapsed_ns(&t0) > SPIN_NS)
+                break;
+            sched_yield();
+        }
+    }
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add(&pool.sleepers, 1);
+    while ((g = atomic_load(&pool.gen)) == seen)
+        pthread_cond_wait(&pool.wake, &pool.lock);
+    atomic_fetch_sub(&pool.sleepers, 1);
+    pthread_mutex_unlock(&pool.lock);
+    return g;
+}
+
+static void *
+worker(void *arg)
+{
+    const int id = (int)(intptr_t)arg;
+    unsigned seen = pool.start_gen[id];
+    for (;;) {
+        const unsigned g = next_gen(seen);
+        /* which product g is: a worker taking part holds it until it counts itself done; one
+           that does not may see a later product's fields, so it checks g is still current */
+        const int threads = atomic_load_explicit(&pool.threads, memory_order_acquire);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&pool.gen, memory_order_relaxed) != g)
+            continue; /* seen stays: the next round sees the newer product */
+        seen = g;
+        if (id < threads) {
+            run_part(pool.kernel, pool.args, id, threads);
+            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+int
+pool_threads_for(const gemv_args *a, int threads, size_t weight_bytes)
+{
+    const ptrdiff_t blocks = (a->out + ROW_BLOCK - 1) / ROW_BLOCK;
+    const size_t by_size = weight_bytes / MIN_BYTES_PER_THREAD;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if ((ptrdiff_t)threads > blocks)
+        threads = (int)blocks;
+    if ((size_t)threads > by_size)
+        threads = (int)by_size;
+    return threads < 1 ? 1 : threads;
+}
+
+int
+pool_workers(void)
+{
+    return pool.workers;
+}
+
+void
+pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight_bytes)
+{
+    threads = pool_threads_for(a, threads, weight_bytes);
+    if (threads == 1) {
+        kernel(a, 0, a->out);
+        return;
+    }
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.submit);
+    const unsigned gen = atomic_load(&pool.gen);
+    while (pool.workers < threads - 1) { /* start the missing workers */
+        const int id = pool.workers + 1;
+        pthread_t t;
+        pthread_attr_t attr;
+        pool.start_gen[id] = gen;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int err = pthread_create(&t, &attr, worker, (void *)(intptr_t)id);
+        pthread_attr_destroy(&attr);
+        if (err != 0)
+            break;
+        pool.workers = id;
+    }
+    if (threads > pool.workers + 1)
+        threads = pool.workers + 1;
+    pool.kernel = kernel;
+    pool.args = a;
+    atomic_store(&pool.pending, threads - 1);
+    atomic_store_explicit(&pool.threads, threads, memory_order_release);
+    atomic_store(&pool.gen, gen + 1); /* seq_cst: ordered before the sleepers read below */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    run_part(kernel, a, 0, threads);
+    for (unsigned n = 1; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; n++) {
+        CPU_RELAX();
+        if ((n & 1023) == 0)
+            sched_yield();
+    }
+    pthread_mutex_unlock(&pool.submit);
+}

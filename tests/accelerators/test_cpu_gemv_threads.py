@@ -1,0 +1,185 @@
+"""xtp's GEMV kernel split across threads (``accelerators/cpu/csrc/gemv_pool.c``).
+
+On 1-4 threads, both instruction sets this CPU has, fp32 and bf16, 1, 4 and 16 input rows and
+weights whose rows leave a tail block: every result equals the one-thread result bit for bit
+(each output is summed in the same order whatever the split) and each row equals that row
+computed alone, within fp32 rounding of the exact product. The pool survives fork (a child
+starts its own workers), serves several Python threads at once, and the GIL is released while
+it computes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+
+import pytest
+import torch
+
+from xtp.accelerators.cpu import gemv as cpu_gemv
+from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa, unavailable_reason
+
+pytestmark = pytest.mark.skipif(not kernel_isa(), reason=f"no GEMV kernel: {unavailable_reason()}")
+
+
+def _isas() -> list[str]:
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(x for x in f if x.startswith("flags")).split(":", 1)[1].split())
+    return [isa for isa, need in (("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"}))
+            if need <= flags]
+
+
+@pytest.fixture(params=_isas() if kernel_isa() else ["none"])
+def isa(request):
+    kernel, before = cpu_gemv._kernel, kernel_isa()
+    assert kernel.use(request.param)
+    yield request.param
+    assert kernel.use(before)
+
+
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# (out, in): row tails (not a multiple of 8), column tails (not a multiple of 16 / 32), and big
+# enough that 4 threads each get a part (the pool gives a thread no less than 64 KiB of weight)
+SHAPES = [(1001, 333), (77, 4099), (520, 256)]
+
+
+def _layer(dtype: torch.dtype, out_f: int, in_f: int):
+    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype)
+    lin = (GemvLinear if dtype == torch.float32 else Bf16GemvLinear)(w)
+    return lin, w, b, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_threads_split_a_product_exactly(isa, threads_restored, dtype, out_f, in_f):
+    lin, w, b, g = _layer(dtype, out_f, in_f)
+    itemsize = w.element_size()
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, in_f, generator=g).to(dtype)
+        torch.set_num_threads(1)
+        one = lin.matmul(x, b)
+        for threads in (2, 3, 4):
+            # the split is real: the pool gives this product the threads asked for
+            assert cpu_gemv._kernel.threads_for(out_f, in_f, itemsize, threads) == threads
+            torch.set_num_threads(threads)
+            assert torch.equal(lin.matmul(x, b), one), (rows, threads)
+        # a row in a batch is computed as it is alone
+        for j in (0, rows - 1):
+            assert torch.equal(lin.matmul(x[j:j + 1], b), one[j:j + 1])
+        # within fp32 rounding (4 in eps per term) of the exact product, then (bf16) one
+        # rounding to bf16 (half an ulp: 2**-9 relative)
+        exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        bound = 4 * in_f * torch.finfo(torch.float32).eps * (
+            x.double().abs() @ w.double().abs().T + b.double().abs())
+        if dtype == torch.bfloat16:
+            bound = bound + exact.abs() * 2**-8
+        assert ((one.double() - exact).abs() <= bound + 1e-30).all()
+
+
+def test_small_products_use_fewer_threads():
+    k = cpu_gemv._kernel
+    assert k.threads_for(8, 16, 4, 16) == 1  # 512 bytes: not worth a second thread
+    assert k.threads_for(4096, 4096, 4, 16) == 16
+    assert k.threads_for(16, 4096 * 64, 4, 16) == 2  # two blocks of 8 rows: two parts at most
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        k.threads_for(8, 8, 4, 0)
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"^gemv\(w, x, b, y, out, in\[, m\[, threads\]\]\): "
+                                         r"threads must be at least 1$"):
+        k.gemv(x.data_ptr(), x.data_ptr(), None, x.data_ptr(), 1, 8, 1, 0)
+    with pytest.raises(TypeError, match=r"takes 6 to 8 arguments$"):
+        k.gemv(x.data_ptr(), x.data_ptr(), None, x.data_ptr(), 1)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_the_pool_works_in_a_fork_child():
+    """A child forked after the parent's pool started computes with a pool of its own. The
+    child touches no torch op (torch's own thread pool is not fork-safe): addresses and bytes."""
+    k = cpu_gemv._kernel
+    w, x = torch.randn(1001, 333), torch.randn(4, 333)
+    want, got = torch.empty(4, 1001), torch.empty(4, 1001)
+    k.gemv(w.data_ptr(), x.data_ptr(), None, want.data_ptr(), 1001, 333, 4, 1)
+    k.gemv(w.data_ptr(), x.data_ptr(), None, got.data_ptr(), 1001, 333, 4, 4)
+    assert _bytes(got) == _bytes(want) and k.pool_workers() >= 3
+    got.zero_()
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 when all is well
+        code = 1
+        try:
+            fresh = k.pool_workers() == 0
+            k.gemv(w.data_ptr(), x.data_ptr(), None, got.data_ptr(), 1001, 333, 4, 4)
+            code = 0 if fresh and k.pool_workers() >= 3 and _bytes(got) == _bytes(want) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_python_threads_share_the_pool():
+    k = cpu_gemv._kernel
+    w = torch.randn(1001, 333)
+    xs = [torch.randn(4, 333) for _ in range(4)]
+    want = [torch.empty(4, 1001) for _ in xs]
+    for x, y in zip(xs, want):
+        k.gemv(w.data_ptr(), x.data_ptr(), None, y.data_ptr(), 1001, 333, 4, 1)
+    got = [torch.empty(4, 1001) for _ in xs]
+
+    def loop(i: int) -> None:
+        for _ in range(50):
+            k.gemv(w.data_ptr(), xs[i].data_ptr(), None, got[i].data_ptr(), 1001, 333, 4, 3)
+
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(_bytes(a) == _bytes(b) for a, b in zip(got, want))
+
+
+def _ran_meanwhile(body) -> bool:
+    """Whether this thread got the GIL while ``body`` ran in another thread. With a switch
+    interval longer than the test, the GIL changes hands only when its holder releases it:
+    here, while ``body`` runs (released) or when the thread ends (held throughout)."""
+    done = []
+
+    def run():
+        body()
+        done.append(True)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        t = threading.Thread(target=run)
+        t.start()  # returns once this thread has the GIL back
+        meanwhile = not done
+        t.join()
+    finally:
+        sys.setswitchinterval(before)
+    return meanwhile
+
+
+def test_the_gil_is_released_while_computing():
+    k = cpu_gemv._kernel
+    w, x, y = torch.randn(2048, 2048), torch.randn(16, 2048), torch.empty(16, 2048)
+    p, xb = cpu_gemv.pack_bf16(w.bfloat16()), x.bfloat16()
+    yb = torch.empty(16, 2048, dtype=torch.bfloat16)
+    assert _ran_meanwhile(lambda: k.gemv(w.data_ptr(), x.data_ptr(), None, y.data_ptr(),
+                                         2048, 2048, 16, 2))
+    assert _ran_meanwhile(lambda: k.gemv_bf16(p.data_ptr(), xb.data_ptr(), None, yb.data_ptr(),
+                                              2048, 2048, 16, 1))
+    # the control: a body that holds the GIL throughout is seen as such
+    assert not _ran_meanwhile(lambda: sum(range(200_000)))
