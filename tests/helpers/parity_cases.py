@@ -31,6 +31,11 @@ _MHA = dict(_DEC, num_attention_heads=12, num_key_value_heads=12)
 _KV2 = dict(_DEC, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2)
 
+_MLA = dict(_DEC, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+            kv_lora_rank=20, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+            moe_intermediate_size=32, first_k_dense_replace=1)
+
 CASES: list[Case] = [
     Case("llama", "llama", _MHA),
     Case("llama_kv2_tp4", "llama", dict(_DEC, hidden_size=64, num_attention_heads=8,
@@ -86,6 +91,11 @@ CASES: list[Case] = [
     Case("qwen2_moe", "qwen2_moe", dict(_GQA, num_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=64,
                                         shared_expert_intermediate_size=120)),
+    # multi-head latent attention: q_b_proj / kv_b_proj / o_proj split by heads (each its own
+    # head width: 12, 16 and 8), the low-rank q_a_proj / kv_a_proj_with_mqa replicated
+    Case("deepseek_v2", "deepseek_v2", _MLA),
+    Case("deepseek_v3_no_q_lora", "deepseek_v3", dict(_MLA, q_lora_rank=None, n_group=2,
+                                                      topk_group=1), tps=(3,)),
     Case("bert", "bert", dict(hidden_size=96, intermediate_size=120, num_attention_heads=12,
                               num_hidden_layers=2, vocab_size=V, max_position_embeddings=64),
          kind="encoder"),

@@ -11,6 +11,8 @@ from parity_worker import parity
 #: cases whose forward issues more or fewer collectives than 2 per block, and why
 EXTRA_COLLECTIVES = {
     "qwen2_moe": "the shared expert MLP adds its own all-reduce (3 per block)",
+    "deepseek_v2": "the MoE block's routed and shared experts add one all-reduce each",
+    "deepseek_v3_no_q_lora": "the MoE block's routed and shared experts add one all-reduce each",
     "olmo2": "attention kept whole: q_norm/k_norm normalise over all heads (1 per block)",
 }
 if transformers.__version__.startswith("4."):

@@ -124,6 +124,23 @@ def feature_map_heads(graph: FlowGraph, name: str, heads: tuple[int, int, int]
     return tuple(out[f] for f in range(root.shape[-1]))
 
 
+def own_heads(graph: FlowGraph, name: str, counts: tuple[int, ...], out: int
+              ) -> tuple[int, int] | None:
+    """``(heads, width)`` when the forward views all ``out`` output features of ``name`` into
+    ``heads`` heads (one of ``counts``) of ``width = out / heads`` features each, head after
+    head (feature ``f`` in head ``f // width``): a per-head projection whose head width is its
+    own (multi-head latent attention's ``q_b_proj`` / ``kv_b_proj``: query-key and value widths
+    differ from the config's head size). ``None`` when no such view covers every feature."""
+    for n in dict.fromkeys(counts):
+        if n < 1 or out % n:
+            continue
+        d = out // n
+        want = tuple(("h", f // d, f % d) for f in range(out))
+        if feature_map_heads(graph, name, (n, n, d)) == want:
+            return n, d
+    return None
+
+
 def feature_map_parts(graph: FlowGraph, name: str, width: int) -> FeatureMap | None:
     """(part, position) of each output feature of ``name``, from its ``width``-wide parts."""
     nodes = graph.layout_nodes.get(name, [])

@@ -27,9 +27,12 @@ from .weights import in_out
 
 
 def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
-                  mlp: Partition | None) -> tuple[Layout | None, list[Ranges]]:
+                  mlp: Partition | None, own: tuple[int, int] | None = None
+                  ) -> tuple[Layout | None, list[Ranges]]:
     """(fused layout or None, per-rank output ranges) of column layer ``col`` feeding a row
-    layer with ``width`` input features, split by heads ``hp`` or evenly by ``mlp``.
+    layer with ``width`` input features, split by heads ``hp`` or evenly by ``mlp``; ``own``:
+    the column's own (heads, head width) when the forward views it into heads wider or
+    narrower than the config's head size (multi-head latent attention).
 
     Raises:
         UnclassifiedModuleError: the width matches neither the heads nor a known fused layout
@@ -38,6 +41,9 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
     out = in_out(draft.modules[col])[1]
     H, K, D = draft.heads if draft.heads else (0, 0, 0)
     tp = draft.tp
+    if hp is not None and own is not None:
+        n, d = own
+        return None, [(q_ranges if n == H else kv_ranges)(hp, d, r) for r in range(tp)]
     if hp is not None and out == H * D:
         return None, [q_ranges(hp, D, r) for r in range(tp)]
     if hp is not None and out == K * D:
@@ -72,7 +78,7 @@ def _attention_name(row: str, cols: list[str]) -> str:
 
 
 def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition,
-                  cols: list[str]) -> None:
+                  cols: list[str], own: dict[str, tuple[int, int]] | None = None) -> None:
     """Head counts and widths held by the attention module and its inner helpers: attributes
     named in :data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`, and any other int attribute
     holding the full query or KV width that the pair's forward used as a view/reshape/split
@@ -88,6 +94,9 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
     }
     used = set().union(*(draft.graph.layout_sizes.get(c, set()) for c in cols))
     widths = {quantity[w][0]: tuple(quantity[w][1]) for w in (mt.Q_WIDTH, mt.KV_WIDTH)}
+    if own:  # each column its own head width: its own full and local widths
+        widths = {n * d: tuple((q if n == H else kv) * d for q, kv in zip(local_q, local_kv))
+                  for n, d in own.values()}
     holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
                if n not in draft.kinds]  # the attention module and its inner helpers
     for holder_name, holder in holders:
@@ -133,7 +142,8 @@ def kv_replication_note(hp: HeadPartition) -> str:
             f"ranks whose query heads use it ({per_rank})")
 
 
-def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> None:
+def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition,
+                 own: dict[str, tuple[int, int]] | None = None) -> None:
     """Everything besides the pair's own specs that follows from splitting its heads as ``hp``:
     attribute updates, head-sliced kwargs, local configs, per-head bias tables."""
     if hp.kv_replicated:
@@ -142,7 +152,7 @@ def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition) -> 
     attn = draft.modules.get(attn_name)
     if attn is None:
         return
-    _attr_updates(draft, attn_name, attn, hp, cols)
+    _attr_updates(draft, attn_name, attn, hp, cols, own)
     _config_updates(draft, attn_name, attn, hp, cols)
     for name in sorted(draft.graph.producers.get(row, set()) & draft.head_biases):
         if name not in draft.specs:

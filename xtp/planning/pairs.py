@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from .draft import Draft
+from .fused import own_heads
 from .heads import column_ranges, head_updates
 from .layouts import q_ranges
 from .partition import HeadPartition, Partition, partition_heads, split_aligned
@@ -77,21 +78,39 @@ def plan_pairs(draft: Draft) -> None:
         plan_pair(draft, row, cols)
 
 
-def _inner_partition(draft: Draft, row: str, width: int
-                     ) -> tuple[HeadPartition | None, Partition | None, list[Ranges], str]:
+def _own_head_widths(draft: Draft, cols: list[str]) -> dict[str, tuple[int, int]] | None:
+    """column -> (heads, head width) when every column's output is viewed by the forward into
+    query or KV heads of its own width, at least one into the query heads (multi-head latent
+    attention: per-head up-projections wider than the config's head size); else ``None``."""
+    H, K, _ = draft.heads
+    found = {c: own_heads(draft.graph, c, (H, K), in_out(draft.modules[c])[1]) for c in cols}
+    if any(v is None for v in found.values()) or all(v[0] != H for v in found.values()):
+        return None
+    return found
+
+
+def _inner_partition(draft: Draft, row: str, width: int, cols: list[str]
+                     ) -> tuple[HeadPartition | None, Partition | None, list[Ranges], str,
+                                dict[str, tuple[int, int]] | None]:
     """(head partition or None, even partition or None, the row's ranges per rank, a word on
-    what is split) for a row layer with ``width`` input features."""
+    what is split, each column's own (heads, head width) or None) for a row layer with
+    ``width`` input features fed by ``cols``."""
     H, K, D = draft.heads if draft.heads else (0, 0, 0)
     if draft.heads and width == H * D:
         hp = partition_heads(H, K, draft.tp)
-        return hp, None, [q_ranges(hp, D, r) for r in range(draft.tp)], "attention heads"
+        return hp, None, [q_ranges(hp, D, r) for r in range(draft.tp)], "attention heads", None
+    own = _own_head_widths(draft, cols) if draft.heads and width % H == 0 else None
+    if own is not None:
+        hp = partition_heads(H, K, draft.tp)
+        return (hp, None, [q_ranges(hp, width // H, r) for r in range(draft.tp)],
+                "attention heads, each layer its own head width", own)
     if draft.graph.producers.get(row, set()) & draft.head_biases:
         raise PlanError(f"{collapse(row)} reads per-head biases but its {width} input "
                         f"features are not num_heads x head_dim ({H} x {D})")
     mlp = Partition(split_aligned(width, draft.tp))
     if min(mlp.sizes) == 0:
         raise PlanError(f"{collapse(row)} has {width} input features, fewer than tp")
-    return None, mlp, [(mlp.range(r),) for r in range(draft.tp)], f"{width} features"
+    return None, mlp, [(mlp.range(r),) for r in range(draft.tp)], f"{width} features", None
 
 
 def _note_partial_grads(draft: Draft, cols: list[str]) -> None:
@@ -113,11 +132,11 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         UnclassifiedModuleError: a column's width matches no known layout.
     """
     width = in_out(draft.modules[row])[0]
-    hp, mlp, row_ranges, kind = _inner_partition(draft, row, width)
+    hp, mlp, row_ranges, kind, own = _inner_partition(draft, row, width, cols)
     _note_partial_grads(draft, cols)
     col_specs = []
     for c in cols:
-        layout, ranges = column_ranges(draft, c, width, hp, mlp)
+        layout, ranges = column_ranges(draft, c, width, hp, mlp, own and own[c])
         col_specs.append(draft.spec(
             c, Role.COLUMN, f"structure: feeds only {collapse(row)} (split by {kind})",
             split=Split.OUT, ranges=ranges, layout=layout, group=row))
@@ -129,5 +148,5 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         split=Split.IN, ranges=row_ranges, group=row)
     draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
     if hp is not None:
-        head_updates(draft, row, cols, hp)
+        head_updates(draft, row, cols, hp, own)
 

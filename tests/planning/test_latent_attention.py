@@ -1,0 +1,42 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): the per-head up-projections and the output
+projection are split by heads, each at its own head width as the forward views it; the shared
+low-rank down-projections and their norms stay whole (issue 17).
+
+Tier: plans only (meta models, no ranks); the numbers are proven by the parity suite's
+``deepseek_v2`` (tp 2/3/4) and ``deepseek_v3_no_q_lora`` (tp 3) cases.
+"""
+
+from __future__ import annotations
+
+import xtp
+from parity_cases import CASES
+
+TP = 3
+
+
+def _plan(case_id: str):
+    case = next(c for c in CASES if c.id == case_id)
+    return xtp.plan(case.config(), TP)
+
+
+def test_up_projections_split_by_heads_at_their_own_width():
+    plan = _plan("deepseek_v2")
+    attn = "model.layers.0.self_attn."
+    # 4 heads over 3 ranks: 2, 1, 1; q heads 8 + 4 = 12 wide, kv_b heads 8 + 8 = 16, o_proj 8
+    assert plan.spec(attn + "q_b_proj").ranges == (((0, 24),), ((24, 36),), ((36, 48),))
+    assert plan.spec(attn + "kv_b_proj").ranges == (((0, 32),), ((32, 48),), ((48, 64),))
+    assert plan.spec(attn + "o_proj").ranges == (((0, 16),), ((16, 24),), ((24, 32),))
+    for name in ("q_a_proj", "kv_a_proj_with_mqa"):
+        assert not plan.spec(attn + name).is_sharded, name
+    # the latent width (20) and head widths are left alone; only the head count changes
+    updates = {(u.module, u.attr): u.values for u in plan.attr_updates}
+    assert updates[(attn[:-1], "num_heads")] == (2, 1, 1)
+    assert not any(a in ("kv_lora_rank", "q_lora_rank", "qk_head_dim", "v_head_dim")
+                   for _, a in updates)
+
+
+def test_without_q_lora_the_query_projection_is_split_by_heads():
+    plan = _plan("deepseek_v3_no_q_lora")
+    q = plan.spec("model.layers.0.self_attn.q_proj")
+    assert [q.local_extent(r) for r in range(TP)] == [24, 12, 12]
+
