@@ -43,3 +43,18 @@ def test_forward_that_hides_the_query_heads_needs_explicit_heads():
 def test_explicit_heads_that_do_not_group():
     with pytest.raises(PlanError, match="kv_heads=4"):
         derive_plan(scratch_models.build("scratch_llama"), 2, heads=6, kv_heads=4)
+
+
+def test_public_plan_takes_explicit_heads_like_shard():
+    """xtp.plan(model, tp, heads=, kv_heads=) plans what xtp.shard(model, heads=, kv_heads=)
+    shards; without them the same model is refused with the hint to pass them."""
+    import xtp
+
+    model = scratch_models.build("scratch_llama_prescaled")
+    with pytest.raises(UnclassifiedModuleError, match=r"heads=\.\.\., kv_heads=\.\.\."):
+        xtp.plan(model, 3)
+    plan = xtp.plan(model, 3, heads=6, kv_heads=2)
+    assert plan == derive_plan(model, 3, heads=6, kv_heads=2)
+    assert plan.head_shape == (6, 2, 8)
+    with pytest.raises(PlanError, match="kv_heads=4"):
+        xtp.plan(model, 3, heads=6, kv_heads=4)

@@ -12,13 +12,18 @@ from .spec import ShardPlan
 
 
 def plan(model_or_config, tp_size: int, rules: dict[str, str] | None = None,
-         model_class: type | None = None) -> ShardPlan:
+         model_class: type | None = None, *, heads: int | None = None,
+         kv_heads: int | None = None) -> ShardPlan:
     """The :class:`ShardPlan` for a model (or a transformers config, built on the meta device
     at no weight cost) at ``tp_size`` ranks. ``print()`` it for a table.
+
+    ``heads``/``kv_heads``: the attention head counts, as for :func:`xtp.shard`, for a model
+    whose config does not hold them and whose forward does not show them.
 
     Raises:
         TPSizeError: ``tp_size`` is not a positive integer, or the model cannot take it.
         ConfigError: ``model_or_config`` is neither a module nor a usable transformers config.
+        PlanError: ``heads``/``kv_heads`` that do not group, or no head size to go with them.
     """
     if isinstance(tp_size, bool) or not isinstance(tp_size, int):
         check_tp_size(tp_size)  # the type; a size < 1 gets the planner's list of sizes that work
@@ -27,4 +32,4 @@ def plan(model_or_config, tp_size: int, rules: dict[str, str] | None = None,
         model = model_or_config
     else:
         model = meta_model(check_config(model_or_config, "model_or_config"), model_class)
-    return derive_plan(model, tp_size, rules)
+    return derive_plan(model, tp_size, rules, heads=heads, kv_heads=kv_heads)
