@@ -153,7 +153,8 @@ def test_python_threads_share_the_pool():
 def _ran_meanwhile(body) -> bool:
     """Whether this thread got the GIL while ``body`` ran in another thread. With a switch
     interval longer than the test, the GIL changes hands only when its holder releases it:
-    here, while ``body`` runs (released) or when the thread ends (held throughout)."""
+    here, while ``body`` runs (released around each kernel call: a hundred chances for this
+    thread to take it) or when the thread ends (held throughout)."""
     done = []
 
     def run():
@@ -174,12 +175,12 @@ def _ran_meanwhile(body) -> bool:
 
 def test_the_gil_is_released_while_computing():
     k = cpu_gemv._kernel
-    w, x, y = torch.randn(2048, 2048), torch.randn(16, 2048), torch.empty(16, 2048)
+    w, x, y = torch.randn(512, 1024), torch.randn(16, 1024), torch.empty(16, 512)
     p, xb = cpu_gemv.pack_bf16(w.bfloat16()), x.bfloat16()
-    yb = torch.empty(16, 2048, dtype=torch.bfloat16)
-    assert _ran_meanwhile(lambda: k.gemv(w.data_ptr(), x.data_ptr(), None, y.data_ptr(),
-                                         2048, 2048, 16, 2))
-    assert _ran_meanwhile(lambda: k.gemv_bf16(p.data_ptr(), xb.data_ptr(), None, yb.data_ptr(),
-                                              2048, 2048, 16, 1))
+    yb = torch.empty(16, 512, dtype=torch.bfloat16)
+    assert _ran_meanwhile(lambda: [k.gemv(w.data_ptr(), x.data_ptr(), None, y.data_ptr(),
+                                          512, 1024, 16, 2) for _ in range(100)])
+    assert _ran_meanwhile(lambda: [k.gemv_bf16(p.data_ptr(), xb.data_ptr(), None, yb.data_ptr(),
+                                               512, 1024, 16, 1) for _ in range(100)])
     # the control: a body that holds the GIL throughout is seen as such
     assert not _ran_meanwhile(lambda: sum(range(200_000)))

@@ -6,9 +6,11 @@
  * bundle their own OpenMP runtime (libgomp, or Intel's), and a second runtime linked into this
  * extension would be a second set of threads with its own spinning policy, or a clash of
  * symbols; torch's pool is reachable only through torch's C++ headers, which this extension
- * does not build against (it builds with a C compiler alone). A product is one
- * fork-join of a few microseconds' setup: a generation counter the workers watch, a count of
- * parts still running, the caller computing the first part itself.
+ * does not build against (it builds with a C compiler alone). A product is one fork-join: the
+ * output rows are cut into parts of whole ROW_BLOCK blocks, about four per thread; the caller
+ * and the woken workers take parts from a shared ticket (compare-and-swap) until none is left,
+ * so a worker that wakes late, or is descheduled on a busy machine, delays nothing: the others
+ * take its parts.
  *
  * Workers are started on first need (a product asking for more threads than exist) and live
  * for the process. Between products each spins on the counter for SPIN_NS (calling
@@ -43,15 +45,23 @@ static struct {
     pthread_mutex_t submit; /* one product at a time; held across fork() */
     pthread_mutex_t lock;   /* with wake: sleeping workers */
     pthread_cond_t wake;
-    atomic_uint gen;        /* bumped once per product, after the job below is written */
+    atomic_uint gen;        /* bumped once per product, to wake the workers */
     atomic_int sleepers;
-    atomic_int pending;     /* parts of the current product not yet done by workers */
-    atomic_int threads;     /* threads of the current product */
+    /* the current product's parts: job id (24 bits) | next part (20) | parts (20); a thread
+       takes a part by bumping `next` with compare-and-swap, so a part is taken once and only
+       from the product it belongs to, however late a worker comes */
+    _Atomic uint64_t ticket;
+    atomic_int done;        /* parts finished */
+    atomic_int threads;     /* threads asked for the current product */
     gemv_kernel kernel;
     const gemv_args *args;
+    ptrdiff_t blocks_per_part;
     int workers;            /* workers started: ids 1..workers */
     unsigned start_gen[MAX_THREADS];
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+
+#define PART_BITS 20
+#define PART_MASK ((UINT64_C(1) << PART_BITS) - 1)
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
@@ -74,7 +84,7 @@ after_fork_child(void)
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     atomic_store(&pool.sleepers, 0);
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.done, 0);
     pool.workers = 0;
 }
 
@@ -84,17 +94,31 @@ register_atfork(void)
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
-/* part `id` of `threads`: whole blocks of ROW_BLOCK outputs, as even as they divide */
-static void
-run_part(gemv_kernel kernel, const gemv_args *a, int id, int threads)
+/* takes and computes parts of the current product until none is left; returns how many */
+static int
+take_parts(void)
 {
-    const ptrdiff_t blocks = (a->out + ROW_BLOCK - 1) / ROW_BLOCK;
-    const ptrdiff_t o0 = blocks * id / threads * ROW_BLOCK;
-    ptrdiff_t o1 = blocks * (id + 1) / threads * ROW_BLOCK;
-    if (o1 > a->out)
-        o1 = a->out;
-    if (o0 < o1)
-        kernel(a, o0, o1);
+    int taken = 0;
+    uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+    for (;;) {
+        const uint64_t next = (t >> PART_BITS) & PART_MASK, parts = t & PART_MASK;
+        if (next >= parts)
+            return taken;
+        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + (UINT64_C(1) << PART_BITS),
+                                                   memory_order_acq_rel, memory_order_acquire))
+            continue; /* t now holds the current ticket */
+        /* part `next` is ours: its product cannot finish before we count it done, so the
+           fields below are that product's */
+        const gemv_args *a = pool.args;
+        const ptrdiff_t o0 = (ptrdiff_t)next * pool.blocks_per_part * ROW_BLOCK;
+        ptrdiff_t o1 = o0 + pool.blocks_per_part * ROW_BLOCK;
+        if (o1 > a->out)
+            o1 = a->out;
+        pool.kernel(a, o0, o1);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        taken++;
+        t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+    }
 }
 
 static long
@@ -138,18 +162,9 @@ worker(void *arg)
     const int id = (int)(intptr_t)arg;
     unsigned seen = pool.start_gen[id];
     for (;;) {
-        const unsigned g = next_gen(seen);
-        /* which product g is: a worker taking part holds it until it counts itself done; one
-           that does not may see a later product's fields, so it checks g is still current */
-        const int threads = atomic_load_explicit(&pool.threads, memory_order_acquire);
-        atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&pool.gen, memory_order_relaxed) != g)
-            continue; /* seen stays: the next round sees the newer product */
-        seen = g;
-        if (id < threads) {
-            run_part(pool.kernel, pool.args, id, threads);
-            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
-        }
+        seen = next_gen(seen);
+        if (id < atomic_load_explicit(&pool.threads, memory_order_relaxed))
+            take_parts();
     }
     return NULL;
 }
@@ -200,18 +215,30 @@ pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight_byte
     }
     if (threads > pool.workers + 1)
         threads = pool.workers + 1;
+    /* parts: about four per thread (a late or descheduled thread's parts are taken by the
+       others), each whole blocks of ROW_BLOCK rows */
+    const ptrdiff_t blocks = (a->out + ROW_BLOCK - 1) / ROW_BLOCK;
+    ptrdiff_t per = (blocks + 4 * threads - 1) / (4 * threads);
+    while ((blocks + per - 1) / per > (ptrdiff_t)PART_MASK)
+        per *= 2;
+    const uint64_t parts = (uint64_t)((blocks + per - 1) / per);
+    const uint64_t job = (atomic_load_explicit(&pool.ticket, memory_order_relaxed) >>
+                          (2 * PART_BITS)) + 1;
     pool.kernel = kernel;
     pool.args = a;
-    atomic_store(&pool.pending, threads - 1);
-    atomic_store_explicit(&pool.threads, threads, memory_order_release);
+    pool.blocks_per_part = per;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.threads, threads);
+    atomic_store_explicit(&pool.ticket, (job << (2 * PART_BITS)) | parts, memory_order_release);
     atomic_store(&pool.gen, gen + 1); /* seq_cst: ordered before the sleepers read below */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
     }
-    run_part(kernel, a, 0, threads);
-    for (unsigned n = 1; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; n++) {
+    take_parts();
+    for (unsigned n = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < (int)parts;
+         n++) {
         CPU_RELAX();
         if ((n & 1023) == 0)
             sched_yield();
