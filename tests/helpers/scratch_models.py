@@ -6,6 +6,8 @@ proving that xtp shards a model a user brings (issue 17).
   tied LM head.
 * :class:`ScratchLlama`: a Llama written from scratch: separate q/k/v/o projections with
   grouped KV heads, rotary embeddings (rotate-half), RMSNorm, SwiGLU MLP.
+* :class:`ScratchMoE`: the same attention in parallel with a mixture of experts whose experts
+  are a ModuleList of Linear MLPs, plus a gated shared expert.
 
 Head counts are held by the attention modules only; xtp reads them from the forward.
 """
@@ -149,10 +151,69 @@ class ScratchLlama(nn.Module):
         return self.output(self.norm(h))
 
 
+class Expert(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ListMoE(nn.Module):
+    """Experts as a ModuleList of Linear MLPs (no fused 3-D experts), top-2 softmax routing
+    computed densely (every expert on every token, weight 0 where not routed), and one shared
+    expert with a sigmoid gate (as Qwen2-MoE's)."""
+
+    def __init__(self, dim: int, hidden: int, n_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.experts = nn.ModuleList([Expert(dim, hidden) for _ in range(n_experts)])
+        self.shared_expert = Expert(dim, 2 * hidden)
+        self.shared_gate = nn.Linear(dim, 1, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x):
+        probs = self.router(x).softmax(-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        out = torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[..., e:e + 1] * expert(x)
+        return out
+
+
+class MoEBlock(LlamaBlock):
+    """A Llama block whose MLP is a :class:`ListMoE`, run in parallel with the attention
+    (GPT-J-style parallel residual: ``x + attn(norm(x)) + moe(norm(x))``)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int) -> None:
+        super().__init__(dim, n_heads, n_kv_heads, hidden)
+        del self.w1, self.w2, self.w3, self.ffn_norm
+        self.moe = ListMoE(dim, hidden)
+
+    def forward(self, x, cos, sin):
+        h = self.attention_norm(x)
+        return x + self.attention(h, cos, sin) + self.moe(h)
+
+
+class ScratchMoE(ScratchLlama):
+    """:class:`ScratchLlama` with :class:`MoEBlock` layers."""
+
+    def __init__(self, dim: int = 48, n_layers: int = 2, n_heads: int = 6, n_kv_heads: int = 2,
+                 hidden: int = 40) -> None:
+        super().__init__(dim, n_layers, n_heads, n_kv_heads, hidden)
+        self.layers = nn.ModuleList([MoEBlock(dim, n_heads, n_kv_heads, hidden)
+                                     for _ in range(n_layers)])
+
+
 BUILDERS = {
     "nanogpt": NanoGPT,
     "scratch_llama": ScratchLlama,
     "scratch_llama_prescaled": lambda: ScratchLlama(prescale_q=True),
+    "scratch_moe": ScratchMoE,
 }
 
 

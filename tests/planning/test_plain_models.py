@@ -58,3 +58,19 @@ def test_public_plan_takes_explicit_heads_like_shard():
     assert plan.head_shape == (6, 2, 8)
     with pytest.raises(PlanError, match="kv_heads=4"):
         xtp.plan(model, 3, heads=6, kv_heads=4)
+
+
+def test_experts_as_a_module_list_are_split_one_mlp_pair_each():
+    """scratch_moe: every expert's w1/w3 -> w2 is a pair of its own (one all-reduce each), the
+    shared expert too; the router and the shared expert's gate (narrow outputs that join the
+    routing, not a row layer) stay whole."""
+    plan = derive_plan(scratch_models.build("scratch_moe"), 3)
+    moe = "layers.0.moe."
+    for e in range(4):
+        assert plan.spec(f"{moe}experts.{e}.w1").role == Role.COLUMN
+        assert plan.spec(f"{moe}experts.{e}.w2").role == Role.ROW
+    assert [plan.spec(moe + "shared_expert.w2").local_extent(r) for r in range(3)] == [32, 24, 24]
+    for name in ("router", "shared_gate"):
+        assert plan.spec(moe + name).role == Role.REPLICATE
+    # 2 layers x (attention + 4 experts + shared expert)
+    assert plan.collective_counts() == {"all_reduce": 12}

@@ -40,10 +40,12 @@ def test_sharded_matches_unsharded(rank_pool, case_id, tp):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["nanogpt", "scratch_llama"])
+@pytest.mark.parametrize("name", ["nanogpt", "scratch_llama", "scratch_moe"])
 @pytest.mark.parametrize("tp", [2, 3])
 def test_plain_pytorch_model_matches_unsharded(rank_pool, name, tp):
-    """Head counts from the forward's views into heads; fused c_attn's layout from its split."""
+    """Head counts from the forward's views into heads; fused c_attn's layout from its split;
+    scratch_moe: experts as a ModuleList of Linear MLPs and a shared expert, each expert split
+    as its own MLP pair, in a block whose attention and MoE run in parallel."""
     from parity_worker import scratch_parity
 
     for rank, r in enumerate(rank_pool(tp).run(scratch_parity, name, tp)):
