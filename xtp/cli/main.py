@@ -14,6 +14,7 @@ import sys
 
 from ..errors import XtpError
 from . import bench as bench_cmd
+from . import coverage as coverage_cmd
 from . import env, gather, preshard
 from . import plan as plan_cmd
 from . import run as run_cmd
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gather.add_parser(sub)
     verify_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
+    coverage_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,79 @@
+"""The shrinker: a tiny config of any model type from its default config, by attribute names
+(and their ``attribute_map`` aliases), never by a per-model table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from xtp.models.shrink import HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, ShrinkError, tiny_config
+
+
+def test_llama_gets_two_layers_four_heads_two_kv_heads():
+    c = tiny_config("llama")
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.vocab_size) == (LAYERS, HIDDEN, HEADS, KV_HEADS, 16, VOCAB)
+    assert c.intermediate_size == 128 and c.max_position_embeddings == 64
+
+
+def test_config_class_is_accepted_and_kv_heads_none_means_one_per_head():
+    c = tiny_config(transformers.LlamaConfig, kv_heads=None)
+    assert c.num_key_value_heads == c.num_attention_heads == HEADS
+
+
+def test_aliases_are_followed_gpt2_and_t5():
+    g = tiny_config("gpt2")
+    assert (g.n_layer, g.n_embd, g.n_head, g.n_positions) == (LAYERS, HIDDEN, HEADS, 64)
+    # token ids past the new vocabulary are folded into it (gpt2's are 50256)
+    assert g.bos_token_id < VOCAB and g.eos_token_id < VOCAB
+    t = tiny_config("t5")
+    assert (t.num_layers, t.num_decoder_layers, t.d_model, t.num_heads, t.d_kv, t.d_ff) == (
+        LAYERS, LAYERS, HIDDEN, HEADS, 16, 128)
+
+
+def test_per_layer_lists_keep_one_layer_of_each_kind():
+    default = transformers.CONFIG_MAPPING["qwen3_next"]()
+    assert len(set(default.layer_types)) == 2 and len(default.layer_types) > LAYERS
+    c = tiny_config("qwen3_next")
+    assert c.num_hidden_layers == LAYERS
+    assert sorted(c.layer_types) == sorted(set(default.layer_types))
+
+
+def test_sub_configs_are_shrunk():
+    c = tiny_config("gemma3")
+    assert c.text_config.num_hidden_layers == LAYERS
+    assert c.text_config.hidden_size == HIDDEN
+    assert c.vision_config.num_hidden_layers == LAYERS
+
+
+def test_sizes_are_only_made_smaller():
+    # gpt_bigcode's default is multi-query: its single KV head is not raised to two
+    c = tiny_config("mistral")
+    assert c.num_key_value_heads == KV_HEADS
+    small = tiny_config("gpt2")
+    assert small.n_inner is None  # None (derived from n_embd) stays None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert", "t5", "mixtral"])
+def test_tiny_models_build_and_are_tiny(model_type):
+    c = tiny_config(model_type)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(c)
+    assert sum(p.numel() for p in model.parameters()) < 400_000
+
+
+def test_unknown_type_is_a_one_line_shrink_error():
+    with pytest.raises(ShrinkError, match=r"^no config class for 'not-a-model'") as info:
+        tiny_config("not-a-model")
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_that_rejects_tiny_sizes_says_so_in_one_line():
+    # esmc validates that it has no grouped-query attention: 2 KV heads are rejected with the
+    # config's own reason; one KV head per head (the sweep's second try) is accepted
+    with pytest.raises(ShrinkError, match=r"^EsmcConfig rejects the tiny sizes: .*grouped-query"
+                       ) as info:
+        tiny_config("esmc")
+    assert "\n" not in str(info.value)
+    assert tiny_config("esmc", kv_heads=None).num_attention_heads == HEADS

@@ -1,0 +1,182 @@
+"""A tiny config for any transformers model type, from its default config (no hub file).
+
+:func:`tiny_config` starts from ``CONFIG_MAPPING[model_type]()`` and sets every size it knows
+by a well-known attribute name (or an alias of one, through the config's ``attribute_map``) to a
+small value: 2 layers, hidden size 64, 4 attention heads and 2 KV heads (so that tp 3 meets
+uneven and replicated heads), head size 16, intermediate size 128, a vocabulary of 101 (divided
+by neither 2 nor 3), 64 positions, 4 experts of which 2 per token. A size is only ever made
+smaller, never larger. Per-layer lists (``layer_types`` ...) keep one layer of each kind; token
+ids past the new vocabulary are folded into it; nested sub-configs (``text_config``,
+``vision_config``, ...) are shrunk the same way. Nothing here names a model type: the names are
+the attribute names transformers' configs share.
+
+A type that cannot be shrunk raises :class:`ShrinkError` with a one-line reason. Whether the
+result really builds (and is really tiny) is the caller's check: build it and count parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import XtpError
+
+LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, POSITIONS = 2, 64, 4, 2, 16, 128, 101, 64
+
+_KV_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
+# attribute name -> tiny value. A name missing from a config is skipped; aliases are followed
+# through ``attribute_map``. Grouped by what the number means, not by model.
+TINY: dict[str, int] = {
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                     "decoder_layers", "num_encoder_layers", "num_decoder_layers"), LAYERS),
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "embedding_size",
+                     "word_embed_proj_dim", "projection_dim", "hidden_dim"), HIDDEN),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
+                     "encoder_attention_heads", "decoder_attention_heads"), HEADS),
+    **dict.fromkeys(_KV_NAMES, KV_HEADS),
+    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim"), HEAD_DIM),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff",
+                     "n_inner", "ffn_hidden_size", "inner_hidden_size", "mlp_dim"), FFN),
+    **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size",
+                     "shared_expert_intermediate_size", "moe_ffn_hidden_size"), FFN // 2),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "first_k_dense_replace",
+                     "n_group", "topk_group", "num_nextn_predict_layers"), 1),
+    # multi-head latent attention (low-rank q / kv projections, split rope and nope head parts)
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": HEAD_DIM,
+    "qk_nope_head_dim": HEAD_DIM, "v_head_dim": HEAD_DIM, "rotary_dim": 8,
+    "vocab_size": VOCAB,
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
+                     "max_sequence_length", "seq_length"), POSITIONS),
+}
+
+
+class ShrinkError(XtpError):
+    """A model type that cannot be built tiny from its default config; the message says why."""
+
+
+def _config_class(model_type_or_class: str | type) -> type:
+    if isinstance(model_type_or_class, type):
+        return model_type_or_class
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type_or_class]
+    except (KeyError, ImportError, AttributeError) as exc:
+        raise ShrinkError(f"no config class for {model_type_or_class!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _get(obj, name: str, fallback: Any = None) -> Any:
+    """``getattr`` that treats an attribute whose access raises (some configs refuse global
+    reads of per-layer values) as missing."""
+    try:
+        return getattr(obj, name, fallback)
+    except Exception:
+        return fallback
+
+
+def _is_config(value: Any) -> bool:
+    return hasattr(value, "to_dict") and hasattr(value, "model_type")
+
+
+def _layer_picks(n: int, lists: list[list]) -> list[int]:
+    """Indices of ``LAYERS`` layers out of ``n``: the first layer of each distinct kind seen in
+    the per-layer lists, then the earliest others."""
+    picks: list[int] = []
+    seen: set = set()
+    for i in range(n):
+        kind = tuple(repr(lst[i]) for lst in lists)
+        if kind not in seen:
+            seen.add(kind)
+            picks.append(i)
+    picks = sorted(picks[:LAYERS])
+    for i in range(n):
+        if len(picks) >= LAYERS:
+            break
+        if i not in picks:
+            picks = sorted(picks + [i])
+    return picks
+
+
+def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
+    """The keyword arguments (in the config's own attribute names) that make ``default`` (a
+    config instance) tiny; sub-configs are shrunk and passed as config instances.
+    ``kv_heads=None``: as many KV heads as attention heads (for models whose attention needs
+    that, e.g. latent attention)."""
+    cls = type(default)
+    amap = dict(getattr(cls, "attribute_map", {}) or {})
+    kwargs: dict[str, Any] = {}
+    layer_counts: set[int] = set()
+    for name, tiny in TINY.items():
+        native = amap.get(name, name)
+        if native in kwargs or isinstance(getattr(cls, native, None), property):
+            continue  # a property is derived from other sizes: it follows them
+        value = _get(default, native)
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if TINY.get(name) == LAYERS and value > 0:
+            layer_counts.add(value)
+        if name in _KV_NAMES:
+            tiny = HEADS if kv_heads is None else kv_heads
+        if value > tiny:
+            kwargs[native] = tiny
+    vocab = kwargs.get(amap.get("vocab_size", "vocab_size"), _get(default, "vocab_size"))
+    attrs = default.to_dict()
+    for name, value in attrs.items():
+        if name in kwargs:
+            continue
+        current = _get(default, name, value)
+        if _is_config(current):
+            kwargs[name] = _shrink_instance(current, kv_heads)
+        elif (isinstance(vocab, int) and name.endswith(("_token_id", "_token_index"))
+              and isinstance(current, int) and not isinstance(current, bool) and current >= vocab):
+            kwargs[name] = current % vocab
+        elif (isinstance(vocab, int) and name.endswith("_token_id") and isinstance(current, list)
+              and all(isinstance(v, int) for v in current)):
+            kwargs[name] = [v % vocab for v in current]
+    for n in sorted(layer_counts):
+        if n <= LAYERS:
+            continue
+        per_layer = {k: v for k, v in attrs.items()
+                     if isinstance(v, (list, tuple)) and len(v) == n and k not in kwargs}
+        if per_layer:
+            picks = _layer_picks(n, list(per_layer.values()))
+            for k, v in per_layer.items():
+                kwargs[k] = type(v)(v[i] for i in picks)
+    return kwargs
+
+
+def _shrink_instance(default, kv_heads: int | None):
+    cls = type(default)
+    try:
+        kwargs = tiny_kwargs(default, kv_heads)
+        return cls(**kwargs)
+    except ShrinkError:
+        raise
+    except Exception as exc:  # a config that validates its sizes: say which and why
+        raise ShrinkError(f"{cls.__name__} rejects the tiny sizes: "
+                          f"{type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tiny_config(model_type_or_class: str | type, kv_heads: int | None = KV_HEADS):
+    """A tiny config of ``model_type_or_class`` (a ``model_type`` string or a config class),
+    with ``kv_heads`` KV heads where the config has such a count (``None``: one per head).
+
+    Raises:
+        ShrinkError: the type has no config class here, its default config cannot be built
+            (it needs a hub file or a missing package), or it rejects the tiny sizes; the
+            message is one line saying which.
+    """
+    cls = _config_class(model_type_or_class)
+    try:
+        default = cls()
+    except Exception as exc:
+        raise ShrinkError(f"its default config cannot be built: {type(exc).__name__}: "
+                          f"{_one_line(exc)}") from exc
+    return _shrink_instance(default, kv_heads)
