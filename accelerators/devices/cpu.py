@@ -104,7 +104,7 @@ class CpuAccelerator(Accelerator):
         parts = []
         if kernel:
             parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode "
-                         "(ranks on one thread)"
+                         "(on each rank's threads)"
                          if kernel_isa() else f"no GEMV kernel ({unavailable_reason()}): "
                                               "float32 dense")
         if onednn:
