@@ -18,6 +18,10 @@ where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` fo
 ``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all`` or ``0``
 ``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
 ``XTP_CROSS_NODE_TP``       ``1``/``true``/``on``/``yes``: let a TP group span nodes (slow)
+``XTP_PIN``                 CPU ranks on their own cores: unset (``xtp run``/``bench`` pin the
+                            ranks they start, ``torchrun`` ranks are left alone), ``1``
+                            (pin, also under ``torchrun``), ``smt`` (pin, SMT siblings too),
+                            ``0`` (never pin)
 =========================== ==================================================================
 """
 
@@ -37,6 +41,7 @@ ENV_CHUNK_BYTES = "XTP_CPU_SHM_CHUNK_BYTES"
 ENV_CPU_PACK = "XTP_CPU_PACK"
 ENV_NUM_THREADS = "XTP_NUM_THREADS"
 ENV_CROSS_NODE_TP = "XTP_CROSS_NODE_TP"
+ENV_PIN = "XTP_PIN"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -159,6 +164,30 @@ def cross_node_tp() -> bool:
     raise EnvSettingError(
         f"{ENV_CROSS_NODE_TP}={os.environ[ENV_CROSS_NODE_TP]!r} is not understood; use 1 to let "
         "a TP group span nodes (slow: docs/topology.md) or 0 (the default: tp inside a node)")
+
+
+def pin_mode() -> Literal["auto", "on", "smt", "off"]:
+    """What ``XTP_PIN`` asks for: ``"auto"`` (unset or empty: xtp's own launchers pin the ranks
+    they start, nothing else is pinned), ``"on"`` (``1``/``true``/``on``/``yes``: pin, also the
+    ranks of a user's ``torchrun``, in ``xtp.init_distributed``), ``"smt"`` (pin, each rank on
+    every SMT sibling of its cores) or ``"off"`` (``0``/``false``/``off``/``no``: never pin).
+
+    Raises:
+        EnvSettingError: any other value.
+    """
+    value = _stripped(ENV_PIN).lower()
+    if not value:
+        return "auto"
+    if value in _FALSE:
+        return "off"
+    if value in ("1", "true", "on", "yes"):
+        return "on"
+    if value == "smt":
+        return "smt"
+    raise EnvSettingError(
+        f"{ENV_PIN}={os.environ[ENV_PIN]!r} is not understood; use 1 (pin each CPU rank to its "
+        "own physical cores, also under torchrun), smt (the same with SMT siblings), 0 (never "
+        "pin) or leave it unset (xtp run/bench pin the ranks they start)")
 
 
 def setting(name: str) -> str:
