@@ -2,7 +2,11 @@
 the machine's read bandwidth measured in the same run.
 
     python bench/cpu_gemv_threads.py                       # threads 1, 2, 4, ... up to the CPUs
-    python bench/cpu_gemv_threads.py --threads 1,2,4,8,16 --json bench/out/gemv-threads.json
+    # the 16-core host, one dtype per command (each a few minutes):
+    CUDA_VISIBLE_DEVICES= XTP_ACCELERATOR=cpu python bench/cpu_gemv_threads.py \
+        --threads 1,2,4,8,16 --dtypes float32 --json bench/out/cpu-gemv-threads-fp32.json
+    CUDA_VISIBLE_DEVICES= XTP_ACCELERATOR=cpu python bench/cpu_gemv_threads.py \
+        --threads 1,2,4,8,16 --dtypes bfloat16 --json bench/out/cpu-gemv-threads-bf16.json
 
 For each dtype (fp32, bf16), weight shape (llama-1b and Llama-3-8B projections by default),
 input rows (1: one-token decode; 4 and 16: batched decode) and thread count
