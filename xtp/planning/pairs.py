@@ -14,7 +14,7 @@ in the attention module).
 
 from __future__ import annotations
 
-from ..errors import PlanError
+from ..errors import PlanError, UnclassifiedModuleError
 from .draft import Draft
 from .fused import own_heads
 from .heads import column_ranges, head_updates
@@ -134,9 +134,18 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
     width = in_out(draft.modules[row])[0]
     hp, mlp, row_ranges, kind, own = _inner_partition(draft, row, width, cols)
     _note_partial_grads(draft, cols)
+    try:
+        col_ranges = [column_ranges(draft, c, width, hp, mlp, own and own[c]) for c in cols]
+    except UnclassifiedModuleError:
+        # the row is num_heads x head_dim wide, but a column matches neither the heads nor a
+        # fused layout: its own head width, when the forward views every column into heads
+        own = _own_head_widths(draft, cols) if hp is not None and own is None else None
+        if own is None:
+            raise
+        kind = "attention heads, each layer its own head width"
+        col_ranges = [column_ranges(draft, c, width, hp, mlp, own[c]) for c in cols]
     col_specs = []
-    for c in cols:
-        layout, ranges = column_ranges(draft, c, width, hp, mlp, own and own[c])
+    for c, (layout, ranges) in zip(cols, col_ranges):
         col_specs.append(draft.spec(
             c, Role.COLUMN, f"structure: feeds only {collapse(row)} (split by {kind})",
             split=Split.OUT, ranges=ranges, layout=layout, group=row))
