@@ -1,7 +1,10 @@
 """Regenerate README.md's generated sections from the code (run: python ci/gen_readme.py).
 
 * the supported-architectures table, from the parity test matrix (tests/helpers/parity_cases.py);
-* the example ``print(xtp.plan(...))`` output.
+* the example ``print(xtp.plan(...))`` output;
+* the coverage sweep's summary and table, from the committed results of ``xtp coverage``
+  (``bench/coverage-transformers5.json``; the sweep itself takes minutes, so it is not re-run
+  here: the ``coverage`` test tier checks that file against the code).
 
 ``--check`` exits non-zero when README.md is out of date (used by tests/package/test_readme.py).
 """
@@ -45,7 +48,18 @@ def plan_example() -> str:
     return "```text\n" + head + buf.getvalue() + "```"
 
 
-SECTIONS = {"archs": arch_table, "plan-example": plan_example}
+COVERAGE_FILE = ROOT / "bench" / "coverage-transformers5.json"
+
+
+def coverage_section() -> str:
+    import json
+
+    from xtp.bench.coverage_report import markdown
+
+    return markdown(json.loads(COVERAGE_FILE.read_text()))
+
+
+SECTIONS = {"archs": arch_table, "plan-example": plan_example, "coverage": coverage_section}
 
 
 def render(text: str) -> str:

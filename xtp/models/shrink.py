@@ -45,6 +45,11 @@ TINY: dict[str, int] = {
     # multi-head latent attention (low-rank q / kv projections, split rope and nope head parts)
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": HEAD_DIM,
     "qk_nope_head_dim": HEAD_DIM, "v_head_dim": HEAD_DIM, "rotary_dim": 8,
+    # linear attention / state-space mixers (gated delta net, mamba-style)
+    **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "swa_head_dim",
+                     "mamba_d_head", "mamba_d_state", "ssm_state_size", "state_size"), HEAD_DIM),
+    **dict.fromkeys(("linear_num_value_heads", "mamba_n_heads"), HEADS),
+    "linear_num_key_heads": KV_HEADS, "mamba_d_ssm": HIDDEN,
     "vocab_size": VOCAB,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length", "seq_length"), POSITIONS),
