@@ -170,10 +170,19 @@ def place_this_rank(local_rank: int, local_ranks: int, topology: CpuTopology | N
     return mine
 
 
+def computes_on_cpu(accelerator) -> bool:
+    """Whether ``accelerator``'s ranks compute on the host CPU (where placement applies)."""
+    return accelerator.device().type == "cpu"
+
+
 def place_rank_if_asked(accelerator, local_rank: int, local_ranks: int) -> RankPlacement | None:
     """:func:`place_this_rank` when ``XTP_PIN`` asks for pinning (``1``/``smt``) and
-    ``accelerator`` computes on the CPU; else nothing (``None``)."""
-    if pin_mode() not in ("on", "smt") or accelerator.device().type != "cpu":
+    ``accelerator`` computes on the CPU; else nothing (``None``).
+
+    Raises:
+        EnvSettingError: ``XTP_PIN`` or ``XTP_NUM_THREADS`` has a value that does not work.
+    """
+    if pin_mode() not in ("on", "smt") or not computes_on_cpu(accelerator):
         return None
     return place_this_rank(local_rank, local_ranks)
 

@@ -16,12 +16,37 @@ from ..errors import XtpError
 
 
 def set_threads_env(tp: int) -> int:
-    """Default ``OMP_NUM_THREADS`` for ranks this process starts (kept when already set);
-    returns the value in effect."""
+    """Default ``OMP_NUM_THREADS`` for ranks this process starts (kept when already set): each
+    rank's cores when they are pinned (:mod:`xtp.cli.placement`), else the available cores /
+    ``tp``; returns the value in effect."""
     from ..accelerators.cpu.threads import threads_per_rank
+    from .placement import local_placement
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(tp)))
+    placement = local_placement(tp)
+    threads = placement.threads if placement is not None else threads_per_rank(tp)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return int(os.environ["OMP_NUM_THREADS"])
+
+
+def pin_started_ranks() -> str | None:
+    """Have the ranks this process starts pin themselves to their cores (in
+    ``xtp.init_distributed``) unless ``XTP_PIN`` says otherwise; returns the previous
+    ``XTP_PIN`` (``None``: unset) for :func:`restore_pin`."""
+    from ..accelerators.env import ENV_PIN, pin_mode
+
+    previous = os.environ.get(ENV_PIN)
+    if pin_mode() == "auto":
+        os.environ[ENV_PIN] = "1"
+    return previous
+
+
+def restore_pin(previous: str | None) -> None:
+    from ..accelerators.env import ENV_PIN
+
+    if previous is None:
+        os.environ.pop(ENV_PIN, None)
+    else:
+        os.environ[ENV_PIN] = previous
 
 
 def check_environment() -> None:
@@ -30,7 +55,7 @@ def check_environment() -> None:
     from ..accelerators import env, select
 
     for parse in (env.timeout_seconds, env.shm_chunk_bytes, env.cpu_pack, env.num_threads,
-                  env.cross_node_tp):
+                  env.cross_node_tp, env.pin_mode):
         parse()
     select()
 
@@ -46,6 +71,12 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
     """
     check_environment()
     if "RANK" in os.environ or tp == 1:
+        if "RANK" not in os.environ:  # xtp's own single rank: pinned like the ranks it starts
+            from ..accelerators.cpu.placement import place_this_rank
+            from .placement import local_placement
+
+            if local_placement(1) is not None:
+                place_this_rank(0, 1)
         result = fn(*params)
         import torch.distributed as dist
 
@@ -60,6 +91,7 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     set_threads_env(tp)
+    previous_pin = pin_started_ranks()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1)
@@ -73,6 +105,7 @@ def run_on_ranks(fn: Callable[..., dict], params: Sequence, tp: int, run_id: str
     except Exception as exc:  # ChildFailedError
         raise XtpError(describe_failures(exc, tp)) from exc
     finally:
+        restore_pin(previous_pin)
         for log, level in zip(quiet, levels):
             log.setLevel(level)
     return [results[r] for r in sorted(results)]

@@ -14,6 +14,7 @@ import time
 
 from ..models.builtin import DEFAULT_MODEL
 from .options import add_pack_option, apply_pack_option
+from .placement import tp_arg
 
 
 def add_parser(sub) -> None:
@@ -23,13 +24,16 @@ def add_parser(sub) -> None:
         "tokens, tokens/s, time to ready and peak memory per rank. With no MODEL, a tiny Llama "
         "with seeded random weights is built in memory (no download), and the sharded tokens are "
         "checked against the unsharded model.",
-        epilog="examples:\n  xtp run --tp 2\n  xtp run llama-1b --tp 2 --max-new-tokens 16\n"
+        epilog="examples:\n  xtp run --tp 2\n  xtp run llama-1b --tp auto --max-new-tokens 16\n"
         "  torchrun --nproc-per-node 2 -m xtp.cli.main run --tp 2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="built-in name, config JSON or checkpoint folder "
                    f"(default {DEFAULT_MODEL})")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--tp", type=tp_arg, default=1,
+                   help="tensor-parallel size, or auto: chosen from the host's sockets, NUMA "
+                   "nodes and cores, with the reason printed (default 1). On the CPU each "
+                   "rank is pinned to its own physical cores (XTP_PIN=0: not pinned)")
     p.add_argument("--prompt", default="0 1 2 3 4 5 6 7",
                    help="token ids separated by spaces (random-weight models have no tokenizer) "
                    "or text when MODEL has a tokenizer")
@@ -93,6 +97,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         if ref is not None:
             matches = bool(torch.equal(ref.to(ctx.device).generate(ids, **gen_kwargs), out))
     new = out[0, ids.shape[1]:].tolist()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     gpu_peak = ctx.accelerator.max_memory_allocated()
     return {
         "rank": ctx.rank, "tokens": new,
@@ -101,12 +106,15 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         "ready_s": ready, "peak_rss_mib": _peak_rss_mib(),
         "peak_device_mib": gpu_peak / 2**20 if gpu_peak else None,
         "matches_unsharded": matches, "device": str(ctx.device), "packed": packed,
+        "cpus": cpus, "threads": torch.get_num_threads(),
         "bytes_per_rank": sharded_plan(model).bytes_per_rank(ctx.tp_rank)
         if sharded_plan(model) else None,
     }
 
 
 def _report(results: list[dict], args) -> int:
+    from ..accelerators.cpu.cpu_topology import format_cpulist
+
     r0 = results[0]
     print(f"model {args.model}  tp {args.tp}  dtype {args.dtype}  device {r0['device']}")
     print(f"generated token ids: {r0['tokens']}")
@@ -120,7 +128,11 @@ def _report(results: list[dict], args) -> int:
         if r["peak_device_mib"]:
             mem += f", peak device memory {r['peak_device_mib']:.0f} MiB"
         shard = f", shard {r['bytes_per_rank'] / 2**20:.1f} MiB" if r["bytes_per_rank"] else ""
-        print(f"rank {r['rank']}: ready in {r['ready_s']:.2f} s, {mem}{shard}")
+        where = ""
+        if r.get("cpus") and r["device"] == r0["device"] and not r["peak_device_mib"]:
+            n = r["threads"]
+            where = f", CPUs {format_cpulist(r['cpus'])} ({n} thread{'s' if n != 1 else ''})"
+        print(f"rank {r['rank']}: ready in {r['ready_s']:.2f} s, {mem}{shard}{where}")
     if r0["matches_unsharded"] is not None:
         print("matches unsharded model: " + ("yes" if r0["matches_unsharded"] else "NO"))
         return 0 if r0["matches_unsharded"] else 1
@@ -153,7 +165,11 @@ def _check_prompt(prompt: str, model: str) -> None:
 def run(args) -> int:
     from ..errors import XtpError
     from ..models.builtin import resolve_config
+    from .launch import check_environment
+    from .placement import hint, local_placement, resolve_tp
 
+    check_environment()  # a bad XTP_* value or accelerator choice: one error, before anything
+    args.tp, why = resolve_tp(args.tp, args.model)
     if args.tp < 1:
         raise XtpError(f"--tp must be >= 1, got {args.tp}")
     if args.max_new_tokens < 1:
@@ -164,5 +180,12 @@ def run(args) -> int:
     from .launch import run_on_ranks
 
     apply_pack_option(args)
+    if "RANK" not in os.environ:  # under torchrun every rank would print it
+        for line in (why, hint(args.tp)):
+            if line:
+                print(line, flush=True)
+        placement = local_placement(args.tp)
+        if placement is not None:
+            print(f"placement: {placement.note}", flush=True)
     results = run_on_ranks(rank_main, params, args.tp, "xtp-run")
     return 0 if results is None else _report(results, args)

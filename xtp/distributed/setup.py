@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..accelerators import Accelerator, get_accelerator, resolve_dist_backend
 from ..accelerators.comm.failures import group_ranks, guarded, known_peers
+from ..accelerators.cpu.placement import place_rank_if_asked
 from ..accelerators.env import cross_node_tp, timeout_seconds
 from ..accelerators.errors import EnvSettingError
 from ..errors import DistributedSetupError, TPSizeError
@@ -75,6 +76,11 @@ def init_distributed(
 ) -> TPContext:
     """Set up (or adopt) torch.distributed and return this process's :class:`TPContext`.
 
+    Under a launcher with ``XTP_PIN=1`` (or ``smt``) on the CPU, this rank is first pinned to
+    its own physical cores and runs one thread on each
+    (:func:`xtp.accelerators.cpu.placement.place_this_rank`); ``xtp run`` sets it for the
+    ranks it starts, a user's own ``torchrun`` ranks are left alone unless asked.
+
     Args:
         tp_size: ranks per TP group; default: the whole world (or the size of ``group``).
         accelerator: registry name or instance; default: ``XTP_ACCELERATOR`` or detected.
@@ -109,6 +115,12 @@ def init_distributed(
         except EnvSettingError as exc:
             raise DistributedSetupError(str(exc)) from None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if _under_launcher():  # XTP_PIN=1 (set by xtp run for its ranks): this rank on its cores
+        try:
+            place_rank_if_asked(acc, local_rank, int(os.environ.get(
+                "LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        except EnvSettingError as exc:
+            raise DistributedSetupError(str(exc)) from None
 
     if not dist.is_initialized():
         if group is not None or mesh is not None:
