@@ -77,3 +77,9 @@ def test_a_config_that_rejects_tiny_sizes_says_so_in_one_line():
         tiny_config("esmc")
     assert "\n" not in str(info.value)
     assert tiny_config("esmc", kv_heads=None).num_attention_heads == HEADS
+
+
+def test_every_vocabulary_is_shrunk_not_only_vocab_size():
+    c = tiny_config("roc_bert")  # word, shape and pronunciation vocabularies
+    assert (c.vocab_size, c.shape_vocab_size, c.pronunciation_vocab_size) == (VOCAB,) * 3
+    assert c.type_vocab_size == 2  # already small: kept

@@ -144,8 +144,11 @@ def sweep_tp(types: list[tuple[str, str]], tp: int, timeout_s: float = 120.0,
                             f"{_last_log_line(out_dir, r)}" for p, r in bad)}
                         break
                 if time.monotonic() - started > timeout_s:
+                    said = "; ".join(f"rank {r}: {d[seen]['status']} {d[seen].get('reason', '')}"
+                                     .strip() for r, d in enumerate(done) if len(d) > seen)
                     failed = {"status": "error", "reason": f"no result after {timeout_s:.0f} s "
-                              "(a hang, or the ranks waiting on each other); ranks stopped"}
+                              "(a hang, or the ranks waiting on each other); ranks stopped"
+                              + (f"; before that {said}" if said else "")}
                     break
                 time.sleep(0.1)
             _stop(procs)

@@ -33,9 +33,10 @@ TINY: dict[str, int] = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
                      "encoder_attention_heads", "decoder_attention_heads"), HEADS),
     **dict.fromkeys(_KV_NAMES, KV_HEADS),
-    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim"), HEAD_DIM),
+    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim", "d_head",
+                     "hidden_size_per_layer_input"), HEAD_DIM),
     **dict.fromkeys(("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff",
-                     "n_inner", "ffn_hidden_size", "inner_hidden_size", "mlp_dim"), FFN),
+                     "n_inner", "ffn_hidden_size", "inner_hidden_size", "mlp_dim", "d_inner"), FFN),
     **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size",
                      "shared_expert_intermediate_size", "moe_ffn_hidden_size"), FFN // 2),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
@@ -132,6 +133,10 @@ def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
         if name in kwargs:
             continue
         current = _get(default, name, value)
+        if ("vocab_size" in name and isinstance(current, int) and not isinstance(current, bool)
+                and current > VOCAB):  # every vocabulary: audio, entity, per-layer, padded ...
+            kwargs[name] = VOCAB
+            continue
         if _is_config(current):
             kwargs[name] = _shrink_instance(current, kv_heads)
         elif (isinstance(vocab, int) and name.endswith(("_token_id", "_token_index"))
