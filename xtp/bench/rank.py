@@ -266,6 +266,21 @@ def _versions() -> dict:
     return found
 
 
+def pin(cpulist: str) -> str:
+    """Restrict every thread of this process to ``cpulist`` (the kernel's list format,
+    ``0-3,8``); returns it. Plain Python: a peer's rank has no xtp to import."""
+    cpus = set()
+    for part in cpulist.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+    return cpulist
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="one rank of xtp bench (started by xtp bench)")
     p.add_argument("path")
@@ -281,10 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", action="store_true",
                    help="measure memory read bandwidth after the run (CPU only)")
     p.add_argument("--out", required=True, help="folder for rank{RANK}.json")
+    p.add_argument("--cpus", default=None,
+                   help="'/'-separated CPU lists, one per local rank (e.g. 0-3/4-7): pin this "
+                   "rank to its list before torch starts any thread")
     a = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     result: dict = {"rank": rank, "impl": a.impl, "tp": a.tp, "dtype": a.dtype, "ok": False}
     try:
+        if a.cpus:
+            result["cpus"] = pin(a.cpus.split("/")[int(os.environ.get("LOCAL_RANK", "0"))])
         import torch
 
         result["base_rss_mib"] = mem_kib("VmRSS") / 1024

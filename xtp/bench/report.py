@@ -20,6 +20,7 @@ def fold(ranks: list[dict], bytes_per_step: int | None = None) -> dict:
     r0 = min(ranks, key=lambda r: r.get("rank", 0)) if ranks else {}
     row = {k: r0.get(k) for k in ("impl", "tp", "dtype", "threads", "tokens", "profile",
                                   "collectives", "versions", "device")}
+    row["cpus"] = [r.get("cpus") for r in sorted(ranks, key=lambda r: r.get("rank", 0))]
     if not ranks or len(ok) < len(ranks) or len(ranks) < (row.get("tp") or 1):
         errs = [r["error"] for r in ranks if r.get("error")]
         row.update(ok=False, error=errs[0] if errs else "no result from some rank")

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..accelerators.cpu.cpu_topology import format_cpulist, parse_cpulist
 from ..errors import ArgumentError
 from .options import add_pack_option, apply_pack_option
 
@@ -48,7 +49,9 @@ def add_parser(sub) -> None:
         "  xtp bench ./my-checkpoint --tp 2 --decode-steps 64 --profile",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="built-in name, config JSON or checkpoint folder")
-    p.add_argument("--tp", default="1,2", help="comma-separated TP sizes (default 1,2)")
+    p.add_argument("--tp", default="1,2",
+                   help="comma-separated TP sizes, auto among them: the size xtp run --tp auto "
+                   "chooses from the host's topology (default 1,2)")
     p.add_argument("--vs", default=",".join(PEERS),
                    help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)}"
                    "); also xtp-dense: xtp with its weights left unpacked (--no-pack)")
@@ -62,7 +65,12 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="prefill repeats (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps (default 2)")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads per rank (default: available cores // tp)")
+                   help="threads per rank (default: the physical cores each rank is pinned to; "
+                   "with --no-pin available cores // tp)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave the ranks of every implementation unpinned (default on the CPU: "
+                   "each local rank on its own physical cores, one thread per core, the same "
+                   "cores for every implementation; XTP_PIN=0 does the same)")
     p.add_argument("--cache-dir", default="bench/out",
                    help="where built-in models are saved (default bench/out)")
     p.add_argument("--no-bandwidth", action="store_true",
@@ -90,9 +98,30 @@ def _split(raw: str, what: str) -> list[str]:
     return items
 
 
-def _threads(tp: int, override: int | None) -> int:
+def _placements(tps: set[int], args) -> dict[int, str | None]:
+    """Per TP size, the ``--cpus`` argument of the ranks (``/``-separated CPU lists, one per
+    local rank), or ``None`` where they are not pinned."""
+    from .placement import local_placement
+
+    if args.no_pin or _has_device():
+        return {tp: None for tp in tps}
+    out: dict[int, str | None] = {}
+    for tp in sorted(tps):
+        placement = local_placement(tp)
+        out[tp] = None if placement is None or not placement.pinned else "/".join(
+            format_cpulist(r.cpus) for r in placement.ranks)
+        if placement is not None:
+            print(f"placement tp {tp}: {placement.note}", flush=True)
+    return out
+
+
+def _threads(tp: int, override: int | None, cpus: str | None = None) -> int:
     if override:
         return override
+    if cpus:
+        from ..accelerators.env import num_threads
+
+        return num_threads() or len(parse_cpulist(cpus.split("/")[0]))
     try:
         from ..accelerators.cpu.threads import threads_per_rank
 
@@ -126,9 +155,10 @@ def _wait_for_quiet(max_load: float | None, retries: int) -> None:
         time.sleep(60)
 
 
-def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int, args
-           ) -> list[dict]:
-    """Start ``tp`` fresh ranks of ``impl`` under torchrun; their result dicts."""
+def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int, args,
+           cpus: str | None = None) -> list[dict]:
+    """Start ``tp`` fresh ranks of ``impl`` under torchrun, pinned to ``cpus`` (the ranks'
+    ``/``-separated CPU lists) where given; their result dicts."""
     from ..bench import rank as bench_rank
 
     out = Path(tempfile.mkdtemp(prefix="xtp-bench-"))
@@ -139,6 +169,7 @@ def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int
            "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
            "--warmup", str(args.warmup), "--out", str(out)] + (
                ["--profile"] if args.profile else []) + (
+               ["--cpus", cpus] if cpus else []) + (
                ["--bandwidth"] if not (args.no_bandwidth or _has_device()) else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_SIZE=str(tp),
                PYTHONUNBUFFERED="1", **extra_env)
@@ -176,11 +207,21 @@ def _has_device() -> bool:
 def _check(args) -> tuple[list[int], list[str], list[str]]:
     import torch
 
-    try:
-        tps = sorted({int(x) for x in _split(args.tp, "--tp")})
-    except ValueError:
-        raise BenchUsageError(f"--tp takes comma-separated integers, e.g. 1,2; got {args.tp!r}"
-                              ) from None
+    from .placement import AUTO, resolve_tp
+
+    sizes: set[int] = set()
+    for item in _split(args.tp, "--tp"):
+        if item.lower() == AUTO:
+            size, why = resolve_tp(AUTO, args.model)
+            print(why, flush=True)
+            sizes.add(size)
+            continue
+        try:
+            sizes.add(int(item))
+        except ValueError:
+            raise BenchUsageError(f"--tp takes comma-separated integers (or auto), e.g. 1,2; "
+                                  f"got {args.tp!r}") from None
+    tps = sorted(sizes)
     if tps[0] < 1:
         raise BenchUsageError(f"--tp sizes must be >= 1, got {args.tp}")
     dtypes = _split(args.dtype, "--dtype")
@@ -212,7 +253,7 @@ def _versions_line(rows: list[dict], python: str) -> str:
 
 
 def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int,
-             per_token: int, args) -> dict:
+             per_token: int, args, cpus: str | None = None) -> dict:
     """One fresh set of ranks, waited for a quiet machine; its row, with the load around it."""
     from ..bench.leaks import collect_leaks, shm_files
     from ..bench.report import fold
@@ -221,7 +262,7 @@ def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: i
     before = _load_avg()
     print(f"  {impl:12s} tp {tp}: {before} ...", end="", flush=True)
     shm_before = shm_files()
-    row = fold(launch(python, impl, path, tp, dtype, threads, args), per_token)
+    row = fold(launch(python, impl, path, tp, dtype, threads, args, cpus), per_token)
     leaks = collect_leaks(shm_before)
     row.update(load_before=before, load_after=_load_avg(), dtype=dtype, impl=impl, tp=tp,
                threads=row.get("threads") or threads, bytes_per_step=per_token,
@@ -246,10 +287,10 @@ def run(args) -> int:
     from ..models.builtin import resolve_config
     from .launch import check_environment
 
-    tps, dtypes, vs = _check(args)
     check_environment()  # a bad XTP_* value fails here, not in every run's ranks
-    apply_pack_option(args)
     resolve_config(args.model)  # a wrong MODEL fails here, before anything starts
+    tps, dtypes, vs = _check(args)
+    apply_pack_option(args)
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable
     impls = ["xtp", "unsharded"]
     for peer in vs:
@@ -258,7 +299,8 @@ def run(args) -> int:
             print(f"{peer}: skipped ({why}; to install the peers: {PEER_SETUP})", flush=True)
         else:
             impls.append(peer)
-    threads = {tp: _threads(tp, args.threads) for tp in set(tps) | {1}}
+    cpus = _placements(set(tps) | {1}, args)
+    threads = {tp: _threads(tp, args.threads, cpus[tp]) for tp in set(tps) | {1}}
     print(f"model {args.model}; {os.cpu_count()} CPUs; threads per rank: "
           + ", ".join(f"tp {tp} -> {n}" for tp, n in sorted(threads.items())), flush=True)
     rows: list[dict] = []
@@ -274,7 +316,7 @@ def run(args) -> int:
                 print(f" round {rnd + 1}/{args.rounds}", flush=True)
             for impl, tp in runs if rnd % 2 == 0 else runs[::-1]:  # alternate the order
                 done[impl, tp].append(_one_run(python, impl, path, tp, dtype, threads[tp],
-                                               per_token, args))
+                                               per_token, args, cpus[tp]))
         rows += [merge_rounds(done[run]) for run in runs]
     print()
     print(f"ratios: implementation / xtp at the same tp and dtype (above 1: xtp is better); "
