@@ -1,4 +1,6 @@
-"""``xtp env``: what accelerators this machine has, and which one xtp would use."""
+"""``xtp env``: what accelerators this machine has, which one xtp would use, the host's CPU
+topology and where xtp would place its ranks; under ``torchrun``, which global ranks form each
+TP group, on which host, and on which CPUs each rank runs."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ..accelerators import ENV_ACCELERATOR, ENV_DIST_BACKEND, XtpError, create, 
 from ..accelerators._torch_compat import backend_available
 from ..accelerators.devices.backend import KNOWN_BACKENDS
 from ..accelerators.devices.registry import BUILTINS
+from .placement import tp_arg
 
 
 def add_parser(sub) -> None:
@@ -21,14 +24,42 @@ def add_parser(sub) -> None:
         help="show detected accelerators and collective backends",
         description="List every built-in and plugin accelerator, whether it is usable here and "
         "why not, and which one xtp would select.",
-        epilog=f"examples:\n  xtp env\n  xtp env --json\n  {ENV_ACCELERATOR}=xpu xtp env",
+        epilog=f"examples:\n  xtp env\n  xtp env --json --tp 4\n  {ENV_ACCELERATOR}=xpu xtp env"
+        "\n  torchrun --nproc-per-node 4 -m xtp.cli.main env --tp 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--tp", type=tp_arg, default=None,
+                   help="show the placement of N local ranks (default: the size --tp auto "
+                   "chooses here); under torchrun: group the world into TP groups of N "
+                   "(default: the whole world) and show them")
     p.set_defaults(func=run)
 
 
-def collect() -> dict:
+def placement_info(tp: int | str | None = None) -> dict:
+    """The host's CPU topology, ``--tp auto``'s choice and why, and the placement of ``tp``
+    local ranks (default: that choice) as ``xtp run``/``bench`` would pin them."""
+    from ..accelerators.cpu.cpu_topology import read_topology
+    from ..accelerators.cpu.placement import choose_tp, plan_placement, tp_hint
+    from ..accelerators.env import pin_mode
+    from ..accelerators.errors import EnvSettingError
+
+    topo = read_topology()
+    auto, why = choose_tp(topo)
+    ranks = tp if isinstance(tp, int) else auto
+    info = {"topology": topo.describe(), "tp_auto": auto, "tp_auto_reason": why,
+            "pin": None, "local_ranks": ranks, "placement": None, "hint": tp_hint(topo, ranks),
+            "error": ""}
+    try:  # a bad XTP_PIN / XTP_NUM_THREADS is shown, not fatal: this command diagnoses
+        info["pin"] = pin_mode()
+        info["placement"] = plan_placement(topo, max(1, ranks),
+                                           smt=info["pin"] == "smt").as_dict()
+    except EnvSettingError as exc:
+        info["error"] = str(exc)
+    return info
+
+
+def collect(tp: int | str | None = None) -> dict:
     """Everything ``xtp env`` reports, as a JSON-able dict."""
     import os
 
@@ -64,6 +95,7 @@ def collect() -> dict:
         "accelerators": rows,
         "collective_backends": {b: backend_available(b) for b in KNOWN_BACKENDS},
         "selected": selected,
+        "cpu": placement_info(tp),
     }
 
 
@@ -99,10 +131,86 @@ def render(info: dict) -> str:
         lines.append(f"selected: {sel['name']} ({sel['how']})")
     else:
         lines.append(f"selected: none -- {sel['error']}")
+    lines += render_cpu(info["cpu"])
+    if info.get("world"):
+        lines += render_world(info["world"])
     return "\n".join(lines)
 
 
+_PIN = {"auto": "XTP_PIN unset: xtp run/bench pin the ranks they start, torchrun ranks are "
+        "left alone", "on": "XTP_PIN=1: every CPU rank is pinned, torchrun's too",
+        "smt": "XTP_PIN=smt: pinned with the SMT siblings", "off": "XTP_PIN=0: nothing is pinned"}
+
+
+def render_cpu(cpu: dict) -> list[str]:
+    place = cpu["placement"]
+    k = cpu["local_ranks"]
+    lines = ["", f"cpu: {cpu['topology']}", cpu["tp_auto_reason"]]
+    if place is None:
+        return lines + [f"placement: unknown -- {cpu['error']}"]
+    lines.append(f"placement of {k} local rank{'s' if k != 1 else ''} ({_PIN[cpu['pin']]}): "
+                 f"{place['note']}")
+    for r in place["ranks"]:
+        lines.append(f"  rank {r['local_rank']}: CPUs {r['cpus']} ({_threads(r['threads'])}, "
+                     f"socket {','.join(map(str, r['sockets']))}, NUMA node "
+                     f"{','.join(map(str, r['nodes']))})")
+    if cpu["hint"]:
+        lines.append(cpu["hint"])
+    return lines
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def render_world(world: dict) -> list[str]:
+    lines = ["", world["describe"]]
+    for r in world["ranks"]:
+        lines.append(f"  global rank {r['rank']} on {r['host']} (pid {r['pid']}): CPUs "
+                     f"{r['cpus']}, {_threads(r['threads'])}")
+    return lines
+
+
+def world_info(tp: int | None) -> dict | None:
+    """Under a launcher (``RANK``/``WORLD_SIZE`` set): ``init_distributed(tp)`` and each rank's
+    host, pid, CPUs and threads, gathered to every rank; ``None`` elsewhere."""
+    import os
+    import socket
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    import xtp
+
+    from ..accelerators.comm.failures import guarded
+    from ..accelerators.cpu.cpu_topology import allowed_cpus, format_cpulist
+
+    ctx = xtp.init_distributed(tp)
+    mine = {"rank": ctx.rank, "host": socket.gethostname(), "pid": os.getpid(),
+            "cpus": format_cpulist(allowed_cpus()), "threads": torch.get_num_threads()}
+    ranks = [None] * ctx.world_size
+    with guarded("gathering the ranks' placement"):
+        dist.all_gather_object(ranks, mine)
+    return {"describe": ctx.describe(), "rank": ctx.rank, "ranks": ranks,
+            "topology": ctx.topology.as_dict() if ctx.topology is not None else None}
+
+
 def run(args) -> int:
-    info = collect()
+    import os
+
+    from .launch import check_environment
+
+    if args.tp is not None and args.tp != "auto" and args.tp < 1:
+        raise XtpError(f"--tp must be >= 1, got {args.tp}")
+    local = os.environ.get("LOCAL_WORLD_SIZE", "") if "RANK" in os.environ else ""
+    info = collect(int(local) if local.isdigit() and int(local) > 0 else args.tp)
+    if info["selected"]["name"] and "RANK" in os.environ:
+        check_environment()  # XTP_PIN, XTP_NUM_THREADS, ...: one line, before any group
+        world = world_info(args.tp if isinstance(args.tp, int) else None)
+        if world is not None:
+            info["world"] = world
+            if world["rank"] != 0:  # rank 0 prints for the world
+                return 0
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 0 if info["selected"]["name"] else 2

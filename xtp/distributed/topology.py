@@ -68,6 +68,17 @@ class Topology:
             nodes.append(keys.setdefault(key, len(keys)))
         return cls(tuple(hosts), tuple(nodes), tuple(tuple(g) for g in tp_groups))
 
+    @classmethod
+    def layout(cls, world: int, tp_size: int, nodes: int = 1) -> Topology:
+        """The placement ``torchrun`` gives ``world`` ranks on ``nodes`` nodes with the same
+        ``--nproc-per-node`` (ranks numbered node by node; hosts named ``node0``, ``node1``,
+        ...) split into TP groups of ``tp_size`` consecutive ranks: what ``xtp plan --world``
+        shows, before any rank starts (``world`` divisible by ``tp_size`` and ``nodes``)."""
+        per = world // nodes
+        return cls(tuple(f"node{r // per}" for r in range(world)),
+                   tuple(r // per for r in range(world)),
+                   tuple(tuple(range(k, k + tp_size)) for k in range(0, world, tp_size)))
+
     @property
     def num_nodes(self) -> int:
         return len({n for n in self.nodes if n >= 0})
