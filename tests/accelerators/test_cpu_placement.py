@@ -1,43 +1,17 @@
 """CPU topology reading and rank placement: fake sysfs trees (one socket with SMT, two sockets
 x two NUMA nodes, a cpuset-restricted container, no sysfs), the tp auto rule and its hints,
-``XTP_PIN`` parsing, and one real check that two pinned ranks get disjoint affinity masks."""
+``XTP_PIN`` parsing. Real ranks with disjoint affinity masks: tests/cli/test_cli_placement.py
+(torchrun) and tests/cli/test_cli_run.py (xtp run --tp 2)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from fake_sysfs import fake_sysfs
 from xtp.accelerators.cpu.cpu_topology import format_cpulist, parse_cpulist, read_topology
 from xtp.accelerators.cpu.placement import choose_tp, plan_placement, tp_hint
 from xtp.accelerators.env import pin_mode
 from xtp.accelerators.errors import EnvSettingError
-
-
-def fake_sysfs(root: Path, sockets: int, nodes_per_socket: int, cores_per_node: int,
-               smt: bool) -> Path:
-    """A sysfs tree numbered as Linux does: the first thread of every core is CPU 0..N-1 (socket
-    by socket, node by node), the SMT siblings N..2N-1 in the same order."""
-    n = sockets * nodes_per_socket * cores_per_node
-    cpu_dir, node_dir = root / "sys/devices/system/cpu", root / "sys/devices/system/node"
-    node_cpus: dict[int, list[int]] = {}
-    for core in range(n):
-        node, socket = core // cores_per_node, core // (cores_per_node * nodes_per_socket)
-        threads = [core, core + n] if smt else [core]
-        for cpu in threads:
-            topo = cpu_dir / f"cpu{cpu}" / "topology"
-            topo.mkdir(parents=True)
-            (topo / "physical_package_id").write_text(f"{socket}\n")
-            (topo / "core_id").write_text(f"{core % cores_per_node}\n")
-            (topo / "thread_siblings_list").write_text(format_cpulist(threads) + "\n")
-            node_cpus.setdefault(node, []).append(cpu)
-    for node, cpus in node_cpus.items():
-        (node_dir / f"node{node}").mkdir(parents=True)
-        (node_dir / f"node{node}" / "cpulist").write_text(format_cpulist(cpus) + "\n")
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -143,28 +117,3 @@ def test_pin_mode_bad_value(monkeypatch):
     monkeypatch.setenv("XTP_PIN", "sometimes")
     with pytest.raises(EnvSettingError, match="XTP_PIN='sometimes' is not understood; use 1"):
         pin_mode()
-
-
-WORKER = """
-import os, sys, torch
-from xtp.accelerators.cpu.cpu_topology import CpuTopology, Core
-from xtp.accelerators.cpu.placement import place_this_rank
-topo = CpuTopology(tuple(Core((c,), 0, 0) for c in sorted(os.sched_getaffinity(0))))
-mine = place_this_rank(int(sys.argv[1]), 2, topology=topo)
-torch.ones(1 << 16).sum()  # start the intra-op pool after pinning
-print(repr((sorted(os.sched_getaffinity(0)), torch.get_num_threads(), mine.cpus)))
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs Linux affinity and 2 CPUs")
-def test_two_real_ranks_get_disjoint_affinity_masks():
-    env = dict(os.environ)
-    env.pop("XTP_NUM_THREADS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r)], stdout=subprocess.PIPE,
-                              text=True, env=env) for r in range(2)]
-    outs = [eval(p.communicate(timeout=120)[0]) for p in procs]
-    masks = [set(o[0]) for o in outs]
-    assert masks[0] and masks[1] and masks[0].isdisjoint(masks[1])
-    for mask, threads, cpus in outs:
-        assert set(cpus) == set(mask) and threads == len(mask)

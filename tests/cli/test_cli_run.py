@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from xtp.accelerators.cpu.cpu_topology import parse_cpulist
+
 
 def xtp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "xtp.cli.main", *args], capture_output=True,
@@ -23,6 +25,11 @@ def test_run_default_model_two_ranks_matches_unsharded():
     assert "rank 0: ready in" in out and "rank 1: ready in" in out
     assert "matches unsharded model: yes" in out
     assert "tokens/s" in out
+    # each rank pinned to its own cores (xtp run's placement): the two CPU lists are disjoint
+    cpus = [line.split("CPUs ")[1].split(" (")[0] for line in out.splitlines()
+            if line.startswith("rank ") and "CPUs " in line]
+    assert len(cpus) == 2
+    assert set(parse_cpulist(cpus[0])).isdisjoint(parse_cpulist(cpus[1]))
 
 
 def test_run_tp1_single_process():
