@@ -6,7 +6,9 @@ least one). More threads than cores make the ranks steal each other's cores, whi
 memory-bound decode step costs more than it gains. ``XTP_NUM_THREADS`` overrides the choice.
 
 Nothing here runs at import: :func:`threads_per_rank` only computes, :func:`apply_threads`
-also calls ``torch.set_num_threads``; ``xtp run``/``bench`` call it once per rank.
+also calls ``torch.set_num_threads``. Where the ranks are pinned (``xtp run``/``bench``, or
+``XTP_PIN=1``), :mod:`.placement` decides instead: one thread per physical core the rank is
+pinned to; this split of the logical CPUs is what unpinned ranks get.
 """
 
 from __future__ import annotations
