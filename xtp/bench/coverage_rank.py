@@ -46,10 +46,18 @@ def _build(config, kind: str):
     return _auto(kind).from_config(config).float().eval()
 
 
+def _no_cache(model) -> dict:
+    """``use_cache=False`` where the forward takes it (no cache objects for one forward)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
 def _logits(model, ids, kind: str):
     if kind == "seq2seq":
-        return model(input_ids=ids, decoder_input_ids=ids[:, :3], use_cache=False).logits
-    return model(input_ids=ids, use_cache=False).logits
+        return model(input_ids=ids, decoder_input_ids=ids[:, :3], **_no_cache(model)).logits
+    return model(input_ids=ids, **_no_cache(model)).logits
 
 
 def _tokens(model, ids, kind: str, use_generate: bool):
@@ -65,12 +73,12 @@ def _tokens(model, ids, kind: str, use_generate: bool):
     if kind == "seq2seq":
         dec = ids[:1, :1]
         for _ in range(NEW_TOKENS):
-            nxt = model(input_ids=ids[:1], decoder_input_ids=dec, use_cache=False).logits
+            nxt = model(input_ids=ids[:1], decoder_input_ids=dec, **_no_cache(model)).logits
             dec = torch.cat([dec, nxt[:, -1:].argmax(-1)], dim=1)
         return dec
     out = ids[:1]
     for _ in range(NEW_TOKENS):
-        nxt = model(input_ids=out, use_cache=False).logits[:, -1:].argmax(-1)
+        nxt = model(input_ids=out, **_no_cache(model)).logits[:, -1:].argmax(-1)
         out = torch.cat([out, nxt], dim=1)
     return out
 
