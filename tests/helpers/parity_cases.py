@@ -62,6 +62,10 @@ CASES: list[Case] = [
     Case("gpt_neox", "gpt_neox", dict(_DEC, num_attention_heads=12)),
     Case("gptj", "gptj", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V, n_positions=64,
                               rotary_dim=4)),
+    # fused qkv in mp_num=4 groups of [q | v | k], viewed by embed_dim // mp_num: embed_dim is
+    # divided, so it keeps its full value (was silently wrong when made local)
+    Case("codegen", "codegen", dict(n_embd=64, n_head=4, n_layer=2, vocab_size=V,
+                                    n_positions=64, rotary_dim=8)),
     Case("gpt2", "gpt2", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V, n_positions=64)),
     Case("gpt_bigcode", "gpt_bigcode", dict(n_embd=96, n_head=12, n_layer=2, vocab_size=V,
                                             n_positions=64, multi_query=True)),

@@ -307,3 +307,38 @@ def test_gqa_tp_not_a_multiple_of_kv_heads(num_heads, num_kv_heads, tp, q_sizes,
     hp = partition_heads(num_heads, num_kv_heads, tp)
     assert hp.q.sizes == q_sizes
     assert hp.kv_ranges == kv_ranges
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write ``total`` as ``parts`` positive ints, in order."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,tp", [(32, 8, 6), (12, 4, 5), (4, 2, 3),
+                                                       (12, 3, 4), (6, 2, 4)])
+def test_largest_rank_is_as_small_as_any_valid_split(num_heads, num_kv_heads, tp):
+    """Brute force over every contiguous split of the query heads in which each rank holds whole
+    KV groups or part of one group (so its queries use its KV heads in the model's order, no KV
+    head twice on a rank): none has a smaller largest rank (q, k, v and o bytes: 2 per query head
+    + 2 per KV head) than partition_heads'. 32 / 8 at tp 6: 8 query heads on the largest rank is
+    that optimum (6 would need a KV head duplicated within a rank)."""
+    group = num_heads // num_kv_heads
+
+    def cost(q_sizes):
+        out, start = [], 0
+        for q in q_sizes:
+            first, last = start // group, (start + q - 1) // group
+            whole = start % group == 0 and q % group == 0
+            if not whole and first != last:
+                return None
+            out.append(2 * q + 2 * (last - first + 1))
+            start += q
+        return max(out)
+
+    best = min(c for sizes in _compositions(num_heads, tp) if (c := cost(sizes)) is not None)
+    assert cost(partition_heads(num_heads, num_kv_heads, tp).q.sizes) == best

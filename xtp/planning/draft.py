@@ -17,7 +17,7 @@ from .probe import FlowGraph
 from .rules import glob_rules
 from .spec import AttrUpdate, Collective, Layout, ModuleSpec, Ranges, Role, Split, WeightKind
 from .trace import run_probe
-from .weights import module_spec, weight_kind
+from .weights import module_spec, plain_forward, weight_kind
 
 
 def _head_bias_tables(modules: dict[str, nn.Module], kinds: dict[str, WeightKind],
@@ -83,8 +83,13 @@ class Draft:
                    _head_bias_tables(modules, kinds, shape, config))
 
     def is_linear(self, name: str) -> bool:
-        """True for a Linear-like layer (nn.Linear or transformers Conv1D)."""
-        return self.kinds.get(name) in (WeightKind.OUT_IN, WeightKind.IN_OUT)
+        """True for a Linear-like layer (nn.Linear or transformers Conv1D) that computes a plain
+        product with its weight: the base class's forward, or a forward of its own that does not
+        reshape or view the weight (a block-diagonal grouped linear views it per group, so its
+        rows do not map to output features one to one: never split)."""
+        return (self.kinds.get(name) in (WeightKind.OUT_IN, WeightKind.IN_OUT)
+                and (plain_forward(self.modules[name])
+                     or f"{name}.weight" not in self.graph.reshaped_params))
 
     def spec(self, name: str, role: Role, reason: str, split: Split | None = None,
              ranges: Sequence[Ranges] = (), layout: Layout | None = None,

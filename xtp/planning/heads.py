@@ -23,6 +23,7 @@ from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges
 from .partition import HeadPartition, Partition
 from .render import collapse
 from .spec import AttrUpdate, Layout, Ranges, Role, Split
+from .traced import DIVIDED, module_origin
 from .weights import in_out
 
 
@@ -99,10 +100,14 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
                   for n, d in own.values()}
     holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
                if n not in draft.kinds]  # the attention module and its inner helpers
+    reads = set().union(*(draft.graph.attr_reads.get(c, set()) for c in cols))
     for holder_name, holder in holders:
         for attr, value in holder.__dict__.items():
             if not isinstance(value, int) or isinstance(value, bool):
                 continue
+            origin = module_origin(holder_name, attr)
+            if origin + DIVIDED in reads and origin not in reads:
+                continue  # the forward only divides it (into a group width): that width stays
             if attr in mt.HEAD_ATTRIBUTES:
                 full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
                 if value != full:

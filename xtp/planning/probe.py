@@ -98,6 +98,12 @@ class FlowGraph:
     #: config attributes (traced during the probe) behind the sizes and indices layout ops
     #: used on activations of each source
     config_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: modules' int attributes (``@module:attr``, ``//`` appended when divided first) behind
+    #: the sizes and indices layout ops used on activations of each source
+    attr_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: parameters the forward reshapes, splits or views (not only transposes): a Linear
+    #: subclass doing so to its weight is no plain linear (a block-diagonal grouped linear)
+    reshaped_params: set[str] = field(default_factory=set)
     #: shape of each source's output on its first call
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -163,22 +169,34 @@ def _record_layout(graph: FlowGraph, func, args, kwargs, out) -> None:
                 pass
 
 
+#: layout ops that keep a weight's rows as rows (a transpose is how a linear reads its weight)
+_ORDER_ONLY = frozenset({_T.transpose, _T.permute, _T.contiguous, _T.movedim, _T.swapaxes,
+                         torch.transpose, torch.permute, torch.movedim, torch.swapaxes})
+
+
 class _FlowMode(TorchFunctionMode):
-    def __init__(self, graph: FlowGraph | None = None) -> None:
+    def __init__(self, graph: FlowGraph | None = None, params: dict | None = None) -> None:
         super().__init__()
         self.graph = graph
+        self.params = params or {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if (self.graph is not None and args and func in LAYOUT_OPS and func not in _ORDER_ONLY
+                and id(args[0]) in self.params):
+            self.graph.reshaped_params.add(self.params[id(args[0])])
         src = sources_of(args) | sources_of(kwargs)
         if src:
             _mark(out, src)
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
                 read = origins(args[1:]) | origins(kwargs)
+                attrs = {o for o in read if o.startswith("@")}
                 for s in src if read else ():
-                    self.graph.config_reads[s] |= read
+                    if read - attrs:
+                        self.graph.config_reads[s] |= read - attrs
+                    self.graph.attr_reads[s] |= attrs
                 if func in SIZE_ARGS:
                     sizes = _ints(args[SIZE_ARGS[func]:]) | _ints(kwargs.get("split_size"))
                     for s in src:
@@ -233,7 +251,8 @@ def probe(
             handles.append(mod.register_forward_hook(inner_hook, with_kwargs=True))
     try:
         _mark(inputs, {INPUT})
-        with _FlowMode(graph), torch.no_grad():
+        params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        with _FlowMode(graph, params), torch.no_grad():
             out = model(**inputs)
         for s in sources_of(out):
             graph.consumers[s].add(OUTPUT)

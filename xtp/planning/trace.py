@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import PlanError
 from .model_table import CONFIG_ALIASES
 from .probe import FlowGraph, probe
-from .traced import instrument_config, restore
+from .traced import instrument_config, instrument_modules, restore
 from .weights import weight_kind
 
 #: config attributes that may hold a head count (traced during the probe)
@@ -121,6 +121,7 @@ def run_probe(model: nn.Module) -> FlowGraph:
         config._experts_implementation_internal = "batched_mm"
     state = _snapshot_tensor_state(model)
     traced = instrument_config(config, HEAD_COUNT_NAMES)
+    traced += instrument_modules(model, lambda m: weight_kind(m) is not None)
     try:
         return _probe_fake_then_real(model, state)
     finally:

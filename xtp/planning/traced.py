@@ -6,7 +6,10 @@ memory (``self.config.num_attention_heads * self.head_dim`` remembers
 ``num_attention_heads``). The probe records the names behind the sizes and indices each layout
 op receives (:attr:`~xtp.planning.probe.FlowGraph.config_reads`), so the planner gives a local
 config to exactly the attention modules whose forward reshapes by the config's head counts.
-The config is put back after the probe.
+Modules' own int attributes are traced the same way (named ``@module:attr``,
+:attr:`~xtp.planning.probe.FlowGraph.attr_reads`): an attribute the forward only *divides*
+before using it as a size (``embed_dim // mp_num``) is not a head count or width to make local.
+Config and attributes are put back after the probe.
 """
 
 from __future__ import annotations
@@ -29,13 +32,22 @@ class TracedInt(int):
         return (TracedInt, (int(self), self.origin))
 
 
+#: suffix of an origin whose value was divided (``x // n``, ``x % n``): the result is no longer
+#: a multiple of the original quantity (``embed_dim // mp_num`` is a group's width)
+DIVIDED = "//"
+
+
 def _keep_origin(op: str):
     base = getattr(int, op)
+    divides = op in ("__floordiv__", "__mod__")
 
     def method(self, other):
         out = base(self, other)
         if isinstance(out, int) and not isinstance(out, bool):
-            return TracedInt(out, self.origin | getattr(other, "origin", frozenset()))
+            mine = self.origin
+            if divides:
+                mine = frozenset(o if o.endswith(DIVIDED) else o + DIVIDED for o in mine)
+            return TracedInt(out, mine | getattr(other, "origin", frozenset()))
         return out
 
     return method
@@ -44,6 +56,11 @@ def _keep_origin(op: str):
 for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
             "__rfloordiv__", "__mod__", "__rmod__"):
     setattr(TracedInt, _op, _keep_origin(_op))
+
+
+def module_origin(module_name: str, attr: str) -> str:
+    """The origin name of int attribute ``attr`` of module ``module_name`` (``@path:attr``)."""
+    return f"@{module_name}:{attr}"
 
 
 def origins(obj) -> set[str]:
@@ -73,6 +90,21 @@ def instrument_config(config, names) -> list:
             if type(v) is int:
                 saved.append((cdict, k, v))
                 cdict[k] = TracedInt(v, {k})
+    return saved
+
+
+def instrument_modules(model, skip) -> list:
+    """Replace every plain int attribute of every module of ``model`` (but those ``skip(module)``
+    says to leave) by a traced one named :func:`module_origin`; returns what :func:`restore`
+    needs."""
+    saved = []
+    for name, module in model.named_modules():
+        if skip(module):
+            continue
+        for k, v in list(module.__dict__.items()):
+            if type(v) is int:
+                saved.append((module.__dict__, k, v))
+                module.__dict__[k] = TracedInt(v, {module_origin(name, k)})
     return saved
 
 

@@ -33,6 +33,13 @@ def weight_kind(module: nn.Module) -> WeightKind | None:
     return None
 
 
+def plain_forward(module: nn.Module) -> bool:
+    """True when a Linear-like module's class keeps the base class's ``forward`` (``x @ W.T +
+    b``, or Conv1D's ``x @ W + b``)."""
+    base = nn.Linear if isinstance(module, nn.Linear) else _conv1d_class()
+    return base is not None and type(module).forward is base.forward
+
+
 def in_out(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear-like module."""
     w = module.weight
