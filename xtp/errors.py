@@ -27,6 +27,12 @@ class RuleError(PlanError, ValueError):
     """A user rule that matches nothing or names an unknown role."""
 
 
+class ShardedForwardError(PlanError):
+    """A plan whose local shapes the model's own forward cannot run (found at shard time on
+    fake tensors, before the model is touched); the message names the rank, the module and the
+    rule that keeps that part replicated."""
+
+
 class AlreadyShardedError(XtpError):
     """``shard()`` on a model that is already sharded."""
 

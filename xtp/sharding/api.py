@@ -20,6 +20,7 @@ from ..models.inputs import check_model, check_rules
 from ..planning.derive import derive_plan
 from ..planning.spec import ShardPlan
 from .apply import apply_plan, resolve_communicator, slice_in_memory
+from .check import check_local_forward
 from .layers import TPModule
 from .state import sharded_context, sharded_plan
 
@@ -82,6 +83,7 @@ def shard(
         check_fingerprints(fingerprint(model, plan), ctx.tp_group)
         if verify:
             verify_replicated(model, plan, ctx.tp_group)
+    check_local_forward(model, plan)  # fake tensors: refuse what the forward cannot run
     comm = resolve_communicator(ctx, communicator)
     changes = slice_in_memory(model, plan, ctx.tp_rank) if ctx.tp_size > 1 else []
     return apply_plan(model, plan, ctx, changes, comm)
