@@ -16,6 +16,7 @@ where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` fo
 ``XTP_CPU_SHM``             ``0``/``false``/``off``/``no``: no shared-memory collectives on CPU
 ``XTP_CPU_SHM_CHUNK_BYTES`` bytes per rank per shared-memory buffer (default 1 MiB)
 ``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all`` or ``0``
+``XTP_CPU_GEMV_THREADS``    most threads per rank xtp's GEMV kernel serves (more: torch's paths)
 ``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
 ``XTP_CROSS_NODE_TP``       ``1``/``true``/``on``/``yes``: let a TP group span nodes (slow)
 ``XTP_PIN``                 CPU ranks on their own cores: unset (``xtp run``/``bench`` pin the
@@ -42,6 +43,7 @@ ENV_CPU_PACK = "XTP_CPU_PACK"
 ENV_NUM_THREADS = "XTP_NUM_THREADS"
 ENV_CROSS_NODE_TP = "XTP_CROSS_NODE_TP"
 ENV_PIN = "XTP_PIN"
+ENV_GEMV_THREADS = "XTP_CPU_GEMV_THREADS"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -193,3 +195,20 @@ def pin_mode() -> Literal["auto", "on", "smt", "off"]:
 def setting(name: str) -> str:
     """``"NAME=value"`` as the environment has it (for messages)."""
     return f"{name}={os.environ.get(name)}"
+
+
+def gemv_threads() -> int | None:
+    """``XTP_CPU_GEMV_THREADS``: ranks computing with more threads than this use torch's
+    parallel matmuls instead of xtp's GEMV kernel (``1``: the kernel serves one-thread ranks
+    only); ``None`` when unset or empty (the kernel's own default).
+
+    Raises:
+        EnvSettingError: the value is not a positive integer.
+    """
+    raw = _stripped(ENV_GEMV_THREADS)
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise EnvSettingError(f"{ENV_GEMV_THREADS}={raw!r} must be a positive integer (the most "
+                              "threads per rank the GEMV kernel serves; 1: one-thread ranks only)")
+    return int(raw)

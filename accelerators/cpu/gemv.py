@@ -15,8 +15,9 @@ rows, so results do not depend on either. The kernel is a C extension built at i
 is picked when it is imported (:func:`kernel_isa`).
 
 Which calls the kernel serves: inputs of up to :data:`MAX_KERNEL_ROWS` rows, ranks computing
-with up to :data:`MAX_KERNEL_THREADS` threads (the switch: ``1`` serves only one-thread ranks,
-as before the kernel had threads; torch's parallel paths above), calls that record no gradient.
+with up to :data:`MAX_KERNEL_THREADS` threads (default 1: one-thread ranks, e.g. tp ranks sharing
+a small host's cores; ``XTP_CPU_GEMV_THREADS=N`` lets the kernel split products across up to N
+threads; torch's parallel paths above), calls that record no gradient.
 Everything else (prefill, training) is ``F.linear`` on the same weight. Results differ from
 ``F.linear``'s only by rounding (a different summation order).
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..env import gemv_threads
 from ..packed.base import PackedLinear
 
 try:
@@ -64,16 +66,21 @@ def unavailable_reason() -> str:
 #: too"); fp32 takes the same limit (bench/cpu_gemv_threads.py measures 1, 4 and 16 rows)
 MAX_KERNEL_ROWS = 16
 #: ranks computing with more threads than this (``torch.get_num_threads()``) use torch's
-#: parallel paths instead of the kernel; the default serves every thread count (the pool's
-#: limit is 256), 1 serves only ranks computing on one thread
-MAX_KERNEL_THREADS = 256
+#: parallel paths instead of the kernel (``XTP_CPU_GEMV_THREADS`` overrides it). 1: the kernel
+#: serves ranks computing on one thread. The kernel's own pool reads at the bandwidth alone
+#: (93 GB/s at 8 threads on the 16-core Xeon, MKL 75), but inside a model its threads and
+#: torch's OpenMP threads, which spin after every op, fight for the same cores: llama-1b fp32
+#: tp 2 x 8 threads decoded at 210 ms/token through the pool against 38.5 with MKL (45 with
+#: ``OMP_WAIT_POLICY=PASSIVE``), bench/RESULTS.md, 2026-12-03
+MAX_KERNEL_THREADS = 1
 
 
 def kernel_threads() -> int:
     """The threads the kernel splits a product across: the rank's ``torch.get_num_threads()``
-    (0 when that is above :data:`MAX_KERNEL_THREADS`: the kernel does not serve the call)."""
+    (0 when that is above ``XTP_CPU_GEMV_THREADS``, else :data:`MAX_KERNEL_THREADS`: the
+    kernel does not serve the call)."""
     threads = torch.get_num_threads()
-    return threads if threads <= MAX_KERNEL_THREADS else 0
+    return threads if threads <= (gemv_threads() or MAX_KERNEL_THREADS) else 0
 
 
 def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,

@@ -13,8 +13,9 @@ Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout 
 in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
 (:mod:`xtp.accelerators.cpu.gemv`: faster than MKL's fp32 GEMV and oneDNN's packed bf16 matmul at
 one token), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16
-is packed for oneDNN), at any thread count per rank (the kernel splits a product across the rank's
-threads; ``gemv.MAX_KERNEL_THREADS`` is the switch), and bf16 except on CPUs with AMX
+is packed for oneDNN), for ranks computing on one thread (``XTP_CPU_GEMV_THREADS=N``: up to N
+threads, the kernel splitting a product across them; ``gemv.MAX_KERNEL_THREADS``), and bf16
+except on CPUs with AMX
 (:data:`AMX_LAYOUTS`); fp16 is packed for oneDNN (fp32 is not: oneDNN's packed fp32 did not beat the
 dense decode time, not worth its packing copy). ``XTP_CPU_PACK`` chooses: ``1`` (default) as above,
 ``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the

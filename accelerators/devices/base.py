@@ -41,11 +41,15 @@ class Accelerator(abc.ABC):
         name: registry name, lower case (``"cuda"``).
         device_type: the torch device type string (``torch.device(device_type, i)``).
         visible_devices_env: environment variable that masks devices, if any.
+        compiled_decode: whether greedy decode is faster compiled (``torch.compile`` over a
+            static KV cache, which replays as device graphs) than eager here; ``xtp run``
+            decodes that way by default where it is (measured: ``bench/RESULTS.md``).
     """
 
     name: ClassVar[str]
     device_type: ClassVar[str]
     visible_devices_env: ClassVar[str | None] = None
+    compiled_decode: ClassVar[bool] = False
 
     # ---- required -------------------------------------------------------------------
     @abc.abstractmethod

@@ -104,7 +104,7 @@ class CpuAccelerator(Accelerator):
         parts = []
         if kernel:
             parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode "
-                         "(on each rank's threads)"
+                         "(ranks on one thread; XTP_CPU_GEMV_THREADS=N: up to N)"
                          if kernel_isa() else f"no GEMV kernel ({unavailable_reason()}): "
                                               "float32 dense")
         if onednn:

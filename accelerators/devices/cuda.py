@@ -14,6 +14,7 @@ class CudaAccelerator(Accelerator):
     name = "cuda"
     device_type = "cuda"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
+    compiled_decode = True  # CUDA graphs: 12 -> 2.5 ms/token on an H200 (bench/RESULTS.md)
 
     @override
     def availability(self) -> Availability:

@@ -48,6 +48,16 @@ def _isas() -> list[str]:
             if need <= flags]
 
 
+@pytest.fixture(autouse=True)
+def one_thread_rank():
+    """A rank computing on one thread (tp ranks sharing a small host's cores), the case the
+    kernel serves by default (gemv.MAX_KERNEL_THREADS); tests that need more set them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=_isas() or ["none"])
 def isa(request):
     if request.param == "none" or not kernel_isa():
@@ -121,8 +131,7 @@ def test_other_calls_go_to_linear(one_thread, spy, monkeypatch):
     assert torch.allclose(xg.grad, w.sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         lin.matmul(xg)  # no gradient recorded: the kernel
-    torch.set_num_threads(2)
-    monkeypatch.setattr(cpu_gemv, "MAX_KERNEL_THREADS", 1)  # the switch: one-thread ranks only
+    torch.set_num_threads(2)  # the default: the kernel serves one-thread ranks only
     lin.matmul(torch.randn(1, 24))  # more threads than that: MKL's parallel GEMV
     torch.set_num_threads(1)
     with pytest.raises(RuntimeError, match="same dtype"):  # a bias the kernel cannot read:
@@ -210,11 +219,12 @@ def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy, monkeypatch):
     assert xg.grad is not None and xg.grad.shape == (1, 64)
     assert spy.calls == 0
     before = torch.get_num_threads()
-    torch.set_num_threads(2)  # the kernel serves any thread count up to MAX_KERNEL_THREADS
+    torch.set_num_threads(2)  # asked for: the kernel serves up to XTP_CPU_GEMV_THREADS
     try:
+        monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "2")
         lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
         assert spy.calls == 1
-        monkeypatch.setattr(cpu_gemv, "MAX_KERNEL_THREADS", 1)  # the switch: above it F.linear
+        monkeypatch.delenv("XTP_CPU_GEMV_THREADS")  # the default (one thread): F.linear
         lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
     finally:
         torch.set_num_threads(before)

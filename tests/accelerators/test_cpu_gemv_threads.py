@@ -39,6 +39,13 @@ def isa(request):
     assert kernel.use(before)
 
 
+@pytest.fixture(autouse=True)
+def kernel_on_every_thread_count(monkeypatch):
+    """These tests are about the pool: let the kernel serve ranks of any thread count (the
+    default serves one-thread ranks only: gemv.MAX_KERNEL_THREADS)."""
+    monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "256")
+
+
 @pytest.fixture
 def threads_restored():
     before = torch.get_num_threads()
@@ -184,3 +191,15 @@ def test_the_gil_is_released_while_computing():
                                                512, 1024, 16, 1) for _ in range(100)])
     # the control: a body that holds the GIL throughout is seen as such
     assert not _ran_meanwhile(lambda: sum(range(200_000)))
+
+
+def test_gemv_threads_env_limits_the_threads_the_kernel_serves(monkeypatch):
+    from xtp.accelerators.cpu import gemv
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.delenv("XTP_CPU_GEMV_THREADS", raising=False)
+    assert gemv.kernel_threads() == 0  # the default: one-thread ranks only
+    monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "1")
+    assert gemv.kernel_threads() == 0  # 4 threads > 1: torch's parallel path serves
+    monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "8")
+    assert gemv.kernel_threads() == 4

@@ -63,8 +63,9 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
     from xtp.accelerators.cpu.gemv import kernel_isa
 
     assert cpu["linear_packing"] == (
-        f"xtp's GEMV kernel ({kernel_isa()}) for bfloat16/float32 at decode (on each rank's "
-        "threads); oneDNN blocked layout for float16; weights >= 1 MiB (XTP_CPU_PACK=all: "
+        f"xtp's GEMV kernel ({kernel_isa()}) for bfloat16/float32 at decode (ranks on one "
+        "thread; XTP_CPU_GEMV_THREADS=N: up to N); oneDNN blocked layout for float16; "
+        "weights >= 1 MiB (XTP_CPU_PACK=all: "
         "oneDNN for every dtype, XTP_CPU_PACK=0: off)")
 
 

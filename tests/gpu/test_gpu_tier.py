@@ -97,3 +97,20 @@ def test_compiled_sharded_model_on_gpu_is_one_graph_and_matches(tp, backend):
                                    timeout=900)):
         assert r["device"] == _rank_device(tp, backend, rank), f"rank {rank}: {r}"
         assert r["rel"] <= 1e-5, f"rank {rank}: {r}"
+
+
+@pytest.mark.parametrize("extra,decode", [((), "compiled, static cache"), (("--eager",), "eager")])
+def test_xtp_run_on_cuda_decodes_compiled_by_default_and_matches_unsharded(extra, decode):
+    """``xtp run`` on CUDA: compiled static-cache decode unless --eager; the tokens are checked
+    against the unsharded model decoded the same way."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **NVLS_OFF, "XTP_ACCELERATOR": "cuda"}
+    proc = subprocess.run([sys.executable, "-m", "xtp.cli.main", "run", "--tp", "1",
+                           "--max-new-tokens", "24", *extra], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"tokens/s ({decode})" in proc.stdout, proc.stdout
+    assert "matches unsharded model: yes" in proc.stdout, proc.stdout

@@ -281,6 +281,7 @@ def test_debug_shows_the_typed_exception(tmp_path):
     ("XTP_CPU_PACK", "maybe", ["verify", "--tp", "2"]),
     ("XTP_CPU_SHM_CHUNK_BYTES", "lots", ["run", "--tp", "2"]),
     ("XTP_NUM_THREADS", "0", ["run", "--tp", "2"]),
+    ("XTP_CPU_GEMV_THREADS", "many", ["run", "--tp", "2"]),
     ("XTP_CROSS_NODE_TP", "perhaps", ["bench", "tiny-llama", "--vs", "none"]),
 ])
 def test_wrong_environment_is_one_line_before_any_rank(monkeypatch, capsys, var, value, command):

@@ -60,11 +60,10 @@ def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
         default_bf16 = pack_cpu_linear(w, min_bytes=0)
         assert isinstance(default_bf16, Bf16GemvLinear if kernel_isa() else OneDNNPackedLinear)
         assert torch.equal(default_bf16.unpack(), w)
-        torch.set_num_threads(2)  # several threads per rank: the kernel splits the product
-        assert isinstance(pack_cpu_linear(w, min_bytes=0), type(default_bf16))
-        from xtp.accelerators.cpu import gemv as cpu_gemv  # the switch: above its threads,
-        monkeypatch.setattr(cpu_gemv, "MAX_KERNEL_THREADS", 1)  # oneDNN's parallel matmul
+        torch.set_num_threads(2)  # several threads per rank: oneDNN's parallel matmul
         assert isinstance(pack_cpu_linear(w, min_bytes=0), OneDNNPackedLinear)
+        monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "2")  # asked: the kernel splits the product
+        assert isinstance(pack_cpu_linear(w, min_bytes=0), type(default_bf16))
     finally:
         torch.set_num_threads(threads)
     assert pack_cpu_linear(w.to(torch.int32), min_bytes=0) is None

@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-check", action="store_true",
                    help="skip the comparison with the unsharded model")
+    p.add_argument("--eager", action="store_true",
+                   help="decode eagerly even where the accelerator decodes faster compiled "
+                   "(CUDA: torch.compile over a static KV cache, replayed as CUDA graphs)")
     add_pack_option(p)
     p.set_defaults(func=run)
 
@@ -49,8 +52,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def decode_kwargs(accelerator, max_new: int, eager: bool) -> dict:
+    """``generate()`` arguments for greedy decode: a static KV cache where the accelerator
+    decodes faster compiled (transformers then compiles the forward and, on CUDA, replays it as
+    CUDA graphs), else transformers' default dynamic cache (eager)."""
+    kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    if accelerator.compiled_decode and not eager:
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
 def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: str,
-              check: bool) -> dict:
+              check: bool, eager: bool = False) -> dict:
     """One rank's work; returns what rank 0 prints."""
     import torch
 
@@ -85,9 +98,11 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
     else:
         ids = torch.tensor([[int(t) % config.vocab_size for t in prompt.split()]])
     ids = ids.to(ctx.device)
-    gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    gen_kwargs = decode_kwargs(ctx.accelerator, max_new, eager)
+    compiled = "cache_implementation" in gen_kwargs
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        # warm-up: the whole generation when compiled (it compiles for these cache shapes)
+        model.generate(ids, **(gen_kwargs if compiled else dict(gen_kwargs, max_new_tokens=2)))
         ctx.accelerator.synchronize()
         t1 = time.perf_counter()
         out = model.generate(ids, **gen_kwargs)
@@ -106,6 +121,7 @@ def rank_main(model_name: str, tp: int, prompt: str, max_new: int, dtype_name: s
         "ready_s": ready, "peak_rss_mib": _peak_rss_mib(),
         "peak_device_mib": gpu_peak / 2**20 if gpu_peak else None,
         "matches_unsharded": matches, "device": str(ctx.device), "packed": packed,
+        "decode": "compiled, static cache" if compiled else "eager",
         "cpus": cpus, "threads": torch.get_num_threads(),
         "bytes_per_rank": sharded_plan(model).bytes_per_rank(ctx.tp_rank)
         if sharded_plan(model) else None,
@@ -120,7 +136,7 @@ def _report(results: list[dict], args) -> int:
     print(f"generated token ids: {r0['tokens']}")
     if r0["text"] is not None:
         print(f"text: {r0['text']}")
-    print(f"decode speed: {r0['tok_per_s']:.1f} tokens/s"
+    print(f"decode speed: {r0['tok_per_s']:.1f} tokens/s ({r0['decode']})"
           + (f" ({r0['packed']} linear weights per rank packed for inference)"
              if r0["packed"] else ""))
     for r in results:
@@ -176,7 +192,8 @@ def run(args) -> int:
         raise XtpError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     resolve_config(args.model)  # a wrong MODEL fails here, once, before any rank starts
     _check_prompt(args.prompt, args.model)
-    params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check)
+    params = (args.model, args.tp, args.prompt, args.max_new_tokens, args.dtype, not args.no_check,
+              args.eager)
     from .launch import run_on_ranks
 
     apply_pack_option(args)
