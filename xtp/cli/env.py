@@ -192,6 +192,10 @@ def world_info(tp: int | None) -> dict | None:
     ranks = [None] * ctx.world_size
     with guarded("gathering the ranks' placement"):
         dist.all_gather_object(ranks, mine)
+        dist.barrier()
+    # every rank leaves the group before exiting: a rank that exits while the others' gloo
+    # threads still run can abort them ("terminate called without an active exception")
+    dist.destroy_process_group()
     return {"describe": ctx.describe(), "rank": ctx.rank, "ranks": ranks,
             "topology": ctx.topology.as_dict() if ctx.topology is not None else None}
 
