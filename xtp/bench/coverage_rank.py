@@ -174,7 +174,11 @@ def main(job_path: str) -> int:
 
     transformers.logging.set_verbosity_error()
     rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=float(job["timeout_s"])))
+    from xtp.accelerators.devices.registry import create
+
+    # the sweep computes on the host CPU: that accelerator names the collective backend
+    backend = create("cpu").default_dist_backend()
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(job["timeout_s"])))
     path = os.path.join(job["out_dir"], f"rank{rank}.jsonl")
     with open(path, "a", buffering=1) as out:
         for model_type, kind in job["types"]:
