@@ -58,6 +58,18 @@ def _stripped(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
+def _positive_int(name: str, hint: str) -> int | None:
+    """Variable ``name`` as a positive integer, ``None`` when unset or empty; EnvSettingError
+    (with ``hint`` appended) otherwise."""
+    raw = _stripped(name)
+    if not raw:
+        return None
+    # isascii: str.isdigit also accepts digits int() refuses ("²")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise EnvSettingError(f"{name}={raw!r} must be a positive integer{hint}")
+    return int(raw)
+
+
 def accelerator_name() -> str | None:
     """``XTP_ACCELERATOR`` as set (stripped), or ``None`` when unset or empty."""
     return _stripped(ENV_ACCELERATOR) or None
@@ -142,13 +154,7 @@ def num_threads() -> int | None:
     Raises:
         EnvSettingError: the value is not a positive integer.
     """
-    raw = _stripped(ENV_NUM_THREADS)
-    if not raw:
-        return None
-    # isascii: str.isdigit also accepts digits int() refuses ("²")
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise EnvSettingError(f"{ENV_NUM_THREADS}={raw!r} must be a positive integer")
-    return int(raw)
+    return _positive_int(ENV_NUM_THREADS, "")
 
 
 def cross_node_tp() -> bool:
@@ -205,10 +211,5 @@ def gemv_threads() -> int | None:
     Raises:
         EnvSettingError: the value is not a positive integer.
     """
-    raw = _stripped(ENV_GEMV_THREADS)
-    if not raw:
-        return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise EnvSettingError(f"{ENV_GEMV_THREADS}={raw!r} must be a positive integer (the most "
-                              "threads per rank the GEMV kernel serves; 1: one-thread ranks only)")
-    return int(raw)
+    return _positive_int(ENV_GEMV_THREADS, " (the most threads per rank the GEMV kernel "
+                                           "serves; 1: one-thread ranks only)")

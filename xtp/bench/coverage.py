@@ -1,5 +1,5 @@
 """The sweep behind ``xtp coverage``: every LM model type of the installed transformers, tiny,
-sharded at each tp size over real gloo ranks and compared with the unsharded model.
+sharded at each tp size over real local CPU ranks and compared with the unsharded model.
 
 For each tp size the ranks (:mod:`xtp.bench.coverage_rank`) are started once and loop over all
 types. This process watches their per-rank JSON lines: a type that takes longer than

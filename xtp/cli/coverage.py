@@ -1,6 +1,6 @@
 """``xtp coverage [--tp 2,3] [--types a,b] [--kind causal,masked,seq2seq] [--out FILE]``: every
 LM model type of the installed transformers, built tiny, sharded and compared with the unsharded
-model over real local ranks (gloo). One line per type; a markdown summary and table at the end.
+model over real local CPU ranks. One line per type; a markdown summary and table at the end.
 
 Exit codes: 0 no wrong result; 1 at least one type's sharded numbers differ from the unsharded
 model's (``WRONG``: always a bug in xtp); 2 a bad argument.
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "coverage", help="shard every transformers LM type (tiny) and check it",
         description="Build every model type of the installed transformers' causal-LM, masked-LM "
-        "and seq2seq-LM auto mappings tiny (seeded), shard it at each tp size over local gloo "
+        "and seq2seq-LM auto mappings tiny (seeded), shard it at each tp size over local CPU "
         "ranks and compare with the unsharded model: logits rel. error <= 1e-5 (fp32), the "
         "same greedy tokens, and the share of the weights the fullest rank holds.",
         epilog="examples:\n  xtp coverage --tp 2,3 --out coverage.json\n"
