@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..errors import CollectiveError, CollectiveTimeoutError, XtpError
+from .abort import announce
 from .host import process_gone, this_process
 
 _GONE_WAIT_S = 1.0  # a killed process closes its sockets a moment before it is a zombie
@@ -175,9 +176,18 @@ def _first_line(exc: BaseException) -> str:
 def collective_failure(op: str, group: dist.ProcessGroup | None, exc: BaseException,
                        seq: int | None = None) -> XtpError:
     """The xtp error for ``exc``, raised by collective ``op`` (``seq``: its sequence number on
-    this group, identical on every rank) on ``group``. See the module doc."""
+    this group, identical on every rank) on ``group``. See the module doc. The error is
+    announced (:mod:`~xtp.accelerators.comm.abort`) so that this rank's peers in other groups
+    stop waiting for it."""
     if isinstance(exc, XtpError):
         return exc
+    error = _diagnose(op, group, exc, seq)
+    announce(str(error))
+    return error
+
+
+def _diagnose(op: str, group: dist.ProcessGroup | None, exc: BaseException,
+              seq: int | None) -> XtpError:
     _fresh()
     try:
         ranks = group_ranks(group)

@@ -19,6 +19,10 @@ Contract of :class:`ShmCommunicator`:
   default 300), or whose process dies, makes the others raise ``CollectiveTimeoutError``
   naming it. Ranks that call different collectives raise ``CollectiveMismatchError``. After
   either, the communicator refuses further use.
+* A rank that failed in a collective of another group (its error is announced through
+  :mod:`xtp.accelerators.comm.abort`) marks its control line failed and leaves the message
+  in its slot: peers waiting for it raise ``CollectiveError`` with that message at once
+  instead of timing out on a rank that will never come.
 * Leaves no ``/dev/shm`` entry behind (see :mod:`xtp.accelerators.cpu.shm_segment`).
 
 Protocol per chunk (``seq`` counts chunks; buffer set ``seq % 2``): copy this rank's data into
@@ -39,8 +43,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ..comm.abort import announce, register
 from ..comm.base import Communicator, TorchCommunicator
-from ..errors import CollectiveTimeoutError, XtpError
+from ..errors import CollectiveError, CollectiveTimeoutError, XtpError
 from .shm_segment import LINE_WORDS, SegmentLayout, ShmSegment
 from .shm_setup import (
     HostIdentity,
@@ -65,6 +70,7 @@ _GATHER_CODES: dict[torch.dtype, int] = {
     )
 }
 _OP_ALL_REDUCE, _OP_ALL_GATHER = 1, 2
+_FAILED_WORD, _NOTE_BYTES_WORD = 6, 7  # control-line words: failed elsewhere, message length
 _SPIN_S, _YIELD_S = 20e-6, 10e-3  # measured: bench/RESULTS.md "All-reduce latency"
 _CACHE_LIMIT = 64
 
@@ -110,12 +116,14 @@ class ShmCommunicator(Communicator):
         self._waiter = PeerWaiter(
             self._ctrl, self._world, timeout, spin_s, _YIELD_S if yield_s is None else yield_s,
             [p.pid for p in self._peers] if same_pid_ns else None, self._describe,
+            self._failure_of,
         )
         self._seq = 0
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._slots: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._acc: torch.Tensor | None = None
+        register(self)
 
     @classmethod
     def create(
@@ -284,8 +292,9 @@ class ShmCommunicator(Communicator):
         c[line] = seq
         try:
             self._waiter.wait(seq, f"{op} (step #{seq})")
-        except CollectiveTimeoutError as exc:
+        except CollectiveError as exc:
             self._broken = str(exc)
+            announce(self._broken, source=self)
             raise
         for r in range(self._world):
             base = r * LINE_WORDS + meta
@@ -295,7 +304,32 @@ class ShmCommunicator(Communicator):
                     f"group rank {self._rank} entered {_name(code)} of {count} elements "
                     f"(collective #{seq}); every rank must call the same collectives in order"
                 )
+                announce(self._broken, source=self)
                 raise CollectiveMismatchError(self._broken)
+
+    def peer_failed_elsewhere(self, message: str) -> None:
+        """This process failed in another collective: mark this rank's control line failed,
+        with ``message`` in its slot of the set its next step would have used (no peer reads
+        that slot before this rank publishes that step, which it now never does)."""
+        if getattr(self, "_data", None) is None or self._ctrl[self._line + _FAILED_WORD]:
+            return  # closed, or told already
+        note = message.encode("utf-8", "replace")[: self.chunk_bytes]
+        slot = self._data[(self._seq + 1) & 1, self._rank]
+        slot[: len(note)].copy_(torch.frombuffer(bytearray(note), dtype=torch.uint8))
+        self._ctrl[self._line + _NOTE_BYTES_WORD] = len(note)
+        self._ctrl[self._line + _FAILED_WORD] = 1  # after the message: x86 keeps store order
+        self._broken = self._broken or f"this rank failed in another collective: {message}"
+
+    def _failure_of(self, r: int) -> str | None:
+        """Group rank ``r``'s announced failure message, or ``None`` (see
+        :meth:`peer_failed_elsewhere`)."""
+        base = r * LINE_WORDS
+        if not self._ctrl[base + _FAILED_WORD]:
+            return None
+        n = self._ctrl[base + _NOTE_BYTES_WORD]
+        # the failed rank's next step is one past the last one it published
+        slot = self._data[(self._ctrl[base] + 1) & 1, r]
+        return bytes(slot[:n].numpy()).decode("utf-8", "replace")
 
     def _accumulator(self, m: int) -> torch.Tensor:
         if self._acc is None or self._acc.numel() < m:
@@ -314,10 +348,11 @@ class ShmCommunicator(Communicator):
             f"group rank {r} (global rank {self._peers[r].global_rank}, pid {self._peers[r].pid})"
             for r in missing
         )
+        advice = (". Set XTP_TIMEOUT to wait longer, or XTP_CPU_SHM=0 to use gloo instead"
+                  if "timed out" in why else "")
         return (
             f"xtp shared-memory {op} on a group of {self._world} ranks (this is group rank "
-            f"{self._rank}): {who} did not arrive: {why}. Set XTP_TIMEOUT to wait longer, "
-            f"or XTP_CPU_SHM=0 to use gloo instead"
+            f"{self._rank}): {who} did not arrive: {why}{advice}"
         )
 
 

@@ -16,7 +16,9 @@ Layout (``SegmentLayout``), all offsets in bytes::
     0       magic b"XTPSHM01" | token (16 ASCII bytes) | world (int64) | slot_bytes (int64)
     64      one 64-byte control line per rank (its own cache line: no false sharing), as
             int64 words: [0] sequence number published, [1] pid,
-            [2 + 2*set] op code, [3 + 2*set] element count   (set = 0 or 1)
+            [2 + 2*set] op code, [3 + 2*set] element count   (set = 0 or 1),
+            [6] 1 once the rank failed in another collective, [7] byte length of that
+            failure's message (kept in the rank's slot of the set its next step would use)
     data    page-aligned: 2 buffer sets x world slots x slot_bytes
 """
 

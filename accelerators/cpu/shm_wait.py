@@ -10,7 +10,9 @@ returns once every rank of the group has published at least ``seq``. It never wa
 * from 0.5 s on it checks every 0.5 s whether a missing peer's process still exists (when
   the peers share this process's pid namespace) and raises as soon as one is gone;
 * at ``timeout`` seconds it raises :class:`CollectiveTimeoutError` naming every group rank
-  that has not arrived.
+  that has not arrived;
+* while sleeping it raises :class:`CollectiveError` as soon as the rank it waits for marked
+  itself failed in another collective, quoting that rank's error.
 
 Memory ordering: the data copy happens before the sequence store in program order, and
 readers read the sequence number before the data. That is enough on total-store-order CPUs
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..comm.host import process_gone
-from ..errors import CollectiveTimeoutError
+from ..errors import CollectiveError, CollectiveTimeoutError
 from .shm_segment import LINE_WORDS
 
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
@@ -56,6 +58,8 @@ class PeerWaiter:
         yield_s: seconds (from the start of the wait) of ``sched_yield`` before sleeping.
         pids: each group rank's pid, or ``None`` when they live in another pid namespace.
         describe: ``describe(op, missing, why)`` -> the error message for missing group ranks.
+        failure_of: ``failure_of(r)`` -> the message group rank ``r`` left when it failed in
+            another collective (it will never arrive), else ``None``.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class PeerWaiter:
         yield_s: float,
         pids: Sequence[int] | None,
         describe: Callable[[str, list[int], str], str],
+        failure_of: Callable[[int], str | None] = lambda r: None,
     ) -> None:
         self._control = control
         self._world = world
@@ -75,6 +80,7 @@ class PeerWaiter:
         self._yield_s = max(yield_s, spin_s)
         self._pids = list(pids) if pids is not None else None
         self._describe = describe
+        self._failure_of = failure_of
 
     def missing(self, seq: int) -> list[int]:
         """Group ranks that have not yet published ``seq``."""
@@ -86,9 +92,10 @@ class PeerWaiter:
         c = self._control
         for r in range(self._world):
             if c[r * LINE_WORDS] < seq:
-                self._wait_slow(seq, op, r * LINE_WORDS)
+                self._wait_slow(seq, op, r)
 
-    def _wait_slow(self, seq: int, op: str, word: int) -> None:
+    def _wait_slow(self, seq: int, op: str, r: int) -> None:
+        word = r * LINE_WORDS
         c = self._control
         perf = time.perf_counter
         start = perf()
@@ -113,6 +120,11 @@ class PeerWaiter:
         nap = 2e-5
         while c[word] < seq:
             now = perf()
+            failure = self._failure_of(r)
+            if failure is not None:
+                raise CollectiveError(self._describe(
+                    op, [r], f"it failed in another collective and will never arrive; its "
+                    f"error: {failure}"))
             if now > next_check:
                 next_check = now + _LIVENESS_EVERY_S
                 self._raise_if_peer_gone(seq, op)

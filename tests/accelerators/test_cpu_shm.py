@@ -12,6 +12,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import time
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 import ranks
 from xtp.accelerators import (
+    CollectiveError,
     CollectiveMismatchError,
     CollectiveTimeoutError,
     CountingCommunicator,
@@ -177,6 +179,27 @@ def _timeout_task(group):
         comm.close()
 
 
+def _announced_failure_task(group):
+    from xtp.accelerators.comm.abort import announce
+
+    comm = _shm(group, timeout=30.0)
+    try:
+        comm.all_reduce(torch.ones(10))  # one good step: the failure comes mid-run
+        if comm.rank == 1:
+            # what collective_failure does when another group's collective fails on this rank
+            announce("the data-parallel gradient all-reduce failed on rank 1: node gone")
+            with pytest.raises(CollectiveTimeoutError, match="failed in another collective"):
+                comm.all_reduce(torch.ones(10))
+            return None
+        t0 = time.monotonic()
+        with pytest.raises(CollectiveError) as info:
+            comm.all_reduce(torch.ones(10))
+        assert not isinstance(info.value, CollectiveTimeoutError)
+        return str(info.value), time.monotonic() - t0
+    finally:
+        comm.close()
+
+
 def _mismatch_task(group):
     comm = _shm(group)
     try:
@@ -297,6 +320,34 @@ def test_missing_rank_times_out_naming_it(rank_pool):
     message, elapsed = results[0]
     assert "group rank 1 (global rank 1" in message and "timed out after 1 s" in message
     assert elapsed < 10
+
+
+@pytest.mark.distributed
+def test_peer_failed_in_another_collective_is_quoted_at_once(rank_pool):
+    message, elapsed = rank_pool(POOL).run(_on_group, 2, _announced_failure_task)[0]
+    assert re.fullmatch(
+        r"xtp shared-memory all_reduce \(step #2\) on a group of 2 ranks \(this is group rank "
+        r"0\): group rank 1 \(global rank 1, pid \d+\) did not arrive: it failed in another "
+        r"collective and will never arrive; its error: the data-parallel gradient all-reduce "
+        r"failed on rank 1: node gone", message), message
+    assert elapsed < 10  # not the 30 s timeout
+
+
+def test_collective_failure_is_announced_to_listeners():
+    from xtp.accelerators.comm import abort
+    from xtp.accelerators.comm.failures import collective_failure
+
+    class Listener:
+        heard: list[str] = []
+
+        def peer_failed_elsewhere(self, message: str) -> None:
+            self.heard.append(message)
+
+    listener = Listener()
+    abort.register(listener)
+    err = collective_failure("the test all-reduce", None, RuntimeError("Connection reset"))
+    assert isinstance(err, CollectiveError)
+    assert listener.heard == [str(err)] and "Connection reset" in str(err)
 
 
 @pytest.mark.distributed

@@ -7,7 +7,7 @@ judge (one launch for both phases: starting the ranks is most of the cost). Envi
 the launcher: ``XTP_TEST_CKPT`` (this node's own copy of the checkpoint), ``XTP_TEST_CKPTS``
 (every node's copy, ``os.pathsep``-separated: each node sees only its own), ``XTP_TEST_SAVE``
 (a folder only node 0 can see), ``XTP_TIMEOUT``. A rank whose phase raised exits with
-status 1.
+status 1, once the other ranks of its node wrote their result for that phase.
 
 1. ``world``: the placement rules (tp 4 refused, tp 4 with the opt-in warned, its
    communicator not shared memory), then tp 2 x dp 2: topology, the shared-memory TP
@@ -201,7 +201,21 @@ def _phase(out_dir: str, name: str, run) -> None:
         result = {"crash": traceback.format_exc(), **_error(exc)}
     _write(out_dir, name, result)
     if "crash" in result or result.get("error"):
+        _wait_for_node_peers(out_dir, name)
         sys.exit(1)
+
+
+def _wait_for_node_peers(out_dir: str, name: str) -> None:
+    """Before a failing rank exits, wait (bounded) until the other ranks of its node wrote
+    their result for phase ``name``: torchrun stops a node's remaining ranks with SIGTERM as
+    soon as one of them exits non-zero, which would lose a peer still timing out on its own
+    collective."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    first = int(os.environ["RANK"]) - int(os.environ.get("LOCAL_RANK", "0"))
+    peers = [Path(out_dir) / f"{name}-rank{r}.json" for r in range(first, first + local)]
+    deadline = time.monotonic() + 2 * float(os.environ.get("XTP_TIMEOUT", "30")) + 10
+    while time.monotonic() < deadline and not all(p.exists() for p in peers):
+        time.sleep(0.1)
 
 
 def main() -> None:
