@@ -193,3 +193,24 @@ def test_bench_counts_what_a_run_leaves_in_shm_and_removes_deepspeeds_leak(tmp_p
     assert collect_leaks(shm_files(tmp_path), tmp_path) == {"files": 0, "mib": 0.0,
                                                             "removed": []}
     assert shm_files(tmp_path / "missing") == set()
+
+
+def test_bench_measure_decodes_a_batch_greedily_per_sequence():
+    """``xtp bench --batch 3``'s rank code: prefill of 3 x 8 tokens, then every step's tokens
+    are the 3 sequences' greedy choices (what ``generate`` picks for each row)."""
+    import torch
+
+    from xtp.bench.rank import measure
+    from xtp.models.builtin import build_random, resolve_config
+
+    torch.manual_seed(0)
+    model = build_random(resolve_config("tiny-llama")).eval()
+    vocab = model.config.vocab_size
+    out = measure(model, vocab, torch.device("cpu"), prefill_tokens=8, repeats=1,
+                  decode_steps=4, warmup=1, profile=False, batch=3)
+    assert out["prefill_ms"] > 0 and len(out["decode_ms_all"]) == 4
+    ids = torch.randint(0, vocab, (3, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    # step k of measure (after the prefill's token and one warmup step) is new token k + 2
+    assert out["tokens"] == [want[:, 8 + 2 + k].tolist() for k in range(4)]

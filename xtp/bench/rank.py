@@ -197,12 +197,15 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 
 def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode_steps: int,
-            warmup: int, profile: bool) -> dict:
-    """Prefill and decode timings (milliseconds) and the greedy decode tokens."""
+            warmup: int, profile: bool, batch: int = 1) -> dict:
+    """Prefill (``batch`` x ``prefill_tokens`` tokens) and decode (``batch`` sequences, one
+    token each per step) timings in milliseconds, and the greedy decode tokens (per step: the
+    token, or with ``batch`` > 1 the list of every sequence's token)."""
     import torch
 
     sync = (lambda: torch.accelerator.synchronize()) if device.type != "cpu" else (lambda: None)
-    ids = torch.randint(0, vocab, (1, prefill_tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (batch, prefill_tokens),
+                        generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     out: dict = {}
     with torch.no_grad():
@@ -223,7 +226,7 @@ def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode
         def step() -> int:
             res = model(input_ids=state[1], use_cache=True, **{key: state[0]})
             state[:] = [res[key], res.logits[:, -1:].argmax(-1)]
-            return int(state[1])
+            return int(state[1]) if batch == 1 else state[1].view(-1).tolist()
 
         steps, tokens = [], []
         for _ in range(warmup + decode_steps):
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true")
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                       threads=torch.get_num_threads(), device=str(device))
         vocab = model.config.get_text_config().vocab_size
         result.update(measure(model, vocab, device, a.prefill_tokens, a.repeats,
-                              a.decode_steps, a.warmup, a.profile))
+                              a.decode_steps, a.warmup, a.profile, a.batch))
         result["peak_rss_mib"] = mem_kib("VmHWM") / 1024
         if device.type != "cpu":
             mod = torch.get_device_module(device.type)

@@ -60,6 +60,9 @@ def add_parser(sub) -> None:
                    help=f"interpreter for all ranks (default ${ENV_PYTHON}, else this one); "
                    f"for the peers: {PEER_SETUP}")
     p.add_argument("--prefill-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded at once (default 1): prefill is batch x "
+                   "--prefill-tokens tokens, each decode step batch tokens")
     p.add_argument("--decode-steps", type=int, default=32,
                    help="decode steps timed, median reported (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="prefill repeats (default 3)")
@@ -166,6 +169,7 @@ def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int
     cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
            bench_rank.__file__, str(path), "--impl", rank_impl, "--tp", str(tp), "--dtype", dtype,
            "--threads", str(threads), "--prefill-tokens", str(args.prefill_tokens),
+           "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
            "--warmup", str(args.warmup), "--out", str(out)] + (
                ["--profile"] if args.profile else []) + (
@@ -234,7 +238,7 @@ def _check(args) -> tuple[list[int], list[str], list[str]]:
         if name not in PEERS and name not in VARIANTS:
             raise BenchUsageError(f"--vs {name!r}: unknown implementation; known peers: "
                                   f"{', '.join(PEERS + tuple(VARIANTS))} (or 'none')")
-    for name in ("prefill_tokens", "decode_steps", "repeats", "rounds"):
+    for name in ("prefill_tokens", "batch", "decode_steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
             raise BenchUsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.plot:
@@ -320,8 +324,9 @@ def run(args) -> int:
         rows += [merge_rounds(done[run]) for run in runs]
     print()
     print(f"ratios: implementation / xtp at the same tp and dtype (above 1: xtp is better); "
-          f"prefill: 1 x {args.prefill_tokens} tokens; decode: median of "
-          f"{args.decode_steps} steps; floor: weight bytes per step / the read bandwidth "
+          f"prefill: {args.batch} x {args.prefill_tokens} tokens; decode: median of "
+          f"{args.decode_steps} steps of {args.batch} token{'s' * (args.batch > 1)}; "
+          "floor: weight bytes per step / the read bandwidth "
           "the run's ranks measured after decoding"
           + (f"; times: median of {args.rounds} rounds, ratios: median of the ratios within "
              "each round" if args.rounds > 1 else ""))
