@@ -83,3 +83,12 @@ def test_every_vocabulary_is_shrunk_not_only_vocab_size():
     c = tiny_config("roc_bert")  # word, shape and pronunciation vocabularies
     assert (c.vocab_size, c.shape_vocab_size, c.pronunciation_vocab_size) == (VOCAB,) * 3
     assert c.type_vocab_size == 2  # already small: kept
+
+
+def test_sparse_attention_indexer_is_shrunk():
+    """The indexer of sparse attention has its own heads: left at 64 x 128 it held most of a
+    tiny model's weights (issue 17)."""
+    if "deepseek_v32" not in transformers.CONFIG_MAPPING:
+        pytest.skip("this transformers has no deepseek_v32")
+    c = tiny_config("deepseek_v32", kv_heads=None)
+    assert (c.index_n_heads, c.index_head_dim) == (HEADS, 32)

@@ -46,6 +46,9 @@ TINY: dict[str, int] = {
     # multi-head latent attention (low-rank q / kv projections, split rope and nope head parts)
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": HEAD_DIM,
     "qk_nope_head_dim": HEAD_DIM, "v_head_dim": HEAD_DIM, "rotary_dim": 8,
+    # sparse attention's indexer (its own heads; the head holds a rope part of
+    # qk_rope_head_dim)
+    "index_n_heads": HEADS, "index_head_dim": 2 * HEAD_DIM,
     # linear attention / state-space mixers (gated delta net, mamba-style)
     **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "swa_head_dim",
                      "mamba_d_head", "mamba_d_state", "ssm_state_size", "state_size"), HEAD_DIM),

@@ -8,7 +8,9 @@
    head-granular or even partition of the inner dimension.
 4. Embeddings (:mod:`xtp.planning.embeddings`): the vocab-parallel input embedding and the
    parallel LM head.
-5. Experts (:mod:`xtp.planning.experts`): fused 3-D MoE experts split their intermediate size.
+5. Experts (:mod:`xtp.planning.experts`): fused 3-D MoE experts split their intermediate size;
+   expert containers the forward shows multiplying 3-D parameters batch-wise likewise
+   (:mod:`xtp.planning.param_experts`).
 6. Tied weights (:mod:`xtp.planning.ties`) are sharded identically or not at all.
 7. Everything else is replicated, with the reason; the plan is compared with transformers'
    ``base_model_tp_plan`` (:mod:`xtp.planning.tp_plan_check`).
@@ -22,6 +24,7 @@ from .draft import Draft
 from .embeddings import plan_embeddings
 from .experts import plan_experts
 from .pairs import plan_pairs
+from .param_experts import plan_param_experts
 from .spec import Role, ShardPlan
 from .ties import check_ties, count_tied_once
 from .tp_plan_check import compare_tp_plan
@@ -79,6 +82,7 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
     plan_pairs(draft)
     plan_embeddings(draft)
     plan_experts(draft)
+    plan_param_experts(draft)
     check_ties(draft)
     _replicate_rest(draft)
     return _freeze(draft)

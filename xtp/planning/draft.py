@@ -27,7 +27,7 @@ def _head_bias_tables(modules: dict[str, nn.Module], kinds: dict[str, WeightKind
     return {
         n for n, k in kinds.items()
         if k == WeightKind.EMBEDDING and heads and modules[n].weight.shape[1] == heads[0]
-        and modules[n].weight.shape[0] != mt.config_value(config, "vocab_size")
+        and modules[n].weight.shape[0] != mt.vocab_size(config)
     }
 
 

@@ -17,7 +17,7 @@ from .weights import in_out
 
 def plan_embeddings(draft: Draft) -> None:
     """Vocab-parallel input embeddings and the parallel LM head, with their collectives."""
-    vocab = mt.config_value(draft.config, "vocab_size") if draft.config is not None else None
+    vocab = mt.vocab_size(draft.config)
     if not isinstance(vocab, int) or vocab < draft.tp:
         draft.notes.append("no vocabulary size in the config: embeddings stay replicated")
         return

@@ -58,13 +58,54 @@ HEAD_SLICED_KWARGS: dict[str, dict[str, str]] = {
 }
 
 
-def config_value(config, key: str):
-    """First present alias of ``key`` in ``config`` (``None`` when absent)."""
+class _PerLayer:
+    """Marks a config attribute whose global read raises (a heterogeneous config refuses to
+    give a value that varies per layer)."""
+
+
+PER_LAYER = _PerLayer()
+
+
+def _read(config, name: str):
+    try:
+        return getattr(config, name, None)
+    except Exception:  # the config refuses a global read of a per-layer value
+        return PER_LAYER
+
+
+def _flag(config, name: str) -> bool:
+    value = _read(config, name)
+    return value is not PER_LAYER and bool(value)
+
+
+def config_value(config, key: str, per_layer=None):
+    """First present alias of ``key`` in ``config`` (``None`` when absent). An alias the config
+    refuses to read globally (it varies per layer) gives ``per_layer`` (default ``None``:
+    treated as absent)."""
     for name in CONFIG_ALIASES[key]:
-        value = getattr(config, name, None)
+        value = _read(config, name)
+        if value is PER_LAYER:
+            return per_layer
         if value is not None:
             return value
     return None
+
+
+def vocab_size(config):
+    """The vocabulary size: the config's own, else its text sub-config's (a multimodal
+    config keeps it in ``get_text_config()``); ``None`` when neither has one."""
+    if config is None:
+        return None
+    value = config_value(config, "vocab_size")
+    get_text = getattr(config, "get_text_config", None)
+    if value is None and callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # no single text config (several decoders): no vocabulary
+            return None
+        if text is not config:
+            value = config_value(text, "vocab_size")
+    return value
 
 
 def head_shape(config) -> tuple[int, int, int] | None:
@@ -75,13 +116,15 @@ def head_shape(config) -> tuple[int, int, int] | None:
     if not isinstance(heads, int) or heads < 1:
         return None
     kv = config_value(config, "num_kv_heads")
-    if any(getattr(config, flag, False) for flag in MULTI_QUERY_FLAGS) and not getattr(
-        config, "new_decoder_architecture", False
+    if any(_flag(config, flag) for flag in MULTI_QUERY_FLAGS) and not _flag(
+        config, "new_decoder_architecture"
     ):
         kv = 1
     if not isinstance(kv, int) or kv < 1:
         kv = heads
-    head_dim = config_value(config, "head_dim")
+    head_dim = config_value(config, "head_dim", per_layer=PER_LAYER)
+    if head_dim is PER_LAYER:
+        return None  # head sizes differ per layer: the forward's views into heads tell them
     if not isinstance(head_dim, int) or head_dim < 1:
         hidden = config_value(config, "hidden_size")
         if not isinstance(hidden, int):

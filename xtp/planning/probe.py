@@ -10,6 +10,11 @@ Besides, every *layout op* (view, reshape, split, chunk, transpose, indexing, ..
 source's output, or to a tensor made from it by layout ops alone, is recorded as a
 :class:`LayoutNode`: replayed on an index tensor (:mod:`xtp.planning.fused`), those ops say
 where each output feature of a fused projection ends up (which of q/k/v or gate/up, which head).
+
+3-D parameters multiplied batch-wise (``torch.bmm(x, W)`` / ``x @ W`` with ``W`` of shape
+``(experts, in, out)``: expert containers outside transformers' experts interface) are tracked
+apart, by parameter name: which such product's output reaches which such product's input, the
+layout ops on each product's output, and which product a module returns (by layout ops alone).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ INPUT = "<input>"
 OUTPUT = "<output>"
 _ATTR = "_xtp_sources"
 _NODE = "_xtp_layout_node"
+_PSRC = "_xtp_param_sources"
 
 _T = torch.Tensor
 #: ops that move or select features without computing on them
@@ -39,6 +45,10 @@ LAYOUT_OPS = frozenset({
     torch.reshape, torch.narrow, torch.select, torch.unsqueeze, torch.squeeze, torch.flatten,
     torch.movedim, torch.swapaxes,
 })
+
+
+#: batched products ``op(x, W)``: with ``W`` a 3-D parameter, a product over experts
+BATCHED_MATMUL = frozenset({torch.bmm, torch.matmul, _T.bmm, _T.matmul, _T.__matmul__})
 
 
 #: layout ops whose arguments from this position on are sizes (not dimensions)
@@ -106,6 +116,16 @@ class FlowGraph:
     reshaped_params: set[str] = field(default_factory=set)
     #: shape of each source's output on its first call
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: 3-D parameters multiplied batch-wise as the right operand (see the module docstring):
+    #: which products' outputs reach each one's input, whose inputs each one's output reaches,
+    #: and each product's output shape (its layout ops are in ``layout_nodes`` under the
+    #: parameter's name)
+    param_producers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    param_consumers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: module -> (parameter, layout node) when the module returns that parameter's product
+    #: after layout ops alone (node -1: the product itself)
+    module_out_nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -121,20 +141,20 @@ def _tensors(obj) -> Iterable[torch.Tensor]:
         yield from _tensors(obj.to_tuple())
 
 
-def sources_of(obj) -> set[str]:
+def sources_of(obj, attr: str = _ATTR) -> set[str]:
     out: set[str] = set()
     for t in _tensors(obj):
-        out |= getattr(t, _ATTR, set())
+        out |= getattr(t, attr, set())
     return out
 
 
-def _mark(obj, sources: set[str], replace: bool = False) -> None:
+def _mark(obj, sources: set[str], replace: bool = False, attr: str = _ATTR) -> None:
     for t in _tensors(obj):
         try:
             if replace:
-                setattr(t, _ATTR, set(sources))
+                setattr(t, attr, set(sources))
             else:
-                setattr(t, _ATTR, getattr(t, _ATTR, set()) | sources)
+                setattr(t, attr, getattr(t, attr, set()) | sources)
         except (AttributeError, RuntimeError):
             pass
 
@@ -186,6 +206,7 @@ class _FlowMode(TorchFunctionMode):
         if (self.graph is not None and args and func in LAYOUT_OPS and func not in _ORDER_ONLY
                 and id(args[0]) in self.params):
             self.graph.reshaped_params.add(self.params[id(args[0])])
+        self._track_params(func, args, kwargs, out)
         src = sources_of(args) | sources_of(kwargs)
         if src:
             _mark(out, src)
@@ -202,6 +223,30 @@ class _FlowMode(TorchFunctionMode):
                     for s in src:
                         self.graph.layout_sizes[s] |= sizes
         return out
+
+
+    def _track_params(self, func, args, kwargs, out) -> None:
+        """Follow batch-wise products with 3-D parameters (see the module docstring)."""
+        if self.graph is None:
+            return
+        psrc = sources_of(args, _PSRC) | sources_of(kwargs, _PSRC)
+        weight = args[1] if func in BATCHED_MATMUL and len(args) > 1 else None
+        name = self.params.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if name is None or weight.dim() != 3 or not isinstance(out, torch.Tensor):
+            if psrc:
+                _mark(out, psrc, attr=_PSRC)
+            return
+        g = self.graph
+        g.param_producers[name] |= psrc
+        for s in psrc:
+            g.param_consumers[s].add(name)
+        _mark(out, {name}, replace=True, attr=_PSRC)
+        if name not in g.param_shapes:
+            g.param_shapes[name] = tuple(out.shape)
+            try:
+                setattr(out, _NODE, (name, -1))
+            except (AttributeError, RuntimeError):
+                pass
 
 
 def probe(
@@ -242,6 +287,9 @@ def probe(
         shapes = [tuple(p.shape) for p in mod.parameters(recurse=False)]
         for s in sources_of(args) | sources_of(kwargs):
             graph.inner[s][name] = shapes
+        node = getattr(out, _NODE, None) if isinstance(out, torch.Tensor) else None
+        if node is not None and node[0] in graph.param_shapes:
+            graph.module_out_nodes.setdefault(name, node)
 
     for mod in model.modules():
         if is_source(mod):

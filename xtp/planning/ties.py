@@ -2,7 +2,8 @@
 
 Tied modules must be sharded identically: a tied module the probe never called follows its
 partners; if the users of one weight would be split differently (or some not at all), all of
-them, and the row/column partners of any of them, stay replicated. In ``bytes_per_rank`` a
+them, and the row/column partners of any of them, stay replicated; so do the users of a weight
+that a module of a kind xtp does not shard also holds. In ``bytes_per_rank`` a
 shared weight counts once, for its first user.
 """
 
@@ -33,8 +34,16 @@ def check_ties(draft: Draft) -> None:
     by_param: dict[int, list[str]] = defaultdict(list)
     for name in draft.kinds:
         by_param[id(draft.modules[name].weight)].append(name)
-    for names in by_param.values():
-        if len(names) < 2:
+    # modules of no kind xtp shards that hold one of those weights too (a custom embedding
+    # tied to the LM head): they keep the whole weight, so its other users must as well
+    foreign: dict[int, int] = defaultdict(int)
+    for name, mod in draft.modules.items():
+        if name not in draft.kinds:
+            for p in mod.parameters(recurse=False):
+                if id(p) in by_param:
+                    foreign[id(p)] += 1
+    for key, names in by_param.items():
+        if len(names) + foreign[key] < 2:
             continue
         _follow_partners(draft, names)
         specs = [draft.specs.get(n) for n in names]
@@ -42,7 +51,7 @@ def check_ties(draft: Draft) -> None:
         if not sharded:
             continue
         ranges = {s.ranges for s in sharded}
-        if len(sharded) != len(names) or len(ranges) != 1:
+        if len(sharded) != len(names) + foreign[key] or len(ranges) != 1:
             groups = {s.group for s in sharded if s.group}
             partners = [s.name for s in draft.specs.values() if s.group in groups]
             for n in [*names, *partners]:
