@@ -5,7 +5,8 @@ layouts come from what the forward does with a fused output (:mod:`xtp.planning.
 entry here has a test (tests/planning/test_model_table.py, and the parity suite for its
 architecture).
 
-* :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
+* :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size (a composite
+  config: in its text config).
 * :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
   width and must become this rank's local value after sharding.
 """
@@ -59,12 +60,17 @@ HEAD_SLICED_KWARGS: dict[str, dict[str, str]] = {
 
 
 def config_value(config, key: str):
-    """First present alias of ``key`` in ``config`` (``None`` when absent)."""
+    """First present alias of ``key`` in ``config``, else in its text model's config (a
+    composite config: a vision-language model's text sizes); ``None`` when absent."""
     for name in CONFIG_ALIASES[key]:
         value = getattr(config, name, None)
         if value is not None:
             return value
-    return None
+    try:
+        inner = config.get_text_config()
+        return config_value(inner, key) if inner is not None and inner is not config else None
+    except Exception:  # noqa: BLE001 - no config method, ambiguous text or per-layer sizes
+        return None
 
 
 def head_shape(config) -> tuple[int, int, int] | None:
