@@ -49,11 +49,11 @@ class _Attention(nn.Module):
 
 
 class _MLP(nn.Module):
-    def __init__(self, concat: bool) -> None:
+    def __init__(self, concat: bool, width: int = 40) -> None:
         super().__init__()
         self.concat = concat
-        self.gate_up = nn.Linear(HIDDEN, 2 * 40)
-        self.down = nn.Linear(40, HIDDEN)
+        self.gate_up = nn.Linear(HIDDEN, 2 * width)
+        self.down = nn.Linear(width, HIDDEN)
 
     def forward(self, x):
         y = self.gate_up(x)
@@ -62,13 +62,14 @@ class _MLP(nn.Module):
 
 
 class _Model(nn.Module):
-    def __init__(self, heads: int, kv: int, order: str = "qkv", concat: bool = True) -> None:
+    def __init__(self, heads: int, kv: int, order: str = "qkv", concat: bool = True,
+                 mlp_width: int = 40) -> None:
         super().__init__()
         self.config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
                                       hidden_size=HIDDEN, vocab_size=VOCAB)
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.attn = _Attention(heads, kv, order)
-        self.mlp = _MLP(concat)
+        self.mlp = _MLP(concat, mlp_width)
         self.head = nn.Linear(HIDDEN, VOCAB)
 
     def forward(self, input_ids):
@@ -96,6 +97,18 @@ def test_inferred_attention_layout_matches_unsharded(heads, kv, order, layout, t
     plan = xtp.plan(model, tp)
     assert (plan.spec("attn.qkv").role, plan.spec("attn.qkv").layout) == (Role.COLUMN, layout)
     assert plan.spec("mlp.gate_up").layout == Layout.GATE_UP_CONCAT
+    assert _check(model, tp) <= 1e-5
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gate_up_as_wide_as_the_attention_heads(tp):
+    """[gate | up] whose halves are num_heads x head_dim wide (the row's input is cut by heads,
+    2, 2, 1, 1 at tp 4): each half cut like the row's input."""
+    torch.manual_seed(0)
+    model = _Model(6, 6, mlp_width=HIDDEN).eval()
+    plan = xtp.plan(model, tp)
+    spec = plan.spec("mlp.gate_up")
+    assert (spec.role, spec.layout) == (Role.COLUMN, Layout.GATE_UP_CONCAT)
     assert _check(model, tp) <= 1e-5
 
 

@@ -411,6 +411,21 @@ def test_head_shape_falcon_new_architecture_ignores_multi_query():
     assert mt.head_shape(config) == (12, 6, 8)
 
 
+def test_composite_config_sizes_come_from_its_text_config():
+    """A vision-language config keeps heads and vocabulary in its text config; a config whose
+    text config is ambiguous (the lookup raises) has none."""
+    text = {"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 2,
+            "hidden_size": 48, "vocab_size": 99}
+    config = transformers.LlavaConfig(text_config=text)
+    assert mt.head_shape(config) == (6, 2, 8)
+    assert mt.config_value(config, "vocab_size") == 99
+
+    class Ambiguous(SimpleNamespace):
+        def get_text_config(self):
+            raise ValueError("multiple valid text configs")
+    assert mt.config_value(Ambiguous(), "num_heads") is None
+
+
 def test_head_shape_without_heads():
     assert mt.head_shape(None) is None
     assert mt.head_shape(SimpleNamespace(hidden_size=8)) is None

@@ -56,6 +56,13 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
         need = fused_width(layout, hp, D, width if mlp is not None else 0)
         if need == out:
             return layout, [fused_ranges(layout, r, hp, D, mlp) for r in range(tp)]
+    if hp is not None and out == 2 * width and infer_layout(
+            draft.graph, col, draft.heads, width, False) == Layout.GATE_UP_CONCAT:
+        # an MLP whose inner width happens to be num_heads x head_dim: [gate | up], each half
+        # cut like the row's input (by whole heads' widths)
+        parts = hp.q.scaled(D)
+        return Layout.GATE_UP_CONCAT, [fused_ranges(Layout.GATE_UP_CONCAT, r, None, D, parts)
+                                       for r in range(tp)]
     raise UnclassifiedModuleError(
         f"cannot classify {collapse(col)} ({type(draft.modules[col]).__name__}, "
         f"{out} output features) feeding {width} input features of its row partner: it looks "

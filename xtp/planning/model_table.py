@@ -5,7 +5,8 @@ layouts come from what the forward does with a fused output (:mod:`xtp.planning.
 entry here has a test (tests/planning/test_model_table.py, and the parity suite for its
 architecture).
 
-* :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size.
+* :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size (a composite
+  config: in its text config).
 * :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
   width and must become this rank's local value after sharding.
 """
@@ -79,16 +80,23 @@ def _flag(config, name: str) -> bool:
 
 
 def config_value(config, key: str, per_layer=None):
-    """First present alias of ``key`` in ``config`` (``None`` when absent). An alias the config
-    refuses to read globally (it varies per layer) gives ``per_layer`` (default ``None``:
-    treated as absent)."""
+    """First present alias of ``key`` in ``config``, else in its text model's config (a
+    composite config: a vision-language model's text sizes); ``None`` when absent. An alias the
+    config refuses to read globally (it varies per layer) gives ``per_layer`` (default
+    ``None``: treated as absent)."""
     for name in CONFIG_ALIASES[key]:
         value = _read(config, name)
         if value is PER_LAYER:
             return per_layer
         if value is not None:
             return value
-    return None
+    try:
+        inner = config.get_text_config()
+        if inner is None or inner is config:
+            return None
+        return config_value(inner, key, per_layer)
+    except Exception:  # noqa: BLE001 - no config method, ambiguous text or per-layer sizes
+        return None
 
 
 def vocab_size(config):

@@ -5,7 +5,10 @@ row-parallel layer, and ``S`` its column-parallel partners; the pair shares one 
 inner dimension. A layer cannot be both a column and a row (the outer pair wins: a low-rank
 projection in front of a column layer stays replicated). A pair whose inner activations pass
 through a module with a parameter as wide as the inner dimension (a norm over all heads) is not
-sharded: that module would need every head.
+sharded: that module would need every head. A pair with a column whose output maps to no head or
+fused layout is kept whole too (exact: replicated columns read full inputs, the replicated row
+reads their full outputs) when it is more than a lone fused layer (:func:`_may_keep_whole`);
+else it is refused.
 
 Step 3, partitions: head-granular when the inner width is ``num_heads x head_dim`` (from the
 config), else an even split (:mod:`xtp.planning.heads` for the columns' ranges and what changes
@@ -15,9 +18,10 @@ in the attention module).
 from __future__ import annotations
 
 from ..errors import PlanError, UnclassifiedModuleError
+from . import model_table as mt
 from .draft import Draft
 from .fused import own_heads
-from .heads import column_ranges, head_updates
+from .heads import _attention_name, column_ranges, head_updates
 from .layouts import q_ranges
 from .partition import HeadPartition, Partition, partition_heads, split_aligned
 from .render import collapse
@@ -75,7 +79,35 @@ def plan_pairs(draft: Draft) -> None:
                 draft.kept_whole[n] = f"kept whole: {unsafe}"
             draft.note(f"{collapse(row)} and its partners kept replicated: {unsafe}")
             continue
-        plan_pair(draft, row, cols)
+        grads = len(draft.partial_grads)
+        try:
+            plan_pair(draft, row, cols)
+        except UnclassifiedModuleError as exc:
+            if not _may_keep_whole(draft, row, cols):
+                raise
+            del draft.partial_grads[grads:]  # nothing of the pair is sharded after all
+            why = str(exc).split(": it looks like", 1)[0]
+            for n in [row, *cols]:
+                draft.kept_whole[n] = f"kept whole: {why}"
+            draft.note(f"{collapse(row)} and its partners kept replicated: {why} (the "
+                       "forward shows no layout xtp can split)")
+
+
+def _may_keep_whole(draft: Draft, row: str, cols: list[str]) -> bool:
+    """True when a pair with a column of no known layout is kept whole rather than refused:
+    the head counts come from the config (not guessed from the forward, where a wrong guess is
+    the likelier cause and the refusal says how to pass them), and the pair is more than one
+    fused layer and its row: several columns, or a parent module holding parameters besides
+    the pair's (a convolution, decay rates, norms: a mixer xtp does not model, whose inputs and
+    outputs stay full when the whole pair is replicated). A lone fused column in a bare parent
+    is a layout xtp should learn: refused, so that it is reported."""
+    if draft.heads is not None and mt.head_shape(draft.config) is None:
+        return False
+    if len(cols) > 1:
+        return True
+    parent = draft.modules.get(_attention_name(row, cols))
+    own = {id(p) for n in [row, *cols] for p in draft.modules[n].parameters()}
+    return parent is not None and any(id(p) not in own for p in parent.parameters())
 
 
 def _own_head_widths(draft: Draft, cols: list[str]) -> dict[str, tuple[int, int]] | None:
