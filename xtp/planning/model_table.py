@@ -102,18 +102,7 @@ def config_value(config, key: str, per_layer=None):
 def vocab_size(config):
     """The vocabulary size: the config's own, else its text sub-config's (a multimodal
     config keeps it in ``get_text_config()``); ``None`` when neither has one."""
-    if config is None:
-        return None
-    value = config_value(config, "vocab_size")
-    get_text = getattr(config, "get_text_config", None)
-    if value is None and callable(get_text):
-        try:
-            text = get_text()
-        except Exception:  # no single text config (several decoders): no vocabulary
-            return None
-        if text is not config:
-            value = config_value(text, "vocab_size")
-    return value
+    return None if config is None else config_value(config, "vocab_size")
 
 
 def head_shape(config) -> tuple[int, int, int] | None:
