@@ -21,6 +21,7 @@ from torch import nn
 from .draft import Draft
 from .embeddings import plan_embeddings
 from .experts import plan_experts
+from .head_params import plan_output_params
 from .pairs import plan_pairs
 from .spec import Role, ShardPlan
 from .ties import check_ties, count_tied_once
@@ -79,6 +80,7 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
     plan_pairs(draft)
     plan_embeddings(draft)
     plan_experts(draft)
+    plan_output_params(draft)
     check_ties(draft)
     _replicate_rest(draft)
     return _freeze(draft)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from ..errors import PlanError, UnclassifiedModuleError
 from .draft import Draft
 from .fused import own_heads
-from .heads import column_ranges, head_updates
+from .head_params import plan_head_params
+from .heads import attention_name, column_ranges, head_updates
 from .layouts import q_ranges
 from .partition import HeadPartition, Partition, partition_heads, split_aligned
 from .render import collapse
@@ -56,6 +57,12 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
                 if any(d in widths and d != head_dim for d in shape):
                     return (f"{collapse(mod_name)} has a parameter of shape {shape} over "
                             f"the whole inner dimension of {collapse(c)}")
+    for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
+        wide = sorted(d for d in draft.graph.reduced_sizes.get(c, ()) if d in widths
+                      and d != head_dim)
+        if wide:
+            return (f"the forward reduces activations of {collapse(c)} over {wide[0]} "
+                    f"features (a norm over the whole inner dimension)")
     return None
 
 
@@ -156,6 +163,7 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
         split=Split.IN, ranges=row_ranges, group=row)
     draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
+    plan_head_params(draft, attention_name(row, cols), cols, width, row_ranges, hp)
     if hp is not None:
         head_updates(draft, row, cols, hp, own)
 

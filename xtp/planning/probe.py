@@ -28,6 +28,7 @@ INPUT = "<input>"
 OUTPUT = "<output>"
 _ATTR = "_xtp_sources"
 _NODE = "_xtp_layout_node"
+_PARAM = "_xtp_params"
 
 _T = torch.Tensor
 #: ops that move or select features without computing on them
@@ -39,6 +40,35 @@ LAYOUT_OPS = frozenset({
     torch.reshape, torch.narrow, torch.select, torch.unsqueeze, torch.squeeze, torch.flatten,
     torch.movedim, torch.swapaxes,
 })
+
+
+#: reductions over dimensions: op -> (position of its ``dim`` argument, its default: None for
+#: all dimensions); a norm over all heads of a pair's activations needs every head
+REDUCTIONS = {
+    _T.sum: (1, None), torch.sum: (1, None), _T.mean: (1, None), torch.mean: (1, None),
+    _T.var: (1, None), torch.var: (1, None), _T.std: (1, None), torch.std: (1, None),
+    _T.amax: (1, None), torch.amax: (1, None), _T.logsumexp: (1, None),
+    torch.logsumexp: (1, None), _T.norm: (2, None), torch.norm: (2, None),
+    torch.linalg.vector_norm: (2, None), torch.nn.functional.normalize: (2, 1),
+}
+#: normalisations over trailing dimensions given by their sizes: op -> position of the sizes
+NORMS = {torch.nn.functional.layer_norm: 1, torch.nn.functional.rms_norm: 1}
+
+
+def _reduced_sizes(func, args, kwargs) -> set[int]:
+    """Sizes of the dimensions ``func(*args, **kwargs)`` reduces over (empty: no reduction)."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None:
+        return set()
+    if func in NORMS:
+        shape = kwargs.get("normalized_shape", args[NORMS[func]] if len(args) > 1 else ())
+        return _ints(tuple(shape))
+    pos, default = REDUCTIONS[func]
+    dim = kwargs.get("dim", args[pos] if len(args) > pos else default)
+    if dim is None:
+        return set(x.shape)
+    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    return {x.shape[d] for d in dims if isinstance(d, int) and -x.dim() <= d < x.dim()}
 
 
 #: layout ops whose arguments from this position on are sizes (not dimensions)
@@ -106,6 +136,11 @@ class FlowGraph:
     reshaped_params: set[str] = field(default_factory=set)
     #: shape of each source's output on its first call
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: parameter -> the sources of the activations it first meets in an op (through ops on
+    #: the parameter alone: ``sinks.reshape(1, -1, 1, 1)`` then ``cat`` with attention scores)
+    param_uses: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: sizes of the dimensions reductions and norms ran over on activations of each source
+    reduced_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -180,6 +215,26 @@ class _FlowMode(TorchFunctionMode):
         self.graph = graph
         self.params = params or {}
 
+    def _track_params(self, args, kwargs, out, src: set[str]) -> None:
+        """Parameters (and tensors made from them alone) meeting activations: record the
+        activations' sources; else pass the parameters on to the op's outputs."""
+        found: set[str] = set()
+        for t in _tensors((args, kwargs)):
+            found |= getattr(t, _PARAM, set())
+            if id(t) in self.params:
+                found.add(self.params[id(t)])
+        if not found:
+            return
+        if src:
+            for p in found:
+                self.graph.param_uses[p] |= src
+            return
+        for t in _tensors(out):
+            try:
+                setattr(t, _PARAM, found)
+            except (AttributeError, RuntimeError):
+                pass
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -187,8 +242,13 @@ class _FlowMode(TorchFunctionMode):
                 and id(args[0]) in self.params):
             self.graph.reshaped_params.add(self.params[id(args[0])])
         src = sources_of(args) | sources_of(kwargs)
+        if self.graph is not None:
+            self._track_params(args, kwargs, out, src)
         if src:
             _mark(out, src)
+            if self.graph is not None and (func in REDUCTIONS or func in NORMS):
+                for s in src:
+                    self.graph.reduced_sizes[s] |= _reduced_sizes(func, args, kwargs)
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
                 read = origins(args[1:]) | origins(kwargs)
