@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..errors import PlanError, UnclassifiedModuleError
 from .draft import Draft
-from .fused import own_heads
+from .fused import own_heads, splits_heads
 from .head_params import plan_head_params
 from .heads import attention_name, column_ranges, head_updates
 from .layouts import q_ranges
@@ -57,6 +57,11 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
                 if any(d in widths and d != head_dim for d in shape):
                     return (f"{collapse(mod_name)} has a parameter of shape {shape} over "
                             f"the whole inner dimension of {collapse(c)}")
+    H, K, _ = draft.heads if draft.heads else (0, 0, 0)
+    for c in cols:  # heads taken in groups: a contiguous split would pair the wrong heads
+        if (head_dim and in_out(draft.modules[c])[1] in (H * head_dim, K * head_dim)
+                and splits_heads(draft.graph, c, head_dim)):
+            return f"the forward takes some of the heads of {collapse(c)} apart from the others"
     for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
         wide = sorted(d for d in draft.graph.reduced_sizes.get(c, ()) if d in widths
                       and d != head_dim)
