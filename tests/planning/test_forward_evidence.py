@@ -83,28 +83,32 @@ class _SmallHeads(nn.Module):
     """4 heads of 4 features: a per-head norm weight (4 long, as many as heads) or a norm
     without parameters over all 16 features of the attention output."""
 
-    def __init__(self, norm_all_heads: bool, swap_halves: bool = False) -> None:
+    def __init__(self, norm_all_heads: bool, swap_halves: bool = False,
+                 input_width: bool = False) -> None:
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
         self.q_norm = nn.Parameter(torch.rand(4) + 0.5)
         self.norm_all_heads, self.swap_halves = norm_all_heads, swap_halves
+        self.input_width = input_width
 
     def forward(self, h):
-        B, T, _ = h.shape
+        B, T, width = h.shape
         q, k, v = (p(h).view(B, T, -1, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
         if self.swap_halves:  # head i reads the values of head i + 2 (mod 4)
             v = torch.cat(torch.chunk(v, 2, dim=1)[::-1], dim=1)
         y = torch.softmax((q * self.q_norm) @ k.transpose(-1, -2), -1) @ v
-        y = y.transpose(1, 2).reshape(B, T, -1)
+        y = y.transpose(1, 2).reshape(B, T, width if self.input_width else -1)
         if self.norm_all_heads:
             y = y / y.norm(dim=-1, keepdim=True)
         return self.o(y)
 
 
 class _Small(nn.Module):
-    def __init__(self, norm_all_heads: bool, swap_halves: bool = False) -> None:
+    def __init__(self, norm_all_heads: bool, swap_halves: bool = False,
+                 input_width: bool = False) -> None:
         super().__init__()
-        self.embed, self.attn = nn.Embedding(11, 16), _SmallHeads(norm_all_heads, swap_halves)
+        self.embed = nn.Embedding(11, 16)
+        self.attn = _SmallHeads(norm_all_heads, swap_halves, input_width)
 
     def forward(self, input_ids):
         return self.attn(self.embed(input_ids))
@@ -130,3 +134,12 @@ def test_heads_taken_in_groups_keep_the_pair_whole():
     for name in ("q", "k", "v", "o"):
         assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
     assert "takes some of the heads of attn.v apart" in plan.spec("attn.o").reason
+
+
+def test_a_width_read_off_the_input_shape_keeps_the_pair_whole():
+    """``reshape(B, T, width)`` with ``width`` from the input's shape (TrOCR, FSMT, LED): that
+    width stays full on every rank, so the heads cannot be split."""
+    plan = xtp.plan(_Small(False, input_width=True), 2)
+    for name in ("q", "k", "v", "o"):
+        assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
+    assert "read off the shape of another tensor" in plan.spec("attn.o").reason

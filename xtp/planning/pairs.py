@@ -62,6 +62,13 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
         if (head_dim and in_out(draft.modules[c])[1] in (H * head_dim, K * head_dim)
                 and splits_heads(draft.graph, c, head_dim)):
             return f"the forward takes some of the heads of {collapse(c)} apart from the others"
+    for c in cols:  # a width read off another tensor's shape (the input's) stays full
+        wide = sorted(n for n, src in draft.graph.shape_sizes.get(c, ())
+                      if n in widths and n != head_dim and not src <= set(cols))
+        if wide:
+            return (f"the forward reshapes activations of {collapse(c)} to {wide[0]} features "
+                    f"read off the shape of another tensor (its input), a width that does not "
+                    f"shrink with the heads")
     for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
         wide = sorted(d for d in draft.graph.reduced_sizes.get(c, ()) if d in widths
                       and d != head_dim)

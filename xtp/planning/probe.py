@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .traced import origins
+from .traced import TracedInt, origins
 
 INPUT = "<input>"
 OUTPUT = "<output>"
@@ -139,6 +139,10 @@ class FlowGraph:
     #: parameter -> the sources of the activations it first meets in an op (through ops on
     #: the parameter alone: ``sinks.reshape(1, -1, 1, 1)`` then ``cat`` with attention scores)
     param_uses: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: sizes layout ops used on activations of each source that the forward read off the
+    #: shape of a tensor: (size, the sources of that tensor)
+    shape_sizes: dict[str, set[tuple[int, frozenset]]] = field(
+        default_factory=lambda: defaultdict(set))
     #: sizes of the dimensions reductions and norms ran over on activations of each source
     reduced_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
 
@@ -204,6 +208,34 @@ def _record_layout(graph: FlowGraph, func, args, kwargs, out) -> None:
                 pass
 
 
+#: reading a tensor's shape: the sizes remember the tensor's sources (origin ``#source``)
+_SHAPE = "#"
+_SHAPE_READS = (_T.size, _T.shape.__get__)
+
+
+def _shape_traced(out, src: set[str]):
+    """``out`` (a size or a shape) with each int a :class:`TracedInt` naming ``src``."""
+    if not src:
+        return out
+    tag = {_SHAPE + s for s in src}
+    if isinstance(out, torch.Size):
+        return torch.Size([TracedInt(int(v), set(getattr(v, "origin", ())) | tag) for v in out])
+    if isinstance(out, int) and not isinstance(out, bool):
+        return TracedInt(out, set(getattr(out, "origin", ())) | tag)
+    return out
+
+
+def _shape_origins(obj) -> set[tuple[int, frozenset]]:
+    """(size, sources of the tensors whose shape it was read from) for each size in ``obj``
+    read off a tensor's shape."""
+    if isinstance(obj, TracedInt):
+        src = frozenset(o[len(_SHAPE):] for o in obj.origin if o.startswith(_SHAPE))
+        return {(int(obj), src)} if src else set()
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_shape_origins(o) for o in obj)) if obj else set()
+    return set()
+
+
 #: layout ops that keep a weight's rows as rows (a transpose is how a linear reads its weight)
 _ORDER_ONLY = frozenset({_T.transpose, _T.permute, _T.contiguous, _T.movedim, _T.swapaxes,
                          torch.transpose, torch.permute, torch.movedim, torch.swapaxes})
@@ -238,6 +270,8 @@ class _FlowMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.graph is not None and func in _SHAPE_READS and args:
+            return _shape_traced(out, sources_of(args[0]))
         if (self.graph is not None and args and func in LAYOUT_OPS and func not in _ORDER_ONLY
                 and id(args[0]) in self.params):
             self.graph.reshaped_params.add(self.params[id(args[0])])
@@ -253,14 +287,17 @@ class _FlowMode(TorchFunctionMode):
                 _record_layout(self.graph, func, args, kwargs, out)
                 read = origins(args[1:]) | origins(kwargs)
                 attrs = {o for o in read if o.startswith("@")}
+                shapes = {o for o in read if o.startswith(_SHAPE)}
                 for s in src if read else ():
-                    if read - attrs:
-                        self.graph.config_reads[s] |= read - attrs
+                    if read - attrs - shapes:
+                        self.graph.config_reads[s] |= read - attrs - shapes
                     self.graph.attr_reads[s] |= attrs
                 if func in SIZE_ARGS:
                     sizes = _ints(args[SIZE_ARGS[func]:]) | _ints(kwargs.get("split_size"))
+                    from_shapes = _shape_origins(args[SIZE_ARGS[func]:])
                     for s in src:
                         self.graph.layout_sizes[s] |= sizes
+                        self.graph.shape_sizes[s] |= from_shapes
         return out
 
 
