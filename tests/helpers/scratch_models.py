@@ -8,11 +8,16 @@ proving that xtp shards a model a user brings (issue 17).
   grouped KV heads, rotary embeddings (rotate-half), RMSNorm, SwiGLU MLP.
 * :class:`ScratchMoE`: the same attention in parallel with a mixture of experts whose experts
   are a ModuleList of Linear MLPs, plus a gated shared expert.
+* :class:`ScratchSinks`: the Llama with per-head parameters (attention sinks, gate biases, a
+  query bias per feature), a per-feature MLP scale and a per-vocabulary logit scale; its
+  ``config`` holds only the vocabulary size.
 
 Head counts are held by the attention modules only; xtp reads them from the forward.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -209,11 +214,78 @@ class ScratchMoE(ScratchLlama):
                                      for _ in range(n_layers)])
 
 
+class SinkAttention(LlamaAttention):
+    """Per-head parameters its forward applies to its own heads: a bias per query feature, an
+    attention sink logit per head (a softmax column dropped after), a gate bias per head."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__(dim, n_heads, n_kv_heads)
+        self.q_bias = nn.Parameter(torch.randn(n_heads * self.head_dim))
+        self.sinks = nn.Parameter(torch.randn(n_heads))
+        self.gate_bias = nn.Parameter(torch.randn(n_heads))
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim) + self.q_bias.view(-1, self.head_dim)
+        q = q.transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, T, 1)
+        probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
+        y = (probs @ v) * torch.sigmoid(self.gate_bias).view(1, -1, 1, 1)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class ScaledHead(nn.Linear):
+    """An LM head with a learned scale per output (vocabulary) feature."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, VOCAB, bias=False)
+        self.logit_scale = nn.Parameter(torch.rand(VOCAB) + 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+class SinkBlock(LlamaBlock):
+    """LlamaBlock with :class:`SinkAttention` and a learned scale per MLP feature."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int) -> None:
+        super().__init__(dim, n_heads, n_kv_heads, hidden)
+        self.attention = SinkAttention(dim, n_heads, n_kv_heads)
+        self.w1_scale = nn.Parameter(torch.rand(hidden) + 0.5)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h) * self.w1_scale) * self.w3(h))
+
+
+class ScratchSinks(ScratchLlama):
+    """Attention sinks, per-head gate biases, a per-feature query bias, a per-feature MLP
+    scale and a per-vocabulary logit scale: each split with the heads or features it scales."""
+
+    def __init__(self, dim: int = 48, n_layers: int = 2, n_heads: int = 6, n_kv_heads: int = 2,
+                 hidden: int = 88) -> None:
+        super().__init__(dim, n_layers, n_heads, n_kv_heads, hidden)
+        self.layers = nn.ModuleList([SinkBlock(dim, n_heads, n_kv_heads, hidden)
+                                     for _ in range(n_layers)])
+        self.output = ScaledHead(dim)
+        self.config = SimpleNamespace(vocab_size=VOCAB)  # only the vocabulary: heads inferred
+
+
 BUILDERS = {
     "nanogpt": NanoGPT,
     "scratch_llama": ScratchLlama,
     "scratch_llama_prescaled": lambda: ScratchLlama(prescale_q=True),
     "scratch_moe": ScratchMoE,
+    "scratch_sinks": ScratchSinks,
 }
 
 

@@ -55,3 +55,91 @@ def test_an_attribute_the_forward_divides_keeps_its_value():
     attrs = {u.attr for u in plan.attr_updates if u.module.endswith(".attn")}
     assert "embed_dim" not in attrs
     assert "num_attention_heads" in attrs
+
+
+# -- per-head parameters and norms over all heads, from the forward (issue 17) -----------------
+
+
+def test_per_head_parameters_are_split_with_their_heads():
+    """Sinks and gate biases (one per head), a query bias (one per feature), an MLP scale and a
+    logit scale (one per output feature) get exactly the ranges of the heads/features they
+    scale, here with uneven heads and replicated KV heads (6 heads, 2 KV heads, tp 3)."""
+    import scratch_models
+
+    plan = xtp.plan(scratch_models.build("scratch_sinks"), 3)
+    attn = plan.spec("layers.0.attention")
+    assert attn.role == Role.HEAD_PARAMS
+    split = {s.param: s.ranges for s in attn.params}
+    heads = (((0, 2),), ((2, 3),), ((3, 6),))
+    assert split["sinks"] == split["gate_bias"] == heads
+    assert split["q_bias"] == plan.spec("layers.0.attention.wq").ranges
+    block = {s.param: s.ranges for s in plan.spec("layers.0").params}
+    assert block == {"w1_scale": plan.spec("layers.0.w1").ranges}
+    head = {s.param: s.ranges for s in plan.spec("output").params}
+    assert head["logit_scale"] == head["weight"] == plan.spec("output").ranges
+
+
+class _SmallHeads(nn.Module):
+    """4 heads of 4 features: a per-head norm weight (4 long, as many as heads) or a norm
+    without parameters over all 16 features of the attention output."""
+
+    def __init__(self, norm_all_heads: bool, swap_halves: bool = False,
+                 input_width: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.q_norm = nn.Parameter(torch.rand(4) + 0.5)
+        self.norm_all_heads, self.swap_halves = norm_all_heads, swap_halves
+        self.input_width = input_width
+
+    def forward(self, h):
+        B, T, width = h.shape
+        q, k, v = (p(h).view(B, T, -1, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.swap_halves:  # head i reads the values of head i + 2 (mod 4)
+            v = torch.cat(torch.chunk(v, 2, dim=1)[::-1], dim=1)
+        y = torch.softmax((q * self.q_norm) @ k.transpose(-1, -2), -1) @ v
+        y = y.transpose(1, 2).reshape(B, T, width if self.input_width else -1)
+        if self.norm_all_heads:
+            y = y / y.norm(dim=-1, keepdim=True)
+        return self.o(y)
+
+
+class _Small(nn.Module):
+    def __init__(self, norm_all_heads: bool, swap_halves: bool = False,
+                 input_width: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.attn = _SmallHeads(norm_all_heads, swap_halves, input_width)
+
+    def forward(self, input_ids):
+        return self.attn(self.embed(input_ids))
+
+
+def test_a_parameter_as_long_as_one_head_is_never_split():
+    plan = xtp.plan(_Small(False), 2)
+    assert plan.spec("attn.q").role == Role.COLUMN
+    assert plan.spec("attn") is None  # q_norm (head_dim == heads == 4) stays whole
+
+
+def test_a_norm_without_parameters_over_all_heads_keeps_the_pair_whole():
+    plan = xtp.plan(_Small(True), 2)
+    for name in ("q", "k", "v", "o"):
+        assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
+    assert "reduces activations of attn.q over 16 features" in plan.spec("attn.o").reason
+
+
+def test_heads_taken_in_groups_keep_the_pair_whole():
+    """Differential attention style: the forward chunks the value heads into two halves, so
+    head i meets head i + n/2; contiguous heads per rank would pair the wrong ones."""
+    plan = xtp.plan(_Small(False, swap_halves=True), 2)
+    for name in ("q", "k", "v", "o"):
+        assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
+    assert "takes some of the heads of attn.v apart" in plan.spec("attn.o").reason
+
+
+def test_a_width_read_off_the_input_shape_keeps_the_pair_whole():
+    """``reshape(B, T, width)`` with ``width`` from the input's shape (TrOCR, FSMT, LED): that
+    width stays full on every rank, so the heads cannot be split."""
+    plan = xtp.plan(_Small(False, input_width=True), 2)
+    for name in ("q", "k", "v", "o"):
+        assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
+    assert "read off the shape of another tensor" in plan.spec("attn.o").reason

@@ -54,12 +54,14 @@ def test_refused_with_the_reason_where_the_forward_cannot_run_sharded(rank_pool,
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["nanogpt", "scratch_llama", "scratch_moe"])
+@pytest.mark.parametrize("name", ["nanogpt", "scratch_llama", "scratch_moe", "scratch_sinks"])
 @pytest.mark.parametrize("tp", [2, 3])
 def test_plain_pytorch_model_matches_unsharded(rank_pool, name, tp):
     """Head counts from the forward's views into heads; fused c_attn's layout from its split;
     scratch_moe: experts as a ModuleList of Linear MLPs and a shared expert, each expert split
-    as its own MLP pair, in a block whose attention and MoE run in parallel."""
+    as its own MLP pair, in a block whose attention and MoE run in parallel; scratch_sinks:
+    per-head sinks and gate biases, per-feature query bias, MLP scale and logit scale, each
+    sliced with its heads or features (uneven heads and replicated KV heads at tp 3)."""
     from parity_worker import scratch_parity
 
     for rank, r in enumerate(rank_pool(tp).run(scratch_parity, name, tp)):

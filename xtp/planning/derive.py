@@ -23,6 +23,7 @@ from torch import nn
 from .draft import Draft
 from .embeddings import plan_embeddings
 from .experts import plan_experts
+from .head_params import plan_output_params
 from .pairs import plan_pairs
 from .param_experts import plan_param_experts
 from .spec import Role, ShardPlan
@@ -83,6 +84,7 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
     plan_embeddings(draft)
     plan_experts(draft)
     plan_param_experts(draft)
+    plan_output_params(draft)
     check_ties(draft)
     _replicate_rest(draft)
     return _freeze(draft)

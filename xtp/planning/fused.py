@@ -230,3 +230,31 @@ def infer_head_shape(graph: FlowGraph) -> tuple[int, int, int] | None:
     counts = [n for n, d in seen if d == head_dim]
     heads, kv = max(counts), min(counts)
     return (heads, kv, head_dim) if heads % kv == 0 else None
+
+
+_T = torch.Tensor
+#: layout ops that take part of a tensor (a piece, a slice, one index)
+_PIECES = frozenset({_T.split, _T.split_with_sizes, _T.chunk, _T.tensor_split, _T.unbind,
+                     _T.narrow, _T.select, _T.__getitem__, torch.split, torch.chunk,
+                     torch.tensor_split, torch.unbind, torch.narrow, torch.select})
+
+
+def splits_heads(graph: FlowGraph, col: str, head_dim: int) -> bool:
+    """True when the forward takes a piece of ``col``'s output holding some of its heads but
+    not all (``torch.chunk(v, 2, dim=1)`` on the heads: head ``i`` is combined with head
+    ``i + n/2``, so contiguous heads per rank would pair the wrong heads). Pieces within every
+    head (rotary halves) or along batch/sequence hold every head. Unknown (no replay): False."""
+    shape = graph.out_shapes.get(col)
+    nodes = graph.layout_nodes.get(col, [])
+    if not shape or not nodes or shape[-1] % head_dim:
+        return False
+    found = replay(nodes, shape)
+    if found is None:
+        return False
+    n_heads = shape[-1] // head_dim
+    for node, value in zip(nodes, found[1]):
+        if node.func in _PIECES and isinstance(value, torch.Tensor) and value.numel():
+            heads = torch.unique(value // head_dim).numel()
+            if heads < n_heads:
+                return True
+    return False

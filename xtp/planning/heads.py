@@ -75,7 +75,7 @@ def column_ranges(draft: Draft, col: str, width: int, hp: HeadPartition | None,
     )
 
 
-def _attention_name(row: str, cols: list[str]) -> str:
+def attention_name(row: str, cols: list[str]) -> str:
     """The longest module path the row and its columns share (their attention module)."""
     common = []
     for segs in zip(*[n.split(".") for n in [row, *cols]]):
@@ -160,7 +160,7 @@ def head_updates(draft: Draft, row: str, cols: list[str], hp: HeadPartition,
     attribute updates, head-sliced kwargs, local configs, per-head bias tables."""
     if hp.kv_replicated:
         draft.note(kv_replication_note(hp))
-    attn_name = _attention_name(row, cols)
+    attn_name = attention_name(row, cols)
     attn = draft.modules.get(attn_name)
     if attn is None:
         return

@@ -20,8 +20,9 @@ from __future__ import annotations
 from ..errors import PlanError, UnclassifiedModuleError
 from . import model_table as mt
 from .draft import Draft
-from .fused import own_heads
-from .heads import _attention_name, column_ranges, head_updates
+from .fused import own_heads, splits_heads
+from .head_params import plan_head_params
+from .heads import attention_name, column_ranges, head_updates
 from .layouts import q_ranges
 from .partition import HeadPartition, Partition, partition_heads, split_aligned
 from .render import collapse
@@ -60,6 +61,24 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
                 if any(d in widths and d != head_dim for d in shape):
                     return (f"{collapse(mod_name)} has a parameter of shape {shape} over "
                             f"the whole inner dimension of {collapse(c)}")
+    H, K, _ = draft.heads if draft.heads else (0, 0, 0)
+    for c in cols:  # heads taken in groups: a contiguous split would pair the wrong heads
+        if (head_dim and in_out(draft.modules[c])[1] in (H * head_dim, K * head_dim)
+                and splits_heads(draft.graph, c, head_dim)):
+            return f"the forward takes some of the heads of {collapse(c)} apart from the others"
+    for c in cols:  # a width read off another tensor's shape (the input's) stays full
+        wide = sorted(n for n, src in draft.graph.shape_sizes.get(c, ())
+                      if n in widths and n != head_dim and not src <= set(cols))
+        if wide:
+            return (f"the forward reshapes activations of {collapse(c)} to {wide[0]} features "
+                    f"read off the shape of another tensor (its input), a width that does not "
+                    f"shrink with the heads")
+    for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
+        wide = sorted(d for d in draft.graph.reduced_sizes.get(c, ()) if d in widths
+                      and d != head_dim)
+        if wide:
+            return (f"the forward reduces activations of {collapse(c)} over {wide[0]} "
+                    f"features (a norm over the whole inner dimension)")
     return None
 
 
@@ -105,7 +124,7 @@ def _may_keep_whole(draft: Draft, row: str, cols: list[str]) -> bool:
         return False
     if len(cols) > 1:
         return True
-    parent = draft.modules.get(_attention_name(row, cols))
+    parent = draft.modules.get(attention_name(row, cols))
     own = {id(p) for n in [row, *cols] for p in draft.modules[n].parameters()}
     return parent is not None and any(id(p) not in own for p in parent.parameters())
 
@@ -188,6 +207,7 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
         split=Split.IN, ranges=row_ranges, group=row)
     draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
+    plan_head_params(draft, attention_name(row, cols), cols, width, row_ranges, hp)
     if hp is not None:
         head_updates(draft, row, cols, hp, own)
 

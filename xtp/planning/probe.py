@@ -27,13 +27,16 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .traced import origins
+from .reductions import NORMS, REDUCTIONS, reduced_sizes
+from .reductions import ints_in as _ints
+from .traced import TracedInt, origins
 
 INPUT = "<input>"
 OUTPUT = "<output>"
 _ATTR = "_xtp_sources"
 _NODE = "_xtp_layout_node"
 _PSRC = "_xtp_param_sources"
+_PARAM = "_xtp_params"
 
 _T = torch.Tensor
 #: ops that move or select features without computing on them
@@ -49,21 +52,9 @@ LAYOUT_OPS = frozenset({
 
 #: batched products ``op(x, W)``: with ``W`` a 3-D parameter, a product over experts
 BATCHED_MATMUL = frozenset({torch.bmm, torch.matmul, _T.bmm, _T.matmul, _T.__matmul__})
-
-
 #: layout ops whose arguments from this position on are sizes (not dimensions)
 SIZE_ARGS = {_T.view: 1, _T.reshape: 1, _T.split: 1, _T.split_with_sizes: 1, _T.unflatten: 2,
              torch.split: 1, torch.reshape: 1}
-
-
-def _ints(obj) -> set[int]:
-    if isinstance(obj, bool):
-        return set()
-    if isinstance(obj, int):
-        return {obj}
-    if isinstance(obj, (list, tuple)):
-        return set().union(*(_ints(o) for o in obj)) if obj else set()
-    return set()
 
 
 @dataclass(frozen=True)
@@ -126,6 +117,15 @@ class FlowGraph:
     #: module -> (parameter, layout node) when the module returns that parameter's product
     #: after layout ops alone (node -1: the product itself)
     module_out_nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: parameter -> the sources of the activations it first meets in an op (through ops on
+    #: the parameter alone: ``sinks.reshape(1, -1, 1, 1)`` then ``cat`` with attention scores)
+    param_uses: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: sizes layout ops used on activations of each source that the forward read off the
+    #: shape of a tensor: (size, the sources of that tensor)
+    shape_sizes: dict[str, set[tuple[int, frozenset]]] = field(
+        default_factory=lambda: defaultdict(set))
+    #: sizes of the dimensions reductions and norms ran over on activations of each source
+    reduced_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -189,6 +189,34 @@ def _record_layout(graph: FlowGraph, func, args, kwargs, out) -> None:
                 pass
 
 
+#: reading a tensor's shape: the sizes remember the tensor's sources (origin ``#source``)
+_SHAPE = "#"
+_SHAPE_READS = (_T.size, _T.shape.__get__)
+
+
+def _shape_traced(out, src: set[str]):
+    """``out`` (a size or a shape) with each int a :class:`TracedInt` naming ``src``."""
+    if not src:
+        return out
+    tag = {_SHAPE + s for s in src}
+    if isinstance(out, torch.Size):
+        return torch.Size([TracedInt(int(v), set(getattr(v, "origin", ())) | tag) for v in out])
+    if isinstance(out, int) and not isinstance(out, bool):
+        return TracedInt(out, set(getattr(out, "origin", ())) | tag)
+    return out
+
+
+def _shape_origins(obj) -> set[tuple[int, frozenset]]:
+    """(size, sources of the tensors whose shape it was read from) for each size in ``obj``
+    read off a tensor's shape."""
+    if isinstance(obj, TracedInt):
+        src = frozenset(o[len(_SHAPE):] for o in obj.origin if o.startswith(_SHAPE))
+        return {(int(obj), src)} if src else set()
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_shape_origins(o) for o in obj)) if obj else set()
+    return set()
+
+
 #: layout ops that keep a weight's rows as rows (a transpose is how a linear reads its weight)
 _ORDER_ONLY = frozenset({_T.transpose, _T.permute, _T.contiguous, _T.movedim, _T.swapaxes,
                          torch.transpose, torch.permute, torch.movedim, torch.swapaxes})
@@ -200,32 +228,61 @@ class _FlowMode(TorchFunctionMode):
         self.graph = graph
         self.params = params or {}
 
+    def _track_params(self, args, kwargs, out, src: set[str]) -> None:
+        """Parameters (and tensors made from them alone) meeting activations: record the
+        activations' sources; else pass the parameters on to the op's outputs."""
+        found: set[str] = set()
+        for t in _tensors((args, kwargs)):
+            found |= getattr(t, _PARAM, set())
+            if id(t) in self.params:
+                found.add(self.params[id(t)])
+        if not found:
+            return
+        if src:
+            for p in found:
+                self.graph.param_uses[p] |= src
+            return
+        for t in _tensors(out):
+            try:
+                setattr(t, _PARAM, found)
+            except (AttributeError, RuntimeError):
+                pass
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.graph is not None and func in _SHAPE_READS and args:
+            return _shape_traced(out, sources_of(args[0]))
         if (self.graph is not None and args and func in LAYOUT_OPS and func not in _ORDER_ONLY
                 and id(args[0]) in self.params):
             self.graph.reshaped_params.add(self.params[id(args[0])])
-        self._track_params(func, args, kwargs, out)
+        self._track_param_products(func, args, kwargs, out)
         src = sources_of(args) | sources_of(kwargs)
+        if self.graph is not None:
+            self._track_params(args, kwargs, out, src)
         if src:
             _mark(out, src)
+            if self.graph is not None and (func in REDUCTIONS or func in NORMS):
+                for s in src:
+                    self.graph.reduced_sizes[s] |= reduced_sizes(func, args, kwargs)
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
                 read = origins(args[1:]) | origins(kwargs)
                 attrs = {o for o in read if o.startswith("@")}
+                shapes = {o for o in read if o.startswith(_SHAPE)}
                 for s in src if read else ():
-                    if read - attrs:
-                        self.graph.config_reads[s] |= read - attrs
+                    if read - attrs - shapes:
+                        self.graph.config_reads[s] |= read - attrs - shapes
                     self.graph.attr_reads[s] |= attrs
                 if func in SIZE_ARGS:
                     sizes = _ints(args[SIZE_ARGS[func]:]) | _ints(kwargs.get("split_size"))
+                    from_shapes = _shape_origins(args[SIZE_ARGS[func]:])
                     for s in src:
                         self.graph.layout_sizes[s] |= sizes
+                        self.graph.shape_sizes[s] |= from_shapes
         return out
 
-
-    def _track_params(self, func, args, kwargs, out) -> None:
+    def _track_param_products(self, func, args, kwargs, out) -> None:
         """Follow batch-wise products with 3-D parameters (see the module docstring)."""
         if self.graph is None:
             return

@@ -41,11 +41,12 @@ class Role(_Value):
     LM_HEAD = "lm_head"                  # vocabulary rows split; one all-gather of the logits
     HEAD_EMBEDDING = "head_embedding"    # per-head bias table: columns split by heads
     EXPERTS = "experts"                  # fused 3-D MoE experts: intermediate dim split; all-reduce
+    HEAD_PARAMS = "head_params"          # a pair's per-head (per-feature) parameters: split with it
     REPLICATE = "replicate"              # every rank keeps the whole module
 
 
 SHARDED_ROLES = (Role.COLUMN, Role.ROW, Role.VOCAB_EMBEDDING, Role.LM_HEAD, Role.HEAD_EMBEDDING,
-                 Role.EXPERTS)
+                 Role.EXPERTS, Role.HEAD_PARAMS)
 
 
 class Split(_Value):
@@ -63,6 +64,7 @@ class WeightKind(_Value):
     IN_OUT = "in_out"                  # transformers Conv1D: (in_features, out_features)
     EMBEDDING = "embedding"            # nn.Embedding: (num_embeddings, embedding_dim)
     EXPERT_WEIGHTS = "expert_weights"  # 3-D expert tensors; per-parameter splits in params
+    PARAMS = "params"                  # a module's own parameters; per-parameter splits in params
 
 
 class Layout(_Value):

@@ -12,6 +12,8 @@ row                  ``y = all_reduce(x_local @ W_local.T) + b``; bias added onc
 vocab_embedding      rows outside this rank's vocabulary range give 0; ``all_reduce`` of the sum
 lm_head              ``all_gather`` of the local vocabulary slice of the logits along the last dim
 head_embedding       the per-head bias table keeps this rank's head columns; no collective
+head_params          the module (attention) keeps its per-head parameters' local heads; no
+                     collective
 ===================  ==========================================================================
 
 Shapes: ``x`` is ``(..., in_features)`` (local in-features for row layers); outputs are
@@ -140,6 +142,13 @@ class HeadParallelEmbedding(TPModule):
     tp_role = Role.HEAD_EMBEDDING
 
 
+class HeadParams(TPModule):
+    """A pair's enclosing module holding per-head (or per-feature) parameters of the pair's
+    heads, e.g. attention sinks: it keeps this rank's slice; its forward is unchanged."""
+
+    tp_role = Role.HEAD_PARAMS
+
+
 class ParallelExperts(TPModule):
     """Fused 3-D experts with the intermediate dimension split: every rank computes every
     routed expert on its slice, and one all-reduce sums the partial outputs.
@@ -162,7 +171,7 @@ class ParallelExperts(TPModule):
 MIXINS: dict[str, type] = {
     Role.COLUMN: ColumnParallel, Role.ROW: RowParallel, Role.LM_HEAD: ParallelLMHead,
     Role.VOCAB_EMBEDDING: VocabParallelEmbedding, Role.HEAD_EMBEDDING: HeadParallelEmbedding,
-    Role.EXPERTS: ParallelExperts,
+    Role.EXPERTS: ParallelExperts, Role.HEAD_PARAMS: HeadParams,
 }
 _classes: dict[tuple[type, type], type] = {}
 
