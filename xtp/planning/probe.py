@@ -194,15 +194,24 @@ _SHAPE = "#"
 _SHAPE_READS = (_T.size, _T.shape.__get__)
 
 
-def _shape_traced(out, src: set[str]):
-    """``out`` (a size or a shape) with each int a :class:`TracedInt` naming ``src``."""
+def _shape_traced(out, src: set[str], args: tuple):
+    """``out`` (a shape, or one size: ``x.size(d)``) with the size of the *last* dimension of
+    ``x = args[0]`` (its features) a :class:`TracedInt` naming ``src``; the other dimensions
+    (batch, sequence) stay plain ints: a sequence length equal to some width by chance must not
+    look like a width read off the input."""
     if not src:
         return out
     tag = {_SHAPE + s for s in src}
+
+    def traced(v):
+        return TracedInt(int(v), set(getattr(v, "origin", ())) | tag)
+
     if isinstance(out, torch.Size):
-        return torch.Size([TracedInt(int(v), set(getattr(v, "origin", ())) | tag) for v in out])
-    if isinstance(out, int) and not isinstance(out, bool):
-        return TracedInt(out, set(getattr(out, "origin", ())) | tag)
+        return torch.Size([*out[:-1], traced(out[-1])]) if len(out) else out
+    dim = args[1] if len(args) > 1 else None
+    last = isinstance(dim, int) and dim in (-1, args[0].dim() - 1)
+    if last and isinstance(out, int) and not isinstance(out, bool):
+        return traced(out)
     return out
 
 
@@ -252,7 +261,7 @@ class _FlowMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.graph is not None and func in _SHAPE_READS and args:
-            return _shape_traced(out, sources_of(args[0]))
+            return _shape_traced(out, sources_of(args[0]), args)
         if (self.graph is not None and args and func in LAYOUT_OPS and func not in _ORDER_ONLY
                 and id(args[0]) in self.params):
             self.graph.reshaped_params.add(self.params[id(args[0])])
