@@ -1,0 +1,71 @@
+"""Encoder towers the text forward never runs (xtp/planning/towers.py): an audio encoder fed
+``input_features`` is probed on an input of its own and its attention and MLP pairs are split by
+the same rules as the text model's, with exact parity of the tower's output (thread ranks, one
+process); a tower whose input xtp cannot make stays whole with a note."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import xtp
+from thread_ranks import rel_err, run_sharded
+from xtp.bench.coverage_rank import _first_tensor
+from xtp.models.shrink import tiny_config
+from xtp.planning.spec import Role
+from xtp.planning.towers import tower_inputs
+
+TOWER = "model.audio_tower"
+
+
+def _audio_model():
+    torch.manual_seed(0)
+    config = tiny_config("qwen2_audio")
+    return transformers.AutoModelForSeq2SeqLM.from_config(config).float().eval()
+
+
+def test_audio_tower_pairs_are_split_from_its_own_probe():
+    model = _audio_model()
+    plan = xtp.plan(model, 2)
+    assert plan.tower_inputs == ((TOWER, "input_features", (1, 128, 3000)),)
+    layer = f"{TOWER}.layers.0"
+    roles = {n: plan.spec(f"{layer}.{n}").role for n in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+              "fc1", "fc2")}
+    assert roles == {"self_attn.q_proj": Role.COLUMN, "self_attn.k_proj": Role.COLUMN,
+                     "self_attn.v_proj": Role.COLUMN, "self_attn.out_proj": Role.ROW,
+                     "fc1": Role.COLUMN, "fc2": Role.ROW}
+    # the attention module's head count becomes local (found from the tower's forward)
+    assert any(u.module == f"{layer}.self_attn" and u.values == (2, 2)
+               for u in plan.attr_updates)
+    # the convolution front-end stays whole
+    assert plan.spec(f"{TOWER}.conv1") is None or not plan.spec(f"{TOWER}.conv1").is_sharded
+
+
+def test_tower_kept_whole_with_a_note_when_its_input_cannot_be_made():
+    model = _audio_model()
+    model.model.audio_tower.config.__dict__["num_mel_bins"] = None  # no size for its input
+    plan = xtp.plan(model, 2)
+    assert plan.tower_inputs == ()
+    assert not any(s.is_sharded for s in plan.specs if s.name.startswith(TOWER + "."))
+    assert any(n.startswith(f"{TOWER} kept whole: its forward runs on no input_features")
+               for n in plan.notes)
+
+
+@pytest.mark.parametrize("tp", [2, 3])  # 3: 4 heads over 3 ranks (uneven)
+def test_split_audio_tower_has_parity(tp):
+    model = _audio_model()
+    x = torch.randn((1, 128, 3000), generator=torch.Generator().manual_seed(2))
+    tower = model.get_submodule(TOWER)
+    with torch.no_grad():
+        want = _first_tensor(tower(**tower_inputs(tower, "input_features", x)))
+
+    def run(sharded):
+        assert any(s.name.startswith(TOWER + ".") for s in sharded._xtp_plan.sharded())
+        t = sharded.get_submodule(TOWER)
+        with torch.no_grad():
+            return _first_tensor(t(**tower_inputs(t, "input_features", x)))
+
+    for got in run_sharded(model, tp, run):
+        assert rel_err(got, want) <= 1e-5
