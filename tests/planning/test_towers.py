@@ -1,9 +1,12 @@
 """Encoder towers the text forward never runs (xtp/planning/towers.py): an audio encoder fed
 ``input_features`` is probed on an input of its own and its attention and MLP pairs are split by
 the same rules as the text model's, with exact parity of the tower's output (thread ranks, one
-process); a tower whose input xtp cannot make stays whole with a note."""
+process); the shard-time check runs the tower too; a tower whose input xtp cannot make stays
+whole with a note."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -12,9 +15,11 @@ import transformers
 import xtp
 from thread_ranks import rel_err, run_sharded
 from xtp.bench.coverage_rank import _first_tensor
+from xtp.errors import ShardedForwardError
 from xtp.models.shrink import tiny_config
 from xtp.planning.spec import Role
 from xtp.planning.towers import tower_inputs
+from xtp.sharding.check import check_local_forward
 
 TOWER = "model.audio_tower"
 
@@ -28,7 +33,8 @@ def _audio_model():
 def test_audio_tower_pairs_are_split_from_its_own_probe():
     model = _audio_model()
     plan = xtp.plan(model, 2)
-    assert plan.tower_inputs == ((TOWER, "input_features", (1, 128, 3000)),)
+    # frames: twice the tower's (tiny) max_source_positions, as its strided convolutions need
+    assert plan.tower_inputs == ((TOWER, "input_features", (1, 128, 128)),)
     layer = f"{TOWER}.layers.0"
     roles = {n: plan.spec(f"{layer}.{n}").role for n in
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -41,6 +47,18 @@ def test_audio_tower_pairs_are_split_from_its_own_probe():
                for u in plan.attr_updates)
     # the convolution front-end stays whole
     assert plan.spec(f"{TOWER}.conv1") is None or not plan.spec(f"{TOWER}.conv1").is_sharded
+
+
+def test_shard_time_check_runs_the_tower():
+    """A tower plan missing its local head counts is refused before sharding: the check runs
+    the tower on its recorded input (the text forward alone never reaches it)."""
+    model = _audio_model()
+    plan = xtp.plan(model, 2)
+    broken = dataclasses.replace(plan, attr_updates=tuple(
+        u for u in plan.attr_updates if not u.module.startswith(TOWER + ".")))
+    with pytest.raises(ShardedForwardError, match=r"model\.audio_tower\.layers\.\*\.self_attn"):
+        check_local_forward(model, broken)
+    check_local_forward(model, dataclasses.replace(broken, tower_inputs=()))  # text only: runs
 
 
 def test_tower_kept_whole_with_a_note_when_its_input_cannot_be_made():
@@ -56,7 +74,7 @@ def test_tower_kept_whole_with_a_note_when_its_input_cannot_be_made():
 @pytest.mark.parametrize("tp", [2, 3])  # 3: 4 heads over 3 ranks (uneven)
 def test_split_audio_tower_has_parity(tp):
     model = _audio_model()
-    x = torch.randn((1, 128, 3000), generator=torch.Generator().manual_seed(2))
+    x = torch.randn((1, 128, 128), generator=torch.Generator().manual_seed(2))
     tower = model.get_submodule(TOWER)
     with torch.no_grad():
         want = _first_tensor(tower(**tower_inputs(tower, "input_features", x)))
