@@ -150,8 +150,13 @@ def _merge(draft: Draft, sub: Draft, prefix: str) -> None:
 
 def plan_towers(draft: Draft) -> None:
     """Split the attention and MLP pairs of every tower the model's probe did not reach."""
-    reached = set(draft.graph.order)
-    for prefix in find_towers(draft.model, reached):
+    towers = find_towers(draft.model, set(draft.graph.order))
+    # the text pairs' head-count updates reach only modules their forward runs: none in a
+    # tower (a pair with no common parent module would otherwise update every module)
+    inside = lambda n: any(n == t or n.startswith(t + ".") for t in towers)  # noqa: E731
+    draft.attr_updates[:] = [u for u in draft.attr_updates if not inside(u.module)]
+    draft.local_configs[:] = [c for c in draft.local_configs if not inside(c[0])]
+    for prefix in towers:
         if any(n.startswith(prefix + ".") for n in draft.specs):
             continue
         tower = draft.modules[prefix]
