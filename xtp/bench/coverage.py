@@ -92,7 +92,8 @@ def _last_log_line(out_dir: str, rank: int) -> str:
 
 def merge(per_rank: list[dict]) -> dict:
     """One result from the ranks' outcomes of a type: the same status on every rank, else an
-    error; for ``ran``: the largest error, all tokens equal, the largest share held."""
+    error; for ``ran``: the largest error (also per encoder tower, ``tower_rel_err``), all
+    tokens equal, the largest share held."""
     statuses = {r["status"] for r in per_rank}
     if len(statuses) > 1:
         said = "; ".join(f"rank {i}: {r['status']} {r.get('reason', '')}".strip()
@@ -104,7 +105,10 @@ def merge(per_rank: list[dict]) -> dict:
     return {"status": "ran", "rel_err": max(r["rel_err"] for r in per_rank),
             "tokens_equal": all(r["tokens_equal"] for r in per_rank),
             "max_fraction": max(r["held_bytes"] / r["full_bytes"] for r in per_rank),
-            "tokens_via": first["tokens_via"]}
+            "tokens_via": first["tokens_via"],
+            **({"tower_rel_err": {t: max(r["tower_rel_err"][t] for r in per_rank)
+                                  for t in first["tower_rel_err"]}}
+               if "tower_rel_err" in first else {})}
 
 
 def sweep_tp(types: list[tuple[str, str]], tp: int, timeout_s: float = 120.0,

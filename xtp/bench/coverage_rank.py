@@ -10,8 +10,9 @@ parent can tell which type a hung or crashed group was on.
 Outcome fields: ``status`` is ``cannot_build`` (the tiny model does not build or run
 unsharded), ``refused`` (xtp raised a typed error), ``error`` (sharding or the sharded forward
 raised something else) or ``ran``; ``reason`` one line; for ``ran``: ``rel_err`` (logits,
-fp32), ``tokens_equal`` (a few greedy tokens), ``held_bytes`` (this rank's parameter bytes) and
-``full_bytes`` (the unsharded model's).
+fp32; the worst of it and ``tower_rel_err``, each encoder tower's output error when the plan
+split towers the text forward does not run), ``tokens_equal`` (a few greedy tokens),
+``held_bytes`` (this rank's parameter bytes) and ``full_bytes`` (the unsharded model's).
 """
 
 from __future__ import annotations
@@ -121,6 +122,40 @@ def _reference(model_type: str, kind: str, kv_heads: int | None) -> dict:
             "use_generate": use_generate}
 
 
+def _first_tensor(out):
+    """The first tensor of a model output (``last_hidden_state`` of an encoder)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.to_tuple() if hasattr(out, "to_tuple") else out
+    return next(t for t in items if isinstance(t, torch.Tensor))
+
+
+def _tower_errors(sharded, config, kind: str) -> dict[str, float]:
+    """Relative error of each encoder tower the plan split on a probe of its own (audio and
+    vision encoders the text forward never runs): its output on a seeded random input, the
+    sharded model's against a fresh unsharded build's."""
+    import torch
+
+    from xtp.planning.towers import tower_inputs
+    from xtp.sharding.state import sharded_plan
+
+    towers = sharded_plan(sharded).tower_inputs
+    if not towers:
+        return {}
+    ref = _build(config, kind)
+    out = {}
+    for name, key, shape in towers:
+        x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ref_tower, tower = ref.get_submodule(name), sharded.get_submodule(name)
+            want = _first_tensor(ref_tower(**tower_inputs(ref_tower, key, x))).float()
+            got = _first_tensor(tower(**tower_inputs(tower, key, x))).float()
+        out[name] = float((got - want).norm() / want.norm())
+    return out
+
+
 def check(model_type: str, kind: str, tp: int) -> dict:
     """The outcome of ``model_type`` (built as ``kind``) sharded at ``tp`` on this rank."""
     import torch
@@ -151,12 +186,15 @@ def check(model_type: str, kind: str, tp: int) -> dict:
         with torch.no_grad():
             got = _logits(model, ids, kind)
             tokens = _tokens(model, ids, kind, use_generate)
+        towers = _tower_errors(model, config, kind)
     except Exception as exc:
         return {"status": "error", "reason": f"sharded forward raised {_line(exc)}"}
     rel = float((got.float() - want.float()).norm() / want.float().norm())
+    rel = max([rel, *towers.values()])  # the worst of the logits and every split tower
     same = bool(tokens.shape == want_tokens.shape and torch.equal(tokens, want_tokens))
     return {"status": "ran", "rel_err": rel, "tokens_equal": same, "held_bytes": _bytes(model),
-            "full_bytes": full, "tokens_via": "generate" if use_generate else "argmax loop"}
+            "full_bytes": full, "tokens_via": "generate" if use_generate else "argmax loop",
+            **({"tower_rel_err": towers} if towers else {})}
 
 
 def main(job_path: str) -> int:

@@ -56,7 +56,7 @@ TINY: dict[str, int] = {
     "linear_num_key_heads": KV_HEADS, "mamba_d_ssm": HIDDEN,
     "vocab_size": VOCAB,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
-                     "max_sequence_length", "seq_length"), POSITIONS),
+                     "max_sequence_length", "seq_length", "max_source_positions"), POSITIONS),
 }
 
 

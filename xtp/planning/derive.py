@@ -5,7 +5,9 @@
    (:mod:`xtp.planning.rules`).
 2. Pairs and 3. partitions (:mod:`xtp.planning.pairs`, :mod:`xtp.planning.heads`): a Linear
    fed only by Linears that feed only it is a row layer, those its columns; they share a
-   head-granular or even partition of the inner dimension.
+   head-granular or even partition of the inner dimension. Encoder towers the text forward
+   does not reach (audio, vision) get the same, from a probe of their own
+   (:mod:`xtp.planning.towers`).
 4. Embeddings (:mod:`xtp.planning.embeddings`): the vocab-parallel input embedding and the
    parallel LM head.
 5. Experts (:mod:`xtp.planning.experts`): fused 3-D MoE experts split their intermediate size;
@@ -28,6 +30,7 @@ from .pairs import plan_pairs
 from .param_experts import plan_param_experts
 from .spec import Role, ShardPlan
 from .ties import check_ties, count_tied_once
+from .towers import plan_towers
 from .tp_plan_check import compare_tp_plan
 from .weights import nbytes
 
@@ -62,7 +65,7 @@ def _freeze(draft: Draft) -> ShardPlan:
         collectives=tuple(collectives), replicated_bytes=replicated,
         notes=tuple(draft.notes),
         tp_plan_differences=tuple(compare_tp_plan(draft.model, draft.config, specs)),
-        head_shape=draft.heads,
+        head_shape=draft.heads, tower_inputs=tuple(draft.tower_inputs),
     )
 
 
@@ -81,6 +84,7 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
     """
     draft = Draft.start(model, tp_size, rules, heads, kv_heads)
     plan_pairs(draft)
+    plan_towers(draft)
     plan_embeddings(draft)
     plan_experts(draft)
     plan_param_experts(draft)

@@ -59,6 +59,8 @@ class Draft:
     partial_grads: list[str] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: (tower, input name, input shape) of every tower planned on a probe of its own
+    tower_inputs: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
 
     @classmethod
     def start(cls, model: nn.Module, tp: int, rules: dict[str, str] | None,

@@ -177,6 +177,9 @@ class ShardPlan:
     #: replicated parameters that see sharded activations (e.g. per-head q/k norms): each rank
     #: computes only part of their gradient, so it is summed over the TP group in backward
     partial_grad_params: tuple[str, ...] = ()
+    #: encoder towers planned from a probe of their own (:mod:`xtp.planning.towers`): (module,
+    #: input name, input shape) of each, for the shard-time check to run them too
+    tower_inputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

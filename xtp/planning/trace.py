@@ -53,7 +53,7 @@ def _restore_tensor_state(state: list) -> None:
         m.__dict__.update(attrs)
 
 
-def _probe_once(model: nn.Module, fake: bool) -> FlowGraph:
+def _probe_once(model: nn.Module, fake: bool, inputs=_probe_inputs) -> FlowGraph:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
@@ -62,7 +62,7 @@ def _probe_once(model: nn.Module, fake: bool) -> FlowGraph:
         device = torch.device("cpu")
     is_source = lambda m: weight_kind(m) is not None  # noqa: E731
     if not fake:
-        return probe(model, _probe_inputs(model, device), is_source)
+        return probe(model, inputs(model, device), is_source)
     if device.type == "meta":
         # meta kernels lack a few ops models use (autocast, data-dependent checks): probe a
         # copy whose parameters are fake CPU tensors instead (no memory either way)
@@ -70,15 +70,15 @@ def _probe_once(model: nn.Module, fake: bool) -> FlowGraph:
         device = torch.device("cpu")
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device=device)
-            return probe(model, _probe_inputs(model, device), is_source)
+            return probe(model, inputs(model, device), is_source)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return probe(model, _probe_inputs(model, device), is_source)
+        return probe(model, inputs(model, device), is_source)
 
 
-def _probe_fake_then_real(model: nn.Module, state: list) -> FlowGraph:
+def _probe_fake_then_real(model: nn.Module, state: list, inputs=_probe_inputs) -> FlowGraph:
     """Probe on fake tensors; if that fails and the weights are real, once for real."""
     try:
-        return _probe_once(model, fake=True)
+        return _probe_once(model, fake=True, inputs=inputs)
     except Exception as fake_exc:
         _restore_tensor_state(state)
         if any(p.is_meta for p in model.parameters()):
@@ -90,7 +90,7 @@ def _probe_fake_then_real(model: nn.Module, state: list) -> FlowGraph:
             ) from fake_exc
         try:
             with torch.no_grad():
-                return _probe_once(model, fake=False)
+                return _probe_once(model, fake=False, inputs=inputs)
         except Exception as exc:
             raise PlanError(
                 f"the structure probe (one forward pass of {type(model).__name__} on 4 "
@@ -100,8 +100,9 @@ def _probe_fake_then_real(model: nn.Module, state: list) -> FlowGraph:
             ) from exc
 
 
-def run_probe(model: nn.Module) -> FlowGraph:
-    """Trace ``model``'s data flow with one forward pass on 4 tokens.
+def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
+    """Trace ``model``'s data flow with one forward pass on 4 tokens (or on what
+    ``inputs(model, device) -> dict`` builds: a tower's own input, :mod:`xtp.planning.towers`).
 
     First on fake tensors (no compute, no memory; a meta model is probed through a fake-CPU
     copy). If the forward cannot run on fake tensors (data-dependent code such as dynamic
@@ -123,7 +124,7 @@ def run_probe(model: nn.Module) -> FlowGraph:
     traced = instrument_config(config, HEAD_COUNT_NAMES)
     traced += instrument_modules(model, lambda m: weight_kind(m) is not None)
     try:
-        return _probe_fake_then_real(model, state)
+        return _probe_fake_then_real(model, state, inputs)
     finally:
         restore(traced)
         _restore_tensor_state(state)

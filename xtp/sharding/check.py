@@ -34,6 +34,7 @@ from ..accelerators import Communicator
 from ..errors import ShardedForwardError
 from ..planning.render import collapse
 from ..planning.spec import ShardPlan
+from ..planning.towers import tower_inputs
 from ..planning.trace import _probe_inputs as probe_inputs
 from .apply import _changes, apply_plan, slice_param
 
@@ -119,9 +120,10 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                 m._parameters[name] = done[id(p)]
 
 
-def _forward(model: nn.Module, device: torch.device, fake: bool) -> None:
-    """One forward of ``model`` (parameters on meta) on the probe's inputs: on fake tensors, or
-    for real with zero weights."""
+def _forward(model: nn.Module, device: torch.device, fake: bool, towers: tuple = ()) -> None:
+    """One forward of ``model`` (parameters on meta) on the probe's inputs, and one of each
+    of ``towers`` ((module, input name, shape), :attr:`ShardPlan.tower_inputs`) on zeros of
+    its input: on fake tensors, or for real with zero weights."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model.eval()
@@ -135,6 +137,10 @@ def _forward(model: nn.Module, device: torch.device, fake: bool) -> None:
               ), torch.no_grad():
             _materialize(model, device)
             model(**probe_inputs(model, device))
+            for name, key, shape in towers:
+                tower = model.get_submodule(name)
+                dtype = next(tower.parameters()).dtype
+                tower(**tower_inputs(tower, key, torch.zeros(shape, dtype=dtype, device=device)))
     finally:
         quiet.setLevel(level)
 
@@ -159,7 +165,7 @@ def _failing_module(local: nn.Module, exc: BaseException) -> str:
 
 
 def _run(model: nn.Module, plan: ShardPlan | None, rank: int, device: torch.device,
-         fake: bool) -> tuple[Exception, str] | None:
+         fake: bool, towers: tuple = ()) -> tuple[Exception, str] | None:
     """The exception the forward of ``model`` sharded as rank ``rank`` of ``plan`` (unsharded
     when ``plan`` is None) raises and the module it was raised in, or ``None``."""
     local = _structural_copy(model)
@@ -168,7 +174,7 @@ def _run(model: nn.Module, plan: ShardPlan | None, rank: int, device: torch.devi
         ctx = SimpleNamespace(tp_rank=rank, device=None)
         apply_plan(local, plan, ctx, changes, ShapeCommunicator(plan.tp_size, rank))
     try:
-        _forward(local, device, fake)
+        _forward(local, device, fake, towers)
     except Exception as exc:  # noqa: BLE001 - any failure is the answer
         return exc, _failing_module(local, exc)
     return None
@@ -208,15 +214,15 @@ def check_local_forward(model: nn.Module, plan: ShardPlan) -> None:
     device = _device(model)
     layouts = list(rank_layouts(plan).values())
     for rank in layouts:
-        found = _run(model, plan, rank, device, fake=True)
+        found = _run(model, plan, rank, device, fake=True, towers=plan.tower_inputs)
         if found is None:
             continue
-        if _run(model, None, 0, device, fake=True) is None:
+        if _run(model, None, 0, device, fake=True, towers=plan.tower_inputs) is None:
             raise _refusal(model, plan, rank, *found) from found[0]
         break  # the forward does not run on fake tensors: check for real
     else:
         return
     for rank in layouts:
-        found = _run(model, plan, rank, device, fake=False)
+        found = _run(model, plan, rank, device, fake=False, towers=plan.tower_inputs)
         if found is not None:
             raise _refusal(model, plan, rank, *found) from found[0]
