@@ -127,3 +127,13 @@ def test_interleaved_gate_up_is_refused():
         model = _Model(6, 6, concat=False)
     with pytest.raises(UnclassifiedModuleError, match="mlp.gate_up"):
         xtp.plan(model, 2)
+
+
+def test_replay_of_an_empty_output_gives_no_evidence():
+    """An expert the probe's few tokens never reached recorded an output of shape (0, width):
+    no layout can be read from it (transformers 4.x's per-expert modules crashed the plan)."""
+    from xtp.planning.fused import replay
+
+    assert replay([], (0, 128)) is None and replay([], ()) is None
+    root, values = replay([], (2, 4))
+    assert root.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]] and values == []

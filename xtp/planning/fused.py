@@ -38,7 +38,10 @@ def _resolve(obj, values: list, root: torch.Tensor):
 
 def replay(nodes: list[LayoutNode], shape: tuple[int, ...]) -> tuple[torch.Tensor, list] | None:
     """The index tensor of ``shape`` (value = feature number along the last dimension) and the
-    value of every recorded node on it; ``None`` when an op does not replay."""
+    value of every recorded node on it; ``None`` when an op does not replay, or when the
+    recorded output was empty (an expert the probe's tokens never reached: no evidence)."""
+    if not shape or 0 in shape:
+        return None
     n = shape[-1]
     root = torch.arange(n).repeat(max(1, int(torch.Size(shape[:-1]).numel()))).view(shape)
     values: list = []
