@@ -89,8 +89,10 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
                   cols: list[str], own: dict[str, tuple[int, int]] | None = None) -> None:
     """Head counts and widths held by the attention module and its inner helpers: attributes
     named in :data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`, and any other int attribute
-    holding the full query or KV width that the pair's forward used as a view/reshape/split
-    size (found from the forward: ``self.n_embd`` in ``qkv.split(self.n_embd, dim=2)``)."""
+    holding the full query or KV width that the pair's forward itself passed to a
+    view/reshape/split (found from the forward: ``self.n_embd`` in
+    ``qkv.split(self.n_embd, dim=2)``; an attribute merely equal to that width, such as a
+    position count of the same value, is left alone)."""
     H, K, D = draft.heads
     local_q = [hp.local_heads(r) for r in range(draft.tp)]
     local_kv = [hp.local_kv_heads(r) for r in range(draft.tp)]
@@ -119,7 +121,7 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
                 full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
                 if value != full:
                     continue
-            elif value in widths and value in used:
+            elif value in widths and value in used and origin in reads:
                 full, local = value, widths[value]
             else:
                 continue
