@@ -90,9 +90,14 @@ def split_norms(draft: Draft, row: str, cols: list[str]) -> list[str]:
     """The modules between ``cols`` and ``row`` that are per-token norms over the row's whole
     input width (:func:`xtp.planning.norms.norm_kind`), seen by the forward on activations of
     these columns only, and not yet planned: split with the pair, statistics summed over the
-    ranks. In call order."""
+    ranks. In call order. None when the row's weight is tied to another module (an LM head
+    tied to the embeddings): that pair would be kept whole for the tie, and kept whole for the
+    norm it leaves the head free to split by vocabulary."""
     width = in_out(draft.modules[row])[0]
     found: list[str] = []
+    weight = getattr(draft.modules[row], "weight", None)
+    if sum(p is weight for m in draft.model.modules() for p in m._parameters.values()) > 1:
+        return found
     for c in cols:
         for mod_name in draft.graph.inner.get(c, {}):
             mod = draft.modules.get(mod_name)
