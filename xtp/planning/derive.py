@@ -45,6 +45,15 @@ def _replicate_rest(draft: Draft) -> None:
             draft.specs[name] = draft.spec(name, Role.REPLICATE, reason)
 
 
+def _drop_orphan_norms(draft: Draft) -> None:
+    """A norm split with its pair (:attr:`Role.NORM`) whose row a later step kept whole stays
+    whole too: its activations are full again."""
+    for name, spec in list(draft.specs.items()):
+        row = draft.specs.get(spec.group) if spec.role == Role.NORM else None
+        if spec.role == Role.NORM and (row is None or row.role != Role.ROW):
+            del draft.specs[name]
+
+
 def _freeze(draft: Draft) -> ShardPlan:
     """The immutable plan: specs in module order, collectives of sharded modules only, and the
     bytes of every parameter and buffer no spec covers."""
@@ -91,4 +100,5 @@ def derive_plan(model: nn.Module, tp_size: int, rules: dict[str, str] | None = N
     plan_output_params(draft)
     check_ties(draft)
     _replicate_rest(draft)
+    _drop_orphan_norms(draft)
     return _freeze(draft)

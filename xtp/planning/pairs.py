@@ -23,10 +23,11 @@ from .draft import Draft
 from .fused import own_heads, splits_heads
 from .head_params import plan_head_params
 from .heads import attention_name, column_ranges, head_updates
-from .layouts import q_ranges
+from .layouts import q_ranges, ranges_len
+from .norms import norm_kind
 from .partition import HeadPartition, Partition, partition_heads, split_aligned
 from .render import collapse
-from .spec import Collective, Ranges, Role, Split
+from .spec import Collective, ModuleSpec, ParamSplit, Ranges, Role, Split, WeightKind
 from .weights import in_out
 
 
@@ -55,8 +56,11 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
     """Why the pair cannot be sharded (a module over its whole inner dimension), or None."""
     widths = {in_out(draft.modules[c])[1] for c in cols} | {in_out(draft.modules[row])[0]}
     head_dim = draft.heads[2] if draft.heads else None
+    norms = split_norms(draft, row, cols)
     for c in cols:
         for mod_name, shapes in draft.graph.inner.get(c, {}).items():
+            if mod_name in norms:
+                continue
             for shape in shapes:
                 if any(d in widths and d != head_dim for d in shape):
                     return (f"{collapse(mod_name)} has a parameter of shape {shape} over "
@@ -74,12 +78,57 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
                     f"read off the shape of another tensor (its input), a width that does not "
                     f"shrink with the heads")
     for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
-        wide = sorted(d for d in draft.graph.reduced_sizes.get(c, ()) if d in widths
-                      and d != head_dim)
+        wide = sorted(d for d, where in draft.graph.reduced_in.get(c, ()) if d in widths
+                      and d != head_dim and where not in norms)
         if wide:
             return (f"the forward reduces activations of {collapse(c)} over {wide[0]} "
                     f"features (a norm over the whole inner dimension)")
     return None
+
+
+def split_norms(draft: Draft, row: str, cols: list[str]) -> list[str]:
+    """The modules between ``cols`` and ``row`` that are per-token norms over the row's whole
+    input width (:func:`xtp.planning.norms.norm_kind`), seen by the forward on activations of
+    these columns only, and not yet planned: split with the pair, statistics summed over the
+    ranks. In call order. None when the row's weight is tied to another module (an LM head
+    tied to the embeddings): that pair would be kept whole for the tie, and kept whole for the
+    norm it leaves the head free to split by vocabulary."""
+    width = in_out(draft.modules[row])[0]
+    found: list[str] = []
+    weight = getattr(draft.modules[row], "weight", None)
+    if sum(p is weight for m in draft.model.modules() for p in m._parameters.values()) > 1:
+        return found
+    for c in cols:
+        for mod_name in draft.graph.inner.get(c, {}):
+            mod = draft.modules.get(mod_name)
+            if mod_name in found or mod is None or mod_name in draft.specs:
+                continue
+            seen_by = {s for s, mods in draft.graph.inner.items() if mod_name in mods}
+            if seen_by <= set(cols) and norm_kind(mod, width) is not None:
+                found.append(mod_name)
+    return found
+
+
+def _plan_norms(draft: Draft, row: str, cols: list[str], width: int,
+                row_ranges: list[Ranges]) -> None:
+    """Specs of the pair's per-token norms (:func:`split_norms`): weight and bias cut like the
+    row's input features; their gradients are whole on each rank (no partial-gradient sum)."""
+    for name in split_norms(draft, row, cols):
+        mod = draft.modules[name]
+        params = dict(mod.named_parameters())
+        splits = tuple(ParamSplit(p, 0, tuple(row_ranges)) for p in params)
+        local = tuple(sum(ranges_len(rk) * t.element_size() for t in params.values())
+                      for rk in row_ranges)
+        draft.specs[name] = ModuleSpec(
+            name, Role.NORM, WeightKind.PARAMS,
+            f"structure: a per-token norm over the {width} inner features of "
+            f"{collapse(row)}; statistics summed over the ranks",
+            split=Split.OUT, full=width, ranges=tuple(row_ranges), group=row, params=splits,
+            nbytes=local)
+        passes = 2 if norm_kind(mod, width).kind == "layer" else 1  # mean, then variance
+        draft.collectives.extend([Collective("all_reduce", name, 1)] * passes)
+        full = {f"{name}.{p}" for p in params}
+        draft.partial_grads[:] = [g for g in draft.partial_grads if g not in full]
 
 
 def plan_pairs(draft: Draft) -> None:
@@ -207,6 +256,7 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
         split=Split.IN, ranges=row_ranges, group=row)
     draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
+    _plan_norms(draft, row, cols, width, row_ranges)
     plan_head_params(draft, attention_name(row, cols), cols, width, row_ranges, hp)
     if hp is not None:
         head_updates(draft, row, cols, hp, own)

@@ -126,6 +126,11 @@ class FlowGraph:
         default_factory=lambda: defaultdict(set))
     #: sizes of the dimensions reductions and norms ran over on activations of each source
     reduced_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    #: the same sizes, each with the innermost non-Linear module holding parameters whose
+    #: forward ran the reduction ("" when none): (size, module)
+    reduced_in: dict[str, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))
+    #: innermost first: the non-Linear modules with parameters running now (probe-internal)
+    scope: list[str] = field(default_factory=list)
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -272,8 +277,11 @@ class _FlowMode(TorchFunctionMode):
         if src:
             _mark(out, src)
             if self.graph is not None and (func in REDUCTIONS or func in NORMS):
+                sizes = reduced_sizes(func, args, kwargs)
+                where = self.graph.scope[-1] if self.graph.scope else ""
                 for s in src:
-                    self.graph.reduced_sizes[s] |= reduced_sizes(func, args, kwargs)
+                    self.graph.reduced_sizes[s] |= sizes
+                    self.graph.reduced_in[s] |= {(n, where) for n in sizes}
             if self.graph is not None and func in LAYOUT_OPS:
                 _record_layout(self.graph, func, args, kwargs, out)
                 read = origins(args[1:]) | origins(kwargs)
@@ -348,8 +356,13 @@ def probe(
             except (AttributeError, RuntimeError):
                 pass
 
+    def inner_pre_hook(mod, args, kwargs):
+        graph.scope.append(names[mod])
+
     def inner_hook(mod, args, kwargs, out):
         name = names[mod]
+        if graph.scope and graph.scope[-1] == name:
+            graph.scope.pop()
         shapes = [tuple(p.shape) for p in mod.parameters(recurse=False)]
         for s in sources_of(args) | sources_of(kwargs):
             graph.inner[s][name] = shapes
@@ -362,6 +375,7 @@ def probe(
             handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
         elif any(True for _ in mod.parameters(recurse=False)):
+            handles.append(mod.register_forward_pre_hook(inner_pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(inner_hook, with_kwargs=True))
     try:
         _mark(inputs, {INPUT})

@@ -42,11 +42,12 @@ class Role(_Value):
     HEAD_EMBEDDING = "head_embedding"    # per-head bias table: columns split by heads
     EXPERTS = "experts"                  # fused 3-D MoE experts: intermediate dim split; all-reduce
     HEAD_PARAMS = "head_params"          # a pair's per-head (per-feature) parameters: split with it
+    NORM = "norm"                        # per-token norm inside a pair: split with it; all-reduce
     REPLICATE = "replicate"              # every rank keeps the whole module
 
 
 SHARDED_ROLES = (Role.COLUMN, Role.ROW, Role.VOCAB_EMBEDDING, Role.LM_HEAD, Role.HEAD_EMBEDDING,
-                 Role.EXPERTS, Role.HEAD_PARAMS)
+                 Role.EXPERTS, Role.HEAD_PARAMS, Role.NORM)
 
 
 class Split(_Value):

@@ -55,6 +55,9 @@ def check_ties(draft: Draft) -> None:
             groups = {s.group for s in sharded if s.group}
             partners = [s.name for s in draft.specs.values() if s.group in groups]
             for n in [*names, *partners]:
+                if draft.specs[n].role == Role.NORM:  # a norm split with its pair: whole again
+                    del draft.specs[n]
+                    continue
                 draft.specs[n] = draft.spec(n, Role.REPLICATE, "tied weight shared with a module "
                                             "that cannot be sharded the same way"
                                             if n in names else "its row/column partner is "

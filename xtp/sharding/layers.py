@@ -14,6 +14,9 @@ lm_head              ``all_gather`` of the local vocabulary slice of the logits 
 head_embedding       the per-head bias table keeps this rank's head columns; no collective
 head_params          the module (attention) keeps its per-head parameters' local heads; no
                      collective
+norm                 per-token norm over a pair's inner features: local weight (and bias)
+                     slice; ``all_reduce`` of the per-token sum of squares (layer norm: of the
+                     sum, then of the squared deviations), divided by the full width
 ===================  ==========================================================================
 
 Shapes: ``x`` is ``(..., in_features)`` (local in-features for row layers); outputs are
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accelerators import Communicator, copy_to_group, gather_from_group, reduce_from_group
+from ..errors import PlanError
+from ..planning.norms import norm_kind
 from ..planning.spec import ModuleSpec, Role, WeightKind
 from .packing import packed_matmul
 from .rng import RegionRNG
@@ -149,6 +154,47 @@ class HeadParams(TPModule):
     tp_role = Role.HEAD_PARAMS
 
 
+class ParallelNorm(TPModule):
+    """A per-token norm (:mod:`xtp.planning.norms`) on ``(..., local width)`` activations of a
+    pair split by features: this rank's weight and bias slices; mean statistics over the full
+    width from per-rank sums, all-reduced (forward and backward: every rank's outputs depend
+    on every rank's inputs)."""
+
+    tp_role = Role.NORM
+
+    def tp_setup(self, spec, tp_size, rank, rng) -> None:
+        super().tp_setup(spec, tp_size, rank, rng)
+        self.tp_width = spec.full
+        self.tp_norm = norm_kind(_full_width(self, spec.full), spec.full)
+        if self.tp_norm is None:
+            raise PlanError(f"{spec.name}: its forward is no per-token norm xtp can split; "
+                            "re-plan it with this version of the model code")
+
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        total = reduce_from_group(t.sum(-1, keepdim=True), self.tp_comm)
+        return copy_to_group(total, self.tp_comm) / self.tp_width
+
+    def forward(self, x, *args, **kwargs):
+        n = self.tp_norm
+        h = x.float()
+        if n.kind == "layer":
+            h = h - self._mean(h)
+        h = h * torch.rsqrt(self._mean(h.pow(2)) + n.eps)
+        out = (self.weight + n.offset) * h.to(x.dtype)
+        return out + self.bias if n.has_bias else out
+
+
+def _full_width(module: nn.Module, width: int) -> nn.Module:
+    """A shallow twin of ``module`` of its original class with parameters of ``width``
+    entries (its full width before the split), for :func:`~xtp.planning.norms.norm_kind` to
+    run its original forward on; ``module`` itself is untouched."""
+    twin = nn.Module.__new__(module.tp_original_class)
+    twin.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("tp_")})
+    twin._parameters = {k: torch.empty(width) for k in module._parameters}
+    twin._buffers, twin._modules = dict(module._buffers), {}
+    return twin
+
+
 class ParallelExperts(TPModule):
     """Fused 3-D experts with the intermediate dimension split: every rank computes every
     routed expert on its slice, and one all-reduce sums the partial outputs.
@@ -171,7 +217,7 @@ class ParallelExperts(TPModule):
 MIXINS: dict[str, type] = {
     Role.COLUMN: ColumnParallel, Role.ROW: RowParallel, Role.LM_HEAD: ParallelLMHead,
     Role.VOCAB_EMBEDDING: VocabParallelEmbedding, Role.HEAD_EMBEDDING: HeadParallelEmbedding,
-    Role.EXPERTS: ParallelExperts, Role.HEAD_PARAMS: HeadParams,
+    Role.EXPERTS: ParallelExperts, Role.HEAD_PARAMS: HeadParams, Role.NORM: ParallelNorm,
 }
 _classes: dict[tuple[type, type], type] = {}
 
