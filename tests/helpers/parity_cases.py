@@ -107,6 +107,10 @@ CASES: list[Case] = [
                                     num_attention_heads=12, num_hidden_layers=2, vocab_size=V,
                                     max_position_embeddings=64, pad_token_id=1),
          kind="encoder"),
+    # reshapes its attention output to a width read off its input: sharded padded (uneven heads)
+    Case("trocr_padded_tp3", "trocr", dict(d_model=64, decoder_attention_heads=4,
+                                           decoder_ffn_dim=120, decoder_layers=2, vocab_size=V,
+                                           max_position_embeddings=64), tps=(3,)),
     Case("t5", "t5", dict(d_model=96, d_kv=8, d_ff=120, num_heads=12, num_layers=2,
                           num_decoder_layers=2, vocab_size=V, decoder_start_token_id=0),
          kind="seq2seq"),

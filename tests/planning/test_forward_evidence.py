@@ -136,10 +136,18 @@ def test_heads_taken_in_groups_keep_the_pair_whole():
     assert "takes some of the heads of attn.v apart" in plan.spec("attn.o").reason
 
 
-def test_a_width_read_off_the_input_shape_keeps_the_pair_whole():
+def test_a_width_read_off_the_input_shape_shards_the_pair_padded():
     """``reshape(B, T, width)`` with ``width`` from the input's shape (TrOCR, FSMT, LED): that
-    width stays full on every rank, so the heads cannot be split."""
-    plan = xtp.plan(_Small(False, input_width=True), 2)
-    for name in ("q", "k", "v", "o"):
-        assert plan.spec(f"attn.{name}").role == Role.REPLICATE, name
-    assert "read off the shape of another tensor" in plan.spec("attn.o").reason
+    width stays full on every rank, so the pair is sharded padded: each column writes its own
+    heads into a full-width output (zeros elsewhere), the row reads only its own heads, and no
+    head count or per-head parameter of the module changes."""
+    plan = xtp.plan(_Small(False, input_width=True), 3)
+    for name in ("q", "k", "v"):
+        spec = plan.spec(f"attn.{name}")
+        assert (spec.role, spec.padded, spec.full) == (Role.COLUMN, True, 16), name
+        assert spec.ranges == (((0, 8),), ((8, 12),), ((12, 16),)), name  # 2, 1, 1 heads
+    o = plan.spec("attn.o")
+    assert (o.role, o.padded, o.ranges) == (Role.ROW, True, (((0, 8),), ((8, 12),), ((12, 16),)))
+    assert "read off the shape of another tensor" in " ".join(plan.notes)
+    assert plan.attr_updates == () and plan.spec("attn") is None  # q_norm stays whole
+

@@ -157,6 +157,14 @@ def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
             picks = _layer_picks(n, list(per_layer.values()))
             for k, v in per_layer.items():
                 kwargs[k] = type(v)(v[i] for i in picks)
+    for native, tiny in list(kwargs.items()):  # per-layer sizes of a shrunk size: capped by it
+        if not isinstance(tiny, int) or isinstance(tiny, bool):
+            continue
+        for k in attrs:
+            v = kwargs.get(k, attrs[k])
+            if (k.startswith(native + "_per_") and isinstance(v, (list, tuple)) and v
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+                kwargs[k] = type(v)(min(x, tiny) for x in v)
     return kwargs
 
 

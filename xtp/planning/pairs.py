@@ -17,6 +17,8 @@ in the attention module).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import PlanError, UnclassifiedModuleError
 from . import model_table as mt
 from .draft import Draft
@@ -70,13 +72,6 @@ def unsafe_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
         if (head_dim and in_out(draft.modules[c])[1] in (H * head_dim, K * head_dim)
                 and splits_heads(draft.graph, c, head_dim)):
             return f"the forward takes some of the heads of {collapse(c)} apart from the others"
-    for c in cols:  # a width read off another tensor's shape (the input's) stays full
-        wide = sorted(n for n, src in draft.graph.shape_sizes.get(c, ())
-                      if n in widths and n != head_dim and not src <= set(cols))
-        if wide:
-            return (f"the forward reshapes activations of {collapse(c)} to {wide[0]} features "
-                    f"read off the shape of another tensor (its input), a width that does not "
-                    f"shrink with the heads")
     for c in cols:  # a norm without parameters over all heads (``x / x.norm(dim=-1)``)
         wide = sorted(d for d, where in draft.graph.reduced_in.get(c, ()) if d in widths
                       and d != head_dim and where not in norms)
@@ -131,6 +126,22 @@ def _plan_norms(draft: Draft, row: str, cols: list[str], width: int,
         draft.partial_grads[:] = [g for g in draft.partial_grads if g not in full]
 
 
+def input_width_reason(draft: Draft, row: str, cols: list[str]) -> str | None:
+    """Why the pair's activations must keep their full width (the forward reshapes them to a
+    width read off another tensor's shape, its input's: it does not shrink with the heads), or
+    None. Such a pair is sharded padded (:attr:`~xtp.planning.spec.ModuleSpec.padded`)."""
+    widths = {in_out(draft.modules[c])[1] for c in cols} | {in_out(draft.modules[row])[0]}
+    head_dim = draft.heads[2] if draft.heads else None
+    for c in cols:
+        wide = sorted(n for n, src in draft.graph.shape_sizes.get(c, ())
+                      if n in widths and n != head_dim and not src <= set(cols))
+        if wide:
+            return (f"the forward reshapes activations of {collapse(c)} to {wide[0]} features "
+                    f"read off the shape of another tensor (its input), a width that does not "
+                    f"shrink with the heads")
+    return None
+
+
 def plan_pairs(draft: Draft) -> None:
     """Shard every pair no rule and no unsafe module keeps whole."""
     for row, cols in find_pairs(draft).items():
@@ -147,9 +158,21 @@ def plan_pairs(draft: Draft) -> None:
                 draft.kept_whole[n] = f"kept whole: {unsafe}"
             draft.note(f"{collapse(row)} and its partners kept replicated: {unsafe}")
             continue
+        padded = input_width_reason(draft, row, cols)
+        if padded and split_norms(draft, row, cols):  # a norm would see the zero padding
+            padded = f"{padded}, and a norm runs over those features"
+        # no head partition: nothing shows the heads independent; or the norm above
+        if padded and (draft.heads is None or padded.endswith("over those features")):
+            for n in [row, *cols]:
+                draft.kept_whole[n] = f"kept whole: {padded}"
+            draft.note(f"{collapse(row)} and its partners kept replicated: {padded}")
+            continue
+        if padded:
+            draft.note(f"{collapse(row)} and its partners sharded padded (full-width activations, "
+                       f"each rank's own heads, zeros elsewhere): {padded}")
         grads = len(draft.partial_grads)
         try:
-            plan_pair(draft, row, cols)
+            plan_pair(draft, row, cols, padded=bool(padded))
         except UnclassifiedModuleError as exc:
             if not _may_keep_whole(draft, row, cols):
                 raise
@@ -223,9 +246,11 @@ def _note_partial_grads(draft: Draft, cols: list[str]) -> None:
                     draft.partial_grads.append(full)
 
 
-def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
+def plan_pair(draft: Draft, row: str, cols: list[str], padded: bool = False) -> None:
     """Specs of one row layer and its columns, its all-reduce, and the head updates when the
-    inner dimension is attention heads.
+    inner dimension is attention heads. ``padded``: the activations between them keep their
+    full width (each rank's own features at their places, zeros elsewhere; the row reads only
+    its own), so no head count, per-head parameter or keyword input of the module changes.
 
     Raises:
         PlanError: the row's input features cannot be split over ``tp`` ranks.
@@ -249,13 +274,19 @@ def plan_pair(draft: Draft, row: str, cols: list[str]) -> None:
         col_specs.append(draft.spec(
             c, Role.COLUMN, f"structure: feeds only {collapse(row)} (split by {kind})",
             split=Split.OUT, ranges=ranges, layout=layout, group=row))
-    for s in col_specs:
-        draft.specs[s.name] = s
-    draft.specs[row] = draft.spec(
+    row_spec = draft.spec(
         row, Role.ROW, "structure: reads only "
         + ", ".join(collapse(c).rsplit(".", 1)[-1] for c in cols),
         split=Split.IN, ranges=row_ranges, group=row)
+    if padded:
+        col_specs = [replace(s, padded=True) for s in col_specs]
+        row_spec = replace(row_spec, padded=True)
+    for s in col_specs:
+        draft.specs[s.name] = s
+    draft.specs[row] = row_spec
     draft.collectives.append(Collective("all_reduce", row, in_out(draft.modules[row])[1]))
+    if padded:
+        return
     _plan_norms(draft, row, cols, width, row_ranges)
     plan_head_params(draft, attention_name(row, cols), cols, width, row_ranges, hp)
     if hp is not None:

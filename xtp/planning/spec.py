@@ -106,6 +106,9 @@ class ModuleSpec:
     :mod:`xtp.planning.layouts`).
     ``split``: which features are split (:class:`Split`), None when replicated.
     ``full``: the full extent of the split dimension.
+    ``padded``: a column whose output keeps its full width (its own features at their places,
+    zeros elsewhere) or a row that reads only its own features of a full-width input: a pair
+    whose forward reshapes its activations to a width read off its input.
     """
 
     name: str
@@ -120,6 +123,7 @@ class ModuleSpec:
     weight_shape: tuple[int, ...] = ()
     nbytes: tuple[int, ...] = ()
     params: tuple[ParamSplit, ...] = ()
+    padded: bool = False
 
     def param_splits(self) -> tuple[ParamSplit, ...]:
         """How each of the module's own parameters is split (absent: replicated whole)."""

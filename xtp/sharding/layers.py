@@ -20,7 +20,9 @@ norm                 per-token norm over a pair's inner features: local weight (
 ===================  ==========================================================================
 
 Shapes: ``x`` is ``(..., in_features)`` (local in-features for row layers); outputs are
-``(..., out_features)`` (local out-features for column layers).
+``(..., out_features)`` (local out-features for column layers). A padded pair's column writes
+its local features into a full-width output (zeros elsewhere) and its row reads only its own
+features of a full-width input (:attr:`~xtp.planning.spec.ModuleSpec.padded`).
 """
 
 from __future__ import annotations
@@ -68,19 +70,33 @@ def _matmul_no_bias(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tens
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
 
+def _padded(spec: ModuleSpec, rank: int) -> tuple[int, tuple[tuple[int, int], ...]] | None:
+    """(full width, this rank's ranges) of a padded pair's layer, else None."""
+    return (spec.full, spec.ranges[rank]) if spec.padded else None
+
+
 class ColumnParallel(TPModule):
     tp_role = Role.COLUMN
     tp_rng: RegionRNG | None = None
+    tp_pad: tuple[int, tuple[tuple[int, int], ...]] | None = None
 
     def tp_setup(self, spec, tp_size, rank, rng) -> None:
         super().tp_setup(spec, tp_size, rank, rng)
         self.tp_rng = rng
+        self.tp_pad = _padded(spec, rank)
 
     def forward(self, x, *args, **kwargs):
         x = copy_to_group(x, self.tp_comm)
         out = packed_matmul(self, x, self.bias)
         if out is None:
             out = super().forward(x, *args, **kwargs)
+        if self.tp_pad is not None:  # (..., local) -> (..., full): own features, zeros elsewhere
+            (width, ranges), at = self.tp_pad, 0
+            padded = out.new_zeros(*out.shape[:-1], width)
+            for a, b in ranges:
+                padded[..., a:b] = out[..., at:at + b - a]
+                at += b - a
+            out = padded
         if self.training and self.tp_rng is not None:
             self.tp_rng.enter(out.device)
         return out
@@ -91,13 +107,18 @@ class RowParallel(TPModule):
     tp_kind: str = WeightKind.OUT_IN
     tp_rng: RegionRNG | None = None
 
+    tp_pad: tuple[int, tuple[tuple[int, int], ...]] | None = None
+
     def tp_setup(self, spec, tp_size, rank, rng) -> None:
         super().tp_setup(spec, tp_size, rank, rng)
         self.tp_rng = rng
+        self.tp_pad = _padded(spec, rank)
 
     def forward(self, x):
         if self.training and self.tp_rng is not None:
             self.tp_rng.leave()
+        if self.tp_pad is not None:  # (..., full) -> (..., local): only this rank's features
+            x = torch.cat([x[..., a:b] for a, b in self.tp_pad[1]], dim=-1)
         out = reduce_from_group(_matmul_no_bias(self, self.tp_kind, x), self.tp_comm)
         return out if self.bias is None else out + self.bias
 
