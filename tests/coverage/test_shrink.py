@@ -92,3 +92,24 @@ def test_sparse_attention_indexer_is_shrunk():
         pytest.skip("this transformers has no deepseek_v32")
     c = tiny_config("deepseek_v32", kv_heads=None)
     assert (c.index_n_heads, c.index_head_dim) == (HEADS, 32)
+
+
+def test_sizes_named_after_what_they_belong_to_are_shrunk_by_pattern():
+    # max_<what>_position_embeddings, <what>_embed_dim / _embedding_size, <what>_rank
+    layout = tiny_config("layoutlm")
+    assert layout.max_2d_position_embeddings == layout.max_position_embeddings == 64
+    roc = tiny_config("roc_bert")
+    assert (roc.pronunciation_embed_dim, roc.shape_embed_dim) == (HIDDEN, HIDDEN)
+    rem = tiny_config("rembert")
+    assert (rem.input_embedding_size, rem.output_embedding_size) == (HIDDEN, HIDDEN)
+    assert tiny_config("zamba2").adapter_rank == 16
+
+
+def test_a_head_family_shrinks_only_as_a_pair():
+    # <p>_num_heads with <p>_head_dim: both shrink (mamba heads, their B/C groups follow)
+    c = tiny_config("nemotron_h")
+    assert (c.mamba_num_heads, c.mamba_head_dim, c.n_groups) == (HEADS, 16, KV_HEADS)
+    assert c.moe_shared_expert_intermediate_size == 64  # an expert's FFN: half the dense one
+    # qk_head_dim alone (no qk_num_heads) follows its nope and rope parts, not the pattern
+    d = tiny_config("deepseek_v3", kv_heads=None)
+    assert d.qk_head_dim == d.qk_nope_head_dim + d.qk_rope_head_dim

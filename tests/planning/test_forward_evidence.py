@@ -151,3 +151,27 @@ def test_a_width_read_off_the_input_shape_shards_the_pair_padded():
     assert "read off the shape of another tensor" in " ".join(plan.notes)
     assert plan.attr_updates == () and plan.spec("attn") is None  # q_norm stays whole
 
+
+class _SoftmaxGate(nn.Module):
+    """up -> softmax over its features (or elementwise gelu) -> down: a softmax normalises over
+    every feature of ``up``, so a column split of ``up`` would give each rank a different
+    normaliser."""
+
+    def __init__(self, softmax: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.up, self.down = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.softmax = softmax
+
+    def forward(self, input_ids):
+        h = self.up(self.embed(input_ids))
+        h = nn.Softmax(dim=-1)(h) if self.softmax else torch.nn.functional.gelu(h)
+        return self.down(h)
+
+
+def test_a_softmax_over_a_pairs_features_keeps_it_whole():
+    plan = xtp.plan(_SoftmaxGate(True), 2)
+    assert plan.spec("up").role == plan.spec("down").role == Role.REPLICATE
+    assert "reduces activations of up over 24 features" in plan.spec("down").reason
+    control = xtp.plan(_SoftmaxGate(False), 2)  # elementwise: split
+    assert (control.spec("up").role, control.spec("down").role) == (Role.COLUMN, Role.ROW)

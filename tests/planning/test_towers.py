@@ -100,3 +100,32 @@ def test_text_pairs_do_not_update_head_counts_inside_a_tower():
     assert plan.tower_inputs and plan.tower_inputs[0][0] == tower
     inside = {u.module for u in plan.attr_updates if u.module.startswith(tower + ".")}
     assert inside == {f"{tower}.encoder.layers.{i}.self_attn" for i in range(2)}
+
+
+def test_a_tower_fed_feature_frames_of_its_config_input_dim_is_split_with_parity():
+    """An encoder whose forward takes ``hidden_states`` of width ``config.input_dim`` (frames of
+    features already extracted) is a tower too; its pairs split with parity, except one whose
+    activations go through a softmax over all its features (kept whole)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(
+        tiny_config("granite_speech")).float().eval()
+    enc = "model.encoder"
+    dim = model.get_submodule(enc).config.input_dim
+    plan = xtp.plan(model, 2)
+    assert plan.tower_inputs == ((enc, "hidden_states", (1, 64, dim)),)
+    assert plan.spec(f"{enc}.layers.0.ff1.up_proj").role == Role.COLUMN
+    assert plan.spec(f"{enc}.layers.0.ff1.down_proj").role == Role.ROW
+    # out -> softmax(dim=-1) -> out_mid: a column split would normalise over a part
+    assert plan.spec(f"{enc}.out").role == plan.spec(f"{enc}.out_mid").role == Role.REPLICATE
+    x = torch.randn((1, 64, dim), generator=torch.Generator().manual_seed(2))
+    tower = model.get_submodule(enc)
+    with torch.no_grad():
+        want = _first_tensor(tower(**tower_inputs(tower, "hidden_states", x)))
+
+    def run(sharded):
+        t = sharded.get_submodule(enc)
+        with torch.no_grad():
+            return _first_tensor(t(**tower_inputs(t, "hidden_states", x)))
+
+    for got in run_sharded(model, 2, run):
+        assert rel_err(got, want) <= 1e-5

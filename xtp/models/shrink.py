@@ -16,6 +16,7 @@ result really builds (and is really tiny) is the caller's check: build it and co
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..errors import XtpError
@@ -54,10 +55,44 @@ TINY: dict[str, int] = {
                      "mamba_d_head", "mamba_d_state", "ssm_state_size", "state_size"), HEAD_DIM),
     **dict.fromkeys(("linear_num_value_heads", "mamba_n_heads"), HEADS),
     "linear_num_key_heads": KV_HEADS, "mamba_d_ssm": HIDDEN,
+    "n_groups": KV_HEADS,  # state-space heads sharing one B/C group (like KV heads)
+    "attention_window": 16,  # local attention: the input is padded to a multiple of it
     "vocab_size": VOCAB,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "max_sequence_length", "seq_length", "max_source_positions"), POSITIONS),
 }
+
+# name patterns for the sizes a config names after what they belong to (``<what>_vocab_size``,
+# ``max_<what>_position_embeddings`` ...): first match wins, a name in TINY is never matched.
+PATTERNS: tuple[tuple[re.Pattern, int], ...] = (
+    (re.compile(r"max_\w*position_embeddings$"), POSITIONS),
+    (re.compile(r"\w+_(embed_dim|embed_size|embedding_size|embedding_dim)$"), HIDDEN),
+    (re.compile(r"\w*(expert|shared)\w*_intermediate_size$"), FFN // 2),
+    (re.compile(r"\w+_intermediate_size$"), FFN),
+    (re.compile(r"\w+_rank$"), TINY["kv_lora_rank"]),
+)
+# a head family named by a common prefix: ``<p>_num_heads`` (or ``<p>_n_heads``) and
+# ``<p>_head_dim`` both present shrink to HEADS heads of HEAD_DIM; one of them alone (a derived
+# ``qk_head_dim``, say) is left as it is.
+_HEAD_COUNT = re.compile(r"(\w+)_(num_heads|n_heads)$")
+
+
+def _pattern_sizes(cls: type, attrs: dict[str, Any], taken: set[str]) -> dict[str, int]:
+    """Tiny values for the int attributes of ``attrs`` that PATTERNS or a head family match
+    (never one in ``taken`` or in TINY, never a property): ``{name: tiny}``."""
+    found: dict[str, int] = {}
+    for name in attrs:
+        head = _HEAD_COUNT.match(name)
+        if head and f"{head.group(1)}_head_dim" in attrs:
+            found.setdefault(name, HEADS)
+            found.setdefault(f"{head.group(1)}_head_dim", HEAD_DIM)
+            continue
+        for pattern, tiny in PATTERNS:
+            if pattern.match(name):
+                found.setdefault(name, tiny)
+                break
+    return {k: v for k, v in found.items() if k not in taken and k not in TINY
+            and not isinstance(getattr(cls, k, None), property)}
 
 
 class ShrinkError(XtpError):
@@ -132,6 +167,10 @@ def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
             kwargs[native] = tiny
     vocab = kwargs.get(amap.get("vocab_size", "vocab_size"), _get(default, "vocab_size"))
     attrs = default.to_dict()
+    for name, tiny in _pattern_sizes(cls, attrs, set(kwargs)).items():
+        value = _get(default, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > tiny:
+            kwargs[name] = tiny
     for name, value in attrs.items():
         if name in kwargs:
             continue

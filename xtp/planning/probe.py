@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .reductions import NORMS, REDUCTIONS, reduced_sizes
+from .reductions import NORMS, REDUCTIONS, SOFTMAXES, reduced_sizes
 from .reductions import ints_in as _ints
 from .traced import TracedInt, origins
 
@@ -276,7 +276,8 @@ class _FlowMode(TorchFunctionMode):
             self._track_params(args, kwargs, out, src)
         if src:
             _mark(out, src)
-            if self.graph is not None and (func in REDUCTIONS or func in NORMS):
+            if self.graph is not None and (func in REDUCTIONS or func in NORMS) and (
+                    func not in SOFTMAXES or len(src) == 1):
                 sizes = reduced_sizes(func, args, kwargs)
                 where = self.graph.scope[-1] if self.graph.scope else ""
                 for s in src:

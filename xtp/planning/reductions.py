@@ -29,6 +29,12 @@ REDUCTIONS = {
     torch.logsumexp: (1, None), _T.norm: (2, None), torch.norm: (2, None),
     torch.linalg.vector_norm: (2, None), torch.nn.functional.normalize: (2, 1),
 }
+#: softmaxes normalise over their dimension: over a pair's features they need all of them.
+#: Counted only on the activations of one projection (attention scores, made of two, are
+#: normalised over keys, whose number a short probe may make equal to a width)
+SOFTMAXES = frozenset({torch.softmax, _T.softmax, torch.nn.functional.softmax,
+                       torch.log_softmax, _T.log_softmax, torch.nn.functional.log_softmax})
+REDUCTIONS.update(dict.fromkeys(SOFTMAXES, (1, None)))
 #: normalisations over trailing dimensions given by their sizes: op -> position of the sizes
 NORMS = {torch.nn.functional.layer_norm: 1, torch.nn.functional.rms_norm: 1}
 

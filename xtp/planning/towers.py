@@ -4,8 +4,9 @@ The probe runs the model on token ids only, so a sub-model that encodes another 
 audio encoder fed ``input_features``, a vision encoder fed ``pixel_values``) never runs in it
 and would stay whole. A *tower* is a sub-module, outermost of its kind, that is a model of its
 own: it has a ``config`` and a main input (its ``main_input_name``, the transformers convention,
-else its forward's first parameter) that is audio features, pixels or raw audio, and none of
-its layers ran in the model's probe.
+else its forward's first parameter) that is audio features, pixels or raw audio (or
+``hidden_states`` of a width its config names ``input_dim``: frames of features already
+extracted), and none of its layers ran in the model's probe.
 
 Each tower is planned as a model of its own: its forward is probed on a fake input of that
 name (shapes from the tower's config: :func:`input_shapes`), its head counts come from its own
@@ -34,6 +35,8 @@ from .weights import weight_kind
 
 #: main inputs xtp can make from a tower's config (shapes: :func:`input_shapes`)
 MODALITY_INPUTS = ("input_features", "pixel_values", "input_values")
+#: a main input xtp can make only when the config names its width ``input_dim``
+FEATURE_FRAMES = "hidden_states"
 
 
 def _int(value) -> int | None:
@@ -45,13 +48,16 @@ def _int(value) -> int | None:
 def main_input(module: nn.Module) -> str | None:
     """The name of ``module``'s main input: its ``main_input_name`` when its forward takes it,
     else its forward's first parameter; ``None`` unless one xtp can make
-    (:data:`MODALITY_INPUTS`)."""
+    (:data:`MODALITY_INPUTS`, or :data:`FEATURE_FRAMES` when the module's config has an
+    ``input_dim``)."""
     try:
         params = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return None
     name = getattr(module, "main_input_name", None)
     name = name if name in params else (params[0] if params else None)
+    if name == FEATURE_FRAMES:
+        return name if _int(getattr(getattr(module, "config", None), "input_dim", None)) else None
     return name if name in MODALITY_INPUTS else None
 
 
@@ -70,7 +76,8 @@ def input_shapes(tower: nn.Module) -> list[tuple[int, ...]]:
     config names: ``input_features`` (1, num_mel_bins, frames) with frames twice or once
     ``max_source_positions`` (strided convolutions in front) or 64; ``pixel_values``
     (1, num_channels, image_size, image_size); ``input_values`` (1, samples) with samples 16 x
-    the product of ``conv_stride``. Empty when the config lacks the sizes."""
+    the product of ``conv_stride``; ``hidden_states`` (1, 64, input_dim). Empty when the config
+    lacks the sizes."""
     config, name = tower.config, main_input(tower)
     if name == "input_features":
         mels = _int(getattr(config, "num_mel_bins", None))
@@ -84,6 +91,8 @@ def input_shapes(tower: nn.Module) -> list[tuple[int, ...]]:
         strides = getattr(config, "conv_stride", None)
         if isinstance(strides, (list, tuple)) and all(isinstance(s, int) for s in strides):
             return [(1, 16 * math.prod(strides))]
+    if name == FEATURE_FRAMES:
+        return [(1, 64, _int(config.input_dim))]
     return []
 
 
