@@ -59,6 +59,8 @@ class _GroupNorm(nn.Module):
 NORMS = {
     "hand-written rms": _SubNorm,
     "nn.LayerNorm": lambda w: nn.LayerNorm(w, eps=1e-5),
+    # no bias parameter (an entry of None): the split layer must not invent one
+    "nn.LayerNorm without bias": lambda w: nn.LayerNorm(w, eps=1e-5, bias=False),
     "nn.RMSNorm": lambda w: nn.RMSNorm(w, eps=1e-6),
 }
 

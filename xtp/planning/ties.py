@@ -55,7 +55,8 @@ def check_ties(draft: Draft) -> None:
             groups = {s.group for s in sharded if s.group}
             partners = [s.name for s in draft.specs.values() if s.group in groups]
             for n in [*names, *partners]:
-                if draft.specs[n].role == Role.NORM:  # a norm split with its pair: whole again
+                spec = draft.specs.get(n)  # a tied module may have no spec yet
+                if spec is not None and spec.role == Role.NORM:  # split with its pair: whole again
                     del draft.specs[n]
                     continue
                 draft.specs[n] = draft.spec(n, Role.REPLICATE, "tied weight shared with a module "

@@ -211,7 +211,8 @@ def _full_width(module: nn.Module, width: int) -> nn.Module:
     run its original forward on; ``module`` itself is untouched."""
     twin = nn.Module.__new__(module.tp_original_class)
     twin.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("tp_")})
-    twin._parameters = {k: torch.empty(width) for k in module._parameters}
+    twin._parameters = {k: None if v is None else torch.empty(width)  # bias=False stays None
+                        for k, v in module._parameters.items()}
     twin._buffers, twin._modules = dict(module._buffers), {}
     return twin
 
