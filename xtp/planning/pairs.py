@@ -159,10 +159,11 @@ def plan_pairs(draft: Draft) -> None:
             draft.note(f"{collapse(row)} and its partners kept replicated: {unsafe}")
             continue
         padded = input_width_reason(draft, row, cols)
-        if padded and split_norms(draft, row, cols):  # a norm would see the zero padding
+        normed = bool(padded) and bool(split_norms(draft, row, cols))
+        if normed:  # a norm between the layers would see the zero padding
             padded = f"{padded}, and a norm runs over those features"
         # no head partition: nothing shows the heads independent; or the norm above
-        if padded and (draft.heads is None or padded.endswith("over those features")):
+        if padded and (draft.heads is None or normed):
             for n in [row, *cols]:
                 draft.kept_whole[n] = f"kept whole: {padded}"
             draft.note(f"{collapse(row)} and its partners kept replicated: {padded}")
