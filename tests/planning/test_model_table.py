@@ -164,48 +164,52 @@ def test_gpt_bigcode_multi_head_numerically():
     assert sharded_rel_err("gpt_bigcode_mha", 2) <= TOL
 
 
-# -- HEAD_ATTRIBUTES -----------------------------------------------------------------------------
+# -- head attributes, found from the forward (HEAD_ATTRIBUTES is gone: issue 17) -------------
 
-#: attribute -> (config name, attention class, full value, tp, local values or None when the
-#: plan does not update it on that model)
-HEAD_ATTR_CASES = {
-    "num_heads": ("gpt2", "GPT2Attention", 12, 2, (6, 6)),
-    "num_attention_heads": ("gptj", "GPTJAttention", 12, 2, (6, 6)),
-    "n_heads": ("t5", "T5Attention", 12, 2, (6, 6)),
-    # openai-gpt: its fused c_attn layout is inferred from the forward since issue 17
-    "n_head": ("openai", "Attention", 12, 2, (6, 6)),
-    "num_key_value_heads": ("stablelm", "StableLmAttention", 6, 2, (3, 3)),
-    "num_kv_heads": ("falcon_grouped_kv2", "FalconAttention", 2, 4, (1, 1, 1, 1)),
-    "num_key_value_groups": ("llama_kv1", "LlamaAttention", 12, 2, (6, 6)),
-    # on BertSelfAttention (attention.self); the pair's common parent is BertAttention, so it
-    # is not updated; transformers 5 does not read it in forward
-    "all_head_size": ("bert", "BertSelfAttention", 96, 2, None),
-    "inner_dim": ("t5", "T5Attention", 96, 3, (32, 32, 32)),
-    "split_size": ("gpt2", "GPT2Attention", 96, 2, (48, 48)),
-    "embed_dim": ("gpt2", "GPT2Attention", 96, 2, (48, 48)),
-    "hidden_size": ("bloom", "BloomAttention", 96, 2, (48, 48)),
-    "kv_dim": ("gpt_bigcode_mha", "GPTBigCodeAttention", 96, 2, (48, 48)),
-}
+#: (config name, attention class, attribute, full value, tp, local values or None when the
+#: plan leaves it: the model's forward does not use it as a head count or width)
+HEAD_ATTR_CASES = [
+    ("gpt2", "GPT2Attention", "split_size", 96, 2, (48, 48)),    # qkv.split(self.split_size)
+    ("gpt2", "GPT2Attention", "num_heads", 12, 2, None),         # views by -1: unused
+    ("gpt2", "GPT2Attention", "embed_dim", 96, 2, None),
+    ("bloom", "BloomAttention", "num_heads", 12, 2, (6, 6)),     # view(b, s, num_heads, 3, d)
+    ("bloom", "BloomAttention", "hidden_size", 96, 2, None),
+    ("falcon_grouped_kv2", "FalconAttention", "num_kv_heads", 2, 4, (1, 1, 1, 1)),
+    ("gpt_bigcode", "GPTBigCodeAttention", "embed_dim", 96, 2, (48, 48)),  # split((q, kv, kv))
+    ("gpt_bigcode_mha", "GPTBigCodeAttention", "num_heads", 12, 2, (6, 6)),
+    ("llama_kv1", "LlamaAttention", "num_key_value_groups", 12, 2, (6, 6)),  # repeat_kv
+    ("t5", "T5Attention", "inner_dim", 96, 3, None),             # views by -1: unused
+]
 
 
-def test_every_head_attribute_has_a_case():
-    assert set(HEAD_ATTR_CASES) == set(mt.HEAD_ATTRIBUTES)
+def test_head_count_read_by_a_tensor_factory():
+    """T5's attention without a relative bias makes a zero bias ``torch.zeros((1, n_heads, q,
+    k))`` that meets the scores: n_heads is a count there. Only the first cross-attention
+    builds it (later layers receive the bias), so only it reads n_heads and gets its local
+    value (tests/sharding/test_parity.py runs t5 sharded against the unsharded model)."""
+    updates = [(u.module, u.attr, u.values) for u in plan_of("t5", 2).attr_updates]
+    assert updates == [("decoder.block.0.layer.1.EncDecAttention", "n_heads", (6, 6))]
 
 
 @requires_transformers5
-@pytest.mark.parametrize("attr", list(HEAD_ATTR_CASES))
-def test_head_attribute_on_real_attention(attr):
-    name, cls, full, tp, local = HEAD_ATTR_CASES[attr]
+@pytest.mark.parametrize("name,cls,attr,full,tp,local", HEAD_ATTR_CASES,
+                         ids=[f"{c[0]}-{c[2]}" for c in HEAD_ATTR_CASES])
+def test_head_attribute_on_real_attention(name, cls, attr, full, tp, local):
     mods = {n: m for n, m in meta_of(name).named_modules() if type(m).__name__ == cls}
     assert mods, f"no {cls} in {name}"
     for m in mods.values():
         assert m.__dict__.get(attr) == full, f"{cls}.{attr}"
-    if local is None:
-        return
     updates = {u.module: u for u in plan_of(name, tp).attr_updates if u.attr == attr}
+    if local is None:
+        assert updates == {}
+        return
     assert set(updates) == set(mods), f"{attr} updated on {sorted(updates)}, want {sorted(mods)}"
     for u in updates.values():
         assert (u.full, u.values) == (full, local)
+
+
+def test_no_head_attribute_table():
+    assert not hasattr(mt, "HEAD_ATTRIBUTES")
 
 
 def test_head_attributes_only_on_attention_modules():
@@ -224,25 +228,30 @@ def test_openai_gpt_fused_c_attn_from_the_forward(tp):
     assert sharded_rel_err("openai", tp) <= TOL
 
 
-class _Attention(nn.Module):
-    """Grouped-query attention stand-in holding one head attribute at its full value."""
+class _RoleAttention(nn.Module):
+    """Grouped-query attention using int attributes whose names mean nothing to xtp, each in
+    one role: ``qa``/``kb`` head counts of views, ``rep`` the KV repeat factor (by ``expand``
+    and by ``repeat_interleave``), ``wid`` the merged width, ``hd`` the head width (last size
+    of every view: never a count, even when equal to the head count), ``spare`` equal to the
+    head count but never used."""
 
-    def __init__(self, attr: str, value: int, heads: int, kv: int, head_dim: int) -> None:
+    def __init__(self, heads: int, kv: int, head_dim: int) -> None:
         super().__init__()
         hidden = heads * head_dim
         self.q = nn.Linear(hidden, heads * head_dim)
         self.k = nn.Linear(hidden, kv * head_dim)
         self.v = nn.Linear(hidden, kv * head_dim)
         self.o = nn.Linear(heads * head_dim, hidden)
-        self.group, self.head_dim = heads // kv, head_dim
-        setattr(self, attr, value)
+        self.qa, self.kb, self.rep, self.wid = heads, kv, heads // kv, hidden
+        self.hd, self.spare = head_dim, heads
 
     def forward(self, x):
-        d = self.head_dim
-        q = self.q(x).unflatten(-1, (-1, d))
-        k = self.k(x).unflatten(-1, (-1, d)).repeat_interleave(self.group, -2)
-        v = self.v(x).unflatten(-1, (-1, d)).repeat_interleave(self.group, -2)
-        return self.o((q * k + v).flatten(-2))
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.qa, self.hd)
+        k = self.k(x).view(b, s, self.kb, self.hd)[:, :, :, None]
+        k = k.expand(b, s, self.kb, self.rep, self.hd).reshape(b, s, -1, self.hd)
+        v = self.v(x).view(b, s, self.kb, self.hd).repeat_interleave(self.rep, dim=2)
+        return self.o((q * k.sin() + v).reshape(b, s, self.wid))
 
 
 class _TinyModel(nn.Module):
@@ -258,29 +267,32 @@ class _TinyModel(nn.Module):
         return self.head(h + self.attn(h))
 
 
-@pytest.mark.parametrize("attr", list(mt.HEAD_ATTRIBUTES))
-@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 1)])
-def test_head_attribute_update_rule(attr, heads, kv):
-    """The planner's rule for each quantity, on a stand-in attention at tp 2: q heads halve,
-    KV heads halve or stay 1 (replicated), groups follow, widths are heads x head_dim."""
-    head_dim, tp = 2, 2
-    local_q, local_kv = heads // tp, max(kv // tp, 1)
-    quantity = {
-        mt.Q_HEADS: (heads, local_q), mt.KV_HEADS: (kv, local_kv),
-        mt.KV_GROUPS: (heads // kv, local_q // local_kv),
-        mt.Q_WIDTH: (heads * head_dim, local_q * head_dim),
-        mt.KV_WIDTH: (kv * head_dim, local_kv * head_dim),
-    }
-    full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
+def _role_model(heads: int, kv: int, head_dim: int) -> _TinyModel:
     config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
                              head_dim=head_dim, hidden_size=heads * head_dim, vocab_size=16)
-    with torch.device("meta"):
-        model = _TinyModel(_Attention(attr, full, heads, kv, head_dim), config)
-    updates = [u for u in xtp.plan(model, tp).attr_updates if u.attr == attr]
-    if local == full:
-        assert updates == []
-    else:
-        assert [(u.module, u.full, u.values) for u in updates] == [("attn", full, (local,) * tp)]
+    torch.manual_seed(0)
+    return _TinyModel(_RoleAttention(heads, kv, head_dim), config).eval()
+
+
+@pytest.mark.parametrize("heads,kv,head_dim,tp,want", [
+    # 4 query heads in 2 KV groups of 2 (repeat factor == KV heads: told apart by role), head
+    # width 4 == query heads (the last size of a view: a width, never the count)
+    (4, 2, 4, 2, {"qa": (2, 2), "kb": (1, 1), "wid": (8, 8)}),
+    (4, 2, 4, 3, {"qa": (1, 1, 2), "kb": (1, 1, 1), "rep": (1, 1, 2), "wid": (4, 4, 8)}),
+    (4, 1, 2, 2, {"qa": (2, 2), "rep": (2, 2), "wid": (4, 4)}),
+    (6, 6, 2, 3, {"qa": (2, 2, 2), "kb": (2, 2, 2), "wid": (4, 4, 4)}),
+])
+def test_head_attributes_by_role_not_name(heads, kv, head_dim, tp, want):
+    """Each attribute gets the rank's value of what the forward uses it as; the plan's
+    shards match the unsharded model."""
+    model = _role_model(heads, kv, head_dim)
+    updates = {u.attr: u.values for u in xtp.plan(model, tp).attr_updates}
+    assert updates == want
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)
+        outs = run_sharded(model, tp, lambda m: m(ids))
+    assert max(rel_err(o, ref) for o in outs) <= TOL
 
 
 # -- local configs, found from the forward (LOCAL_CONFIG_MODEL_TYPES is gone: issue 17) --------

@@ -4,7 +4,7 @@ in the attention module when it holds only this rank's heads.
 * Column ranges: a plain q (``num_heads x head_dim`` wide) or k/v (``num_kv_heads x head_dim``)
   projection is cut by heads; a fused projection by its layout, found from what the forward
   does with its output (:func:`xtp.planning.fused.infer_layout`, after checking its width).
-* Attributes that hold a head count or width (:data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`)
+* Attributes the forward uses as a head count, KV repeat factor or width (:mod:`.size_roles`)
   get per-rank local values; keyword inputs with one slice per head
   (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; an
   attention module whose forward reshapes by its config's head counts gets a local config.
@@ -87,29 +87,38 @@ def attention_name(row: str, cols: list[str]) -> str:
 
 def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition,
                   cols: list[str], own: dict[str, tuple[int, int]] | None = None) -> None:
-    """Head counts and widths held by the attention module and its inner helpers: attributes
-    named in :data:`~xtp.planning.model_table.HEAD_ATTRIBUTES`, and any other int attribute
-    holding the full query or KV width that the pair's forward itself passed to a
-    view/reshape/split (found from the forward: ``self.n_embd`` in
-    ``qkv.split(self.n_embd, dim=2)``; an attribute merely equal to that width, such as a
-    position count of the same value, is left alone)."""
+    """Head counts and widths held by the attention module and its inner helpers, found from
+    what the pair's forward does with each int attribute (:mod:`xtp.planning.size_roles`):
+
+    * a KV repeat factor (``expand``/``repeat_interleave`` on KV heads) equal to the query heads
+      per KV head becomes each rank's own ratio;
+    * a head count (a size before the last of a view/reshape of the pair's activations) equal
+      to the query or KV head count becomes the rank's count;
+    * a width the forward passed to a view/reshape/split of those activations (``self.n_embd``
+      in ``qkv.split(self.n_embd, dim=2)``), equal to the full query or KV width, becomes the
+      rank's width.
+
+    An attribute merely equal to one of those values (a position count, a head width equal to
+    the head count) is left alone, and so is one the forward only divides (a group's width)."""
     H, K, D = draft.heads
     local_q = [hp.local_heads(r) for r in range(draft.tp)]
     local_kv = [hp.local_kv_heads(r) for r in range(draft.tp)]
-    quantity = {
-        mt.Q_HEADS: (H, local_q), mt.KV_HEADS: (K, local_kv),
-        mt.KV_GROUPS: (H // K, [q // kv for q, kv in zip(local_q, local_kv)]),
-        mt.Q_WIDTH: (H * D, [q * D for q in local_q]),
-        mt.KV_WIDTH: (K * D, [kv * D for kv in local_kv]),
-    }
-    used = set().union(*(draft.graph.layout_sizes.get(c, set()) for c in cols))
-    widths = {quantity[w][0]: tuple(quantity[w][1]) for w in (mt.Q_WIDTH, mt.KV_WIDTH)}
+    groups = (H // K, tuple(q // kv for q, kv in zip(local_q, local_kv))) if H % K == 0 else None
+    counts = {K: tuple(local_kv), H: tuple(local_q)}  # H wins when H == K (same locals then)
+    widths = {H * D: tuple(q * D for q in local_q), K * D: tuple(kv * D for kv in local_kv)}
     if own:  # each column its own head width: its own full and local widths
         widths = {n * d: tuple((q if n == H else kv) * d for q, kv in zip(local_q, local_kv))
                   for n, d in own.values()}
+
+    def union(table: dict) -> set:
+        return set().union(*(table.get(c, set()) for c in cols))
+
+    used, reads = union(draft.graph.layout_sizes), union(draft.graph.attr_reads)
+    count_reads, repeat_reads = union(draft.graph.count_reads), union(draft.graph.repeat_reads)
+    count_reads |= {o for o, uses in draft.graph.param_uses.items()  # sizes of new tensors
+                    if o.startswith("@") and uses & set(cols)}
     holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
                if n not in draft.kinds]  # the attention module and its inner helpers
-    reads = set().union(*(draft.graph.attr_reads.get(c, set()) for c in cols))
     for holder_name, holder in holders:
         for attr, value in holder.__dict__.items():
             if not isinstance(value, int) or isinstance(value, bool):
@@ -117,10 +126,10 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
             origin = module_origin(holder_name, attr)
             if origin + DIVIDED in reads and origin not in reads:
                 continue  # the forward only divides it (into a group width): that width stays
-            if attr in mt.HEAD_ATTRIBUTES:
-                full, local = quantity[mt.HEAD_ATTRIBUTES[attr]]
-                if value != full:
-                    continue
+            if groups and origin in repeat_reads and value == groups[0]:
+                full, local = groups
+            elif origin in count_reads and value in counts:
+                full, local = value, counts[value]
             elif value in widths and value in used and origin in reads:
                 full, local = value, widths[value]
             else:

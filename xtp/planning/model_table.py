@@ -7,8 +7,11 @@ architecture).
 
 * :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size (a composite
   config: in its text config).
-* :data:`HEAD_ATTRIBUTES`: attributes of an attention module that hold a head count or a head
-  width and must become this rank's local value after sharding.
+* :data:`HEAD_SLICED_KWARGS`: keyword inputs of an attention module that carry one slice per
+  head (ALiBi biases built outside the attention module), by model type.
+
+Head counts and widths an attention module holds as attributes are found from the forward
+(:mod:`xtp.planning.size_roles`), not listed.
 """
 
 from __future__ import annotations
@@ -27,26 +30,6 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
 #: configs whose boolean flag means "one KV head" (multi-query attention)
 MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
 
-
-# Quantities for HEAD_ATTRIBUTES.
-Q_HEADS, KV_HEADS, KV_GROUPS = "q_heads", "kv_heads", "kv_groups"
-Q_WIDTH, KV_WIDTH = "q_width", "kv_width"
-
-HEAD_ATTRIBUTES: dict[str, str] = {
-    "num_heads": Q_HEADS,
-    "num_attention_heads": Q_HEADS,
-    "n_heads": Q_HEADS,
-    "n_head": Q_HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "num_kv_heads": KV_HEADS,
-    "num_key_value_groups": KV_GROUPS,
-    "all_head_size": Q_WIDTH,
-    "inner_dim": Q_WIDTH,
-    "split_size": Q_WIDTH,
-    "embed_dim": Q_WIDTH,
-    "hidden_size": Q_WIDTH,
-    "kv_dim": KV_WIDTH,
-}
 
 #: keyword inputs of an attention module that carry one slice per head for *all* heads and
 #: must be cut to this rank's heads: model_type -> {kwarg: layout}. Layout "batch_x_heads":

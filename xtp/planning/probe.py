@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .reductions import NORMS, REDUCTIONS, SOFTMAXES, reduced_sizes
 from .reductions import ints_in as _ints
+from .size_roles import record_roles, tag_factory
 from .traced import TracedInt, origins
 
 INPUT = "<input>"
@@ -102,6 +103,9 @@ class FlowGraph:
     #: modules' int attributes (``@module:attr``, ``//`` appended when divided first) behind
     #: the sizes and indices layout ops used on activations of each source
     attr_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: of those, the ones used as a head count / as a KV repeat factor (:mod:`.size_roles`)
+    count_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    repeat_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     #: parameters the forward reshapes, splits or views (not only transposes): a Linear
     #: subclass doing so to its weight is no plain linear (a block-diagonal grouped linear)
     reshaped_params: set[str] = field(default_factory=set)
@@ -273,9 +277,12 @@ class _FlowMode(TorchFunctionMode):
         self._track_param_products(func, args, kwargs, out)
         src = sources_of(args) | sources_of(kwargs)
         if self.graph is not None:
+            tag_factory(func, args, kwargs, out, _PARAM)
             self._track_params(args, kwargs, out, src)
         if src:
             _mark(out, src)
+            if self.graph is not None:
+                record_roles(self.graph, func, args, kwargs, src)
             if self.graph is not None and (func in REDUCTIONS or func in NORMS) and (
                     func not in SOFTMAXES or len(src) == 1):
                 sizes = reduced_sizes(func, args, kwargs)

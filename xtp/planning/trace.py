@@ -100,6 +100,29 @@ def _probe_fake_then_real(model: nn.Module, state: list, inputs=_probe_inputs) -
             ) from exc
 
 
+def _eager_attention(model: nn.Module) -> list:
+    """Switch every config the model's modules hold to transformers' eager attention for the
+    probe (the path that spells out every head reshape and the KV repeat, which fused kernels
+    such as SDPA may skip: what the probe does not see cannot be made local); returns what
+    :func:`_restore_attention` needs."""
+    saved, seen = [], set()
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is None or id(config) in seen:
+            continue
+        seen.add(id(config))
+        impl = getattr(config, "__dict__", {}).get("_attn_implementation_internal")
+        if isinstance(impl, str) and impl != "eager":
+            saved.append((config, impl))
+            config.__dict__["_attn_implementation_internal"] = "eager"
+    return saved
+
+
+def _restore_attention(saved: list) -> None:
+    for config, impl in saved:
+        config.__dict__["_attn_implementation_internal"] = impl
+
+
 def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
     """Trace ``model``'s data flow with one forward pass on 4 tokens (or on what
     ``inputs(model, device) -> dict`` builds: a tower's own input, :mod:`xtp.planning.towers`).
@@ -121,12 +144,14 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
     if experts_impl is not None:
         config._experts_implementation_internal = "batched_mm"
     state = _snapshot_tensor_state(model)
+    attention = _eager_attention(model)
     traced = instrument_config(config, HEAD_COUNT_NAMES)
     traced += instrument_modules(model, lambda m: weight_kind(m) is not None)
     try:
         return _probe_fake_then_real(model, state, inputs)
     finally:
         restore(traced)
+        _restore_attention(attention)
         _restore_tensor_state(state)
         model.train(was_training)
         if experts_impl is not None:
