@@ -44,6 +44,7 @@ ENV_NUM_THREADS = "XTP_NUM_THREADS"
 ENV_CROSS_NODE_TP = "XTP_CROSS_NODE_TP"
 ENV_PIN = "XTP_PIN"
 ENV_GEMV_THREADS = "XTP_CPU_GEMV_THREADS"
+ENV_GEMV_TEAM = "XTP_CPU_GEMV_TEAM"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -127,10 +128,11 @@ def shm_chunk_bytes() -> int:
         raise EnvSettingError(f"{ENV_CHUNK_BYTES}={raw!r} is not a number of bytes") from None
 
 
-def cpu_pack() -> Literal["on", "off", "all"]:
+def cpu_pack() -> Literal["on", "off", "all", "kernel"]:
     """What ``XTP_CPU_PACK`` asks for: ``"on"`` (unset, ``1``, ``true``, ``on``, ``yes``: each
-    dtype in its default layout), ``"all"`` (every dtype in oneDNN's layout) or ``"off"``
-    (``0``, ``false``, ``off``, ``no``: no packing).
+    dtype in its default layout), ``"all"`` (every dtype in oneDNN's layout), ``"kernel"``
+    (fp32 and bf16 in the GEMV kernel's layouts, on CPUs with AMX too) or ``"off"`` (``0``,
+    ``false``, ``off``, ``no``: no packing).
 
     Raises:
         EnvSettingError: any other value.
@@ -142,10 +144,13 @@ def cpu_pack() -> Literal["on", "off", "all"]:
         return "on"
     if value in _PACK_ALL:
         return "all"
+    if value == "kernel":
+        return "kernel"
     raise EnvSettingError(
         f"{ENV_CPU_PACK}={os.environ[ENV_CPU_PACK]!r} is not understood; use 1 (the default: "
         "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all (every dtype "
-        "packed for oneDNN) or 0 (no packing)")
+        "packed for oneDNN), kernel (bf16 through the kernel on AMX CPUs too) or 0 (no "
+        "packing)")
 
 
 def num_threads() -> int | None:
@@ -213,3 +218,19 @@ def gemv_threads() -> int | None:
     """
     return _positive_int(ENV_GEMV_THREADS, " (the most threads per rank the GEMV kernel "
                                            "serves; 1: one-thread ranks only)")
+
+
+def gemv_team() -> bool:
+    """``XTP_CPU_GEMV_TEAM``: whether xtp's GEMV kernel splits a product across torch's own
+    OpenMP threads (unset, ``1``, ``true``, ``on``, ``yes``: where torch's OpenMP runtime is
+    found) or across the kernel's own thread pool (``0``, ``false``, ``off``, ``no``).
+
+    Raises:
+        EnvSettingError: any other value.
+    """
+    raw = _stripped(ENV_GEMV_TEAM).lower()
+    if raw in _PACK_ON or raw in _FALSE:
+        return raw not in _FALSE
+    raise EnvSettingError(f"{ENV_GEMV_TEAM}={os.environ[ENV_GEMV_TEAM]!r} is not on or off; set "
+                          f"{ENV_GEMV_TEAM}=1 (torch's OpenMP threads) or 0 (the kernel's own "
+                          "threads)")

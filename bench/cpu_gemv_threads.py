@@ -8,6 +8,10 @@ the machine's read bandwidth measured in the same run.
     CUDA_VISIBLE_DEVICES= XTP_ACCELERATOR=cpu python bench/cpu_gemv_threads.py \
         --threads 1,2,4,8,16 --dtypes bfloat16 --json bench/out/cpu-gemv-threads-bf16.json
 
+The kernel serves every thread count here (``XTP_CPU_GEMV_THREADS`` is set to the most asked
+for), split across its own pool ("xtp pool") and, where torch's OpenMP runtime is found, across
+torch's OpenMP threads ("xtp team", :mod:`xtp.accelerators.cpu.openmp_team`).
+
 For each dtype (fp32, bf16), weight shape (llama-1b and Llama-3-8B projections by default),
 input rows (1: one-token decode; 4 and 16: batched decode) and thread count
 (``torch.set_num_threads``; the kernel splits a product across as many): the time of one
@@ -46,13 +50,17 @@ def _cpus() -> int:
 
 
 def _methods(dtype: torch.dtype, copies: list[torch.Tensor], rows: int, g: torch.Generator):
-    from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa
+    from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa, set_team_mode
     from xtp.accelerators.cpu.packed_linear import OneDNNPackedLinear, onednn_available
 
     x = torch.randn(rows, copies[0].shape[1], generator=g).to(dtype)
     kernel = [(GemvLinear if dtype == torch.float32 else Bf16GemvLinear)(w) for w in copies]
-    methods = {f"xtp ({kernel_isa()})": lambda: [k.matmul(x) for k in kernel],
+    methods = {f"xtp pool ({kernel_isa()})": lambda: set_team_mode(False) and None or [
+                   k.matmul(x) for k in kernel],
                "F.linear": lambda: [F.linear(x, w) for w in copies]}
+    if set_team_mode(True):  # the kernel on torch's OpenMP threads too
+        methods[f"xtp team ({kernel_isa()})"] = lambda: set_team_mode(True) and [
+            k.matmul(x) for k in kernel]
     if dtype == torch.bfloat16 and onednn_available():
         packed = [OneDNNPackedLinear(w) for w in copies]
         methods["oneDNN packed"] = lambda: [p.matmul(x) for p in packed]
@@ -75,6 +83,7 @@ def _time(methods: dict, rounds: int) -> dict[str, float]:
 def run(args) -> dict:
     from xtp.bench.rank import read_bandwidth
 
+    os.environ["XTP_CPU_GEMV_THREADS"] = str(max(args.threads))
     results, bandwidth = [], {}
     g = torch.Generator().manual_seed(0)
     for threads in args.threads:

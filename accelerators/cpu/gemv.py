@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..env import gemv_threads
+from ..env import gemv_team, gemv_threads
 from ..packed.base import PackedLinear
+from .openmp_team import gomp_parallel_address
 
 try:
     from . import _gemv as _kernel
@@ -80,7 +81,31 @@ def kernel_threads() -> int:
     (0 when that is above ``XTP_CPU_GEMV_THREADS``, else :data:`MAX_KERNEL_THREADS`: the
     kernel does not serve the call)."""
     threads = torch.get_num_threads()
-    return threads if threads <= (gemv_threads() or MAX_KERNEL_THREADS) else 0
+    if threads > (gemv_threads() or MAX_KERNEL_THREADS):
+        return 0
+    if threads > 1:
+        team_mode()
+    return threads
+
+
+_team: list = []  # [whether team mode is on], once decided in this process
+
+
+def team_mode() -> bool:
+    """Whether products split across threads run on torch's own OpenMP threads (decided once
+    per process, on first need: ``XTP_CPU_GEMV_TEAM`` and whether torch's OpenMP runtime is
+    found, :mod:`.openmp_team`), else on the kernel's own pool."""
+    if not _team:
+        set_team_mode(gemv_team())
+    return _team[0]
+
+
+def set_team_mode(on: bool) -> bool:
+    """Split products across torch's OpenMP threads (``on``, where its runtime is found) or
+    across the kernel's own pool from now on; returns whether team mode is on."""
+    address = gomp_parallel_address() if on else None
+    _team[:] = [bool(_kernel.use_team(address))]
+    return _team[0]
 
 
 def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,

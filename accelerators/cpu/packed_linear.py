@@ -18,7 +18,8 @@ threads, the kernel splitting a product across them; ``gemv.MAX_KERNEL_THREADS``
 except on CPUs with AMX
 (:data:`AMX_LAYOUTS`); fp16 is packed for oneDNN (fp32 is not: oneDNN's packed fp32 did not beat the
 dense decode time, not worth its packing copy). ``XTP_CPU_PACK`` chooses: ``1`` (default) as above,
-``all`` every dtype in oneDNN's layout, ``0`` nothing. A weight oneDNN cannot pack (fp16 without the
+``all`` every dtype in oneDNN's layout, ``kernel`` the kernel's layouts on AMX CPUs too, ``0``
+nothing. A weight oneDNN cannot pack (fp16 without the
 CPU instructions for it, a torch build without oneDNN) is left dense, and so is a weight under
 :data:`MIN_BYTES`: a packed call costs more per call than ``F.linear``'s, which only a large enough
 matrix wins back (the measured break-even sizes: bench/RESULTS.md).
@@ -58,13 +59,16 @@ def cpu_has_amx_bf16() -> bool:
 def env_layouts() -> dict[torch.dtype, str]:
     """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`
     (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16),
-    ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``0`` -> none. Another value
+    ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``kernel`` ->
+    :data:`DEFAULT_LAYOUTS` on every CPU, ``0`` -> none. Another value
     raises :class:`~xtp.accelerators.errors.EnvSettingError` (an ``AcceleratorError``)."""
     wanted = cpu_pack()
     if wanted == "off":
         return {}
     if wanted == "all":
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
+    if wanted == "kernel":
+        return dict(DEFAULT_LAYOUTS)
     return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
 
 

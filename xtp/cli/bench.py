@@ -30,7 +30,15 @@ from .options import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
 #: --vs names that are xtp itself with other settings: (implementation, extra environment)
-VARIANTS = {"xtp-dense": ("xtp", {"XTP_CPU_PACK": "0"})}  # xtp without inference packing
+VARIANTS = {
+    "xtp-dense": ("xtp", {"XTP_CPU_PACK": "0"}),  # xtp without inference packing
+    # xtp's GEMV kernel at every thread count, fp32 and bf16 (AMX CPUs too), on torch's OpenMP
+    # threads ("-team") or on the kernel's own pool ("-pool")
+    "xtp-kernel-team": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
+                                "XTP_CPU_GEMV_TEAM": "1"}),
+    "xtp-kernel-pool": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
+                                "XTP_CPU_GEMV_TEAM": "0"}),
+}
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
 

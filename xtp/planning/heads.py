@@ -92,8 +92,10 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
 
     * a KV repeat factor (``expand``/``repeat_interleave`` on KV heads) equal to the query heads
       per KV head becomes each rank's own ratio;
-    * a head count (a size before the last of a view/reshape of the pair's activations) equal
-      to the query or KV head count becomes the rank's count;
+    * a head count (a size before the last of a view/reshape of the pair's activations, of a
+      new tensor meeting them, or in the sizes or bounds cutting a fused output), never a
+      width (the last size of such a view), equal to the query or KV head count becomes the
+      rank's count;
     * a width the forward passed to a view/reshape/split of those activations (``self.n_embd``
       in ``qkv.split(self.n_embd, dim=2)``), equal to the full query or KV width, becomes the
       rank's width.
@@ -113,10 +115,14 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
     def union(table: dict) -> set:
         return set().union(*(table.get(c, set()) for c in cols))
 
+    def role(name: str) -> set:
+        return set().union(*(draft.graph.roles[c][name] for c in cols if c in draft.graph.roles))
+
     used, reads = union(draft.graph.layout_sizes), union(draft.graph.attr_reads)
-    count_reads, repeat_reads = union(draft.graph.count_reads), union(draft.graph.repeat_reads)
-    count_reads |= {o for o, uses in draft.graph.param_uses.items()  # sizes of new tensors
-                    if o.startswith("@") and uses & set(cols)}
+    count_reads = role("count") | {o for o, uses in draft.graph.param_uses.items()
+                                   if o.startswith("@") and uses & set(cols)}  # new tensors
+    count_reads -= role("width")
+    repeat_reads = role("repeat")
     holders = [(n, m) for n, m in attn.named_modules(prefix=attn_name)
                if n not in draft.kinds]  # the attention module and its inner helpers
     for holder_name, holder in holders:

@@ -103,9 +103,8 @@ class FlowGraph:
     #: modules' int attributes (``@module:attr``, ``//`` appended when divided first) behind
     #: the sizes and indices layout ops used on activations of each source
     attr_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    #: of those, the ones used as a head count / as a KV repeat factor (:mod:`.size_roles`)
-    count_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    repeat_reads: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    #: of those, by role ("count", "width", "repeat"): source -> role -> origins (.size_roles)
+    roles: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(set)))
     #: parameters the forward reshapes, splits or views (not only transposes): a Linear
     #: subclass doing so to its weight is no plain linear (a block-diagonal grouped linear)
     reshaped_params: set[str] = field(default_factory=set)

@@ -205,6 +205,22 @@ py_unpack_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* use_team(address or None): split products across the caller's OpenMP team through the
+   GOMP_parallel at `address` (an int, found by gemv.py in the runtime torch loaded), or with
+   None through the pool's own threads again; returns whether team mode is on */
+static PyObject *
+py_use_team(PyObject *self, PyObject *arg)
+{
+    void *fn = NULL;
+    if (arg != Py_None) {
+        fn = PyLong_AsVoidPtr(arg);
+        if (fn == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    pool_use_team(fn);
+    return PyBool_FromLong(pool_team());
+}
+
 static PyObject *
 py_isa(PyObject *self, PyObject *unused)
 {
@@ -235,6 +251,8 @@ static PyMethodDef methods[] = {
      "threads_for(out, in, itemsize, threads): the threads a product of that weight uses"},
     {"pool_workers", py_pool_workers, METH_NOARGS,
      "pool threads started in this process (0 in a fork child until it computes)"},
+    {"use_team", py_use_team, METH_O,
+     "use_team(address | None): products on the caller's OpenMP team (GOMP_parallel at address)"},
     {"isa", py_isa, METH_NOARGS, "the instruction set gemv uses here, or '' if none"},
     {"use", py_use, METH_O, "use('avx512' | 'avx2'): switch kernels; False if unsupported"},
     {NULL, NULL, 0, NULL},

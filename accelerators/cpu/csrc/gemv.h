@@ -39,5 +39,9 @@ void pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight
 int pool_threads_for(const gemv_args *a, int threads, size_t weight_bytes);
 /* workers started in this process (0 in a fresh fork child) */
 int pool_workers(void);
+/* team mode: split products across the caller's OpenMP team through this GOMP_parallel
+   (NULL: back to the pool's own workers); pool_team() says whether it is on */
+void pool_use_team(void *gomp_parallel);
+int pool_team(void);
 
 #endif

@@ -22,6 +22,12 @@
  *
  * Workers inherit the CPU affinity of the thread that starts them (the rank's cores, where
  * xtp pins ranks); the pool does not pin them further.
+ *
+ * Team mode (pool_use_team): the parts are taken by the caller's OpenMP team instead, through
+ * the GOMP_parallel entry point of the OpenMP runtime torch already loaded (libgomp, or Intel's
+ * libiomp5, which exports it too), found by the Python side and handed over as an address. Then
+ * the product runs on torch's own intra-op threads, which are spinning from torch's last op
+ * anyway: no second set of threads competes for the rank's cores. No OpenMP is linked here.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
@@ -169,6 +175,32 @@ worker(void *arg)
     return NULL;
 }
 
+/* GOMP_parallel(fn, data, num_threads, flags): libgomp's ABI for `#pragma omp parallel` */
+typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads,
+                                 unsigned flags);
+static gomp_parallel_fn team_parallel = NULL;
+
+void
+pool_use_team(void *gomp_parallel)
+{
+    pthread_mutex_lock(&pool.submit);
+    team_parallel = (gomp_parallel_fn)gomp_parallel;
+    pthread_mutex_unlock(&pool.submit);
+}
+
+int
+pool_team(void)
+{
+    return team_parallel != NULL;
+}
+
+static void
+team_body(void *unused)
+{
+    (void)unused;
+    take_parts();
+}
+
 int
 pool_threads_for(const gemv_args *a, int threads, size_t weight_bytes)
 {
@@ -200,7 +232,7 @@ pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight_byte
     pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&pool.submit);
     const unsigned gen = atomic_load(&pool.gen);
-    while (pool.workers < threads - 1) { /* start the missing workers */
+    while (!team_parallel && pool.workers < threads - 1) { /* start the missing workers */
         const int id = pool.workers + 1;
         pthread_t t;
         pthread_attr_t attr;
@@ -213,7 +245,7 @@ pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight_byte
             break;
         pool.workers = id;
     }
-    if (threads > pool.workers + 1)
+    if (!team_parallel && threads > pool.workers + 1)
         threads = pool.workers + 1;
     /* parts: about four per thread (a late or descheduled thread's parts are taken by the
        others), each whole blocks of ROW_BLOCK rows */
@@ -230,6 +262,11 @@ pool_run(gemv_kernel kernel, const gemv_args *a, int threads, size_t weight_byte
     atomic_store(&pool.done, 0);
     atomic_store(&pool.threads, threads);
     atomic_store_explicit(&pool.ticket, (job << (2 * PART_BITS)) | parts, memory_order_release);
+    if (team_parallel) { /* the caller's OpenMP team takes the parts; returns when all are done */
+        team_parallel(team_body, NULL, (unsigned)threads, 0);
+        pthread_mutex_unlock(&pool.submit);
+        return;
+    }
     atomic_store(&pool.gen, gen + 1); /* seq_cst: ordered before the sleepers read below */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
