@@ -11,6 +11,8 @@ proving that xtp shards a model a user brings (issue 17).
 * :class:`ScratchSinks`: the Llama with per-head parameters (attention sinks, gate biases, a
   query bias per feature), a per-feature MLP scale and a per-vocabulary logit scale; its
   ``config`` holds only the vocabulary size.
+* :class:`ScratchSharedLogits`: the Llama with no LM head module: its forward multiplies the
+  hidden states by the input embedding's weight itself.
 
 Head counts are held by the attention modules only; xtp reads them from the forward.
 """
@@ -280,12 +282,31 @@ class ScratchSinks(ScratchLlama):
         self.config = SimpleNamespace(vocab_size=VOCAB)  # only the vocabulary: heads inferred
 
 
+class ScratchSharedLogits(ScratchLlama):
+    """Logits from the embedding's weight used directly in the forward (no LM head module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.output
+        self.config = SimpleNamespace(vocab_size=VOCAB)  # the vocabulary: the embedding splits
+
+    def forward(self, input_ids):
+        h = self.tok_embeddings(input_ids)
+        T = input_ids.shape[1]
+        inv = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, dim=-1)
+        for layer in self.layers:
+            h = layer(h, emb.cos(), emb.sin())
+        return torch.einsum("btd,vd->btv", self.norm(h), self.tok_embeddings.weight)
+
+
 BUILDERS = {
     "nanogpt": NanoGPT,
     "scratch_llama": ScratchLlama,
     "scratch_llama_prescaled": lambda: ScratchLlama(prescale_q=True),
     "scratch_moe": ScratchMoE,
     "scratch_sinks": ScratchSinks,
+    "scratch_shared_logits": ScratchSharedLogits,
 }
 
 

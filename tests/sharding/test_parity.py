@@ -80,3 +80,15 @@ def test_explicit_heads_when_the_forward_does_not_show_them(rank_pool):
     for rank, r in enumerate(results):
         assert r["rel_err"] <= 1e-5, f"rank {rank}: relative error {r['rel_err']:.2e}"
         assert r["tokens_equal"], f"rank {rank}: greedy tokens differ"
+
+
+@pytest.mark.distributed
+def test_embedding_used_outside_its_lookup_kept_whole(rank_pool):
+    """The logits are the hidden states times the input embedding's weight, in the model's own
+    forward: the embedding stays whole, so every rank's logits cover the whole vocabulary."""
+    from parity_worker import scratch_parity
+
+    for rank, r in enumerate(rank_pool(2).run(scratch_parity, "scratch_shared_logits", 2)):
+        assert r["rel_err"] <= 1e-5, f"rank {rank}: relative error {r['rel_err']:.2e}"
+        assert r["tokens_equal"], f"rank {rank}: greedy tokens differ"
+        assert r["share"] < 0.8, f"rank {rank} holds {r['share']:.2f} of the weights"

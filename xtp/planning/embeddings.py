@@ -2,7 +2,11 @@
 
 The input embedding with ``vocab_size`` rows is vocab-parallel (one all-reduce); the Linear that
 produces the model output with ``vocab_size`` features is the parallel LM head (one all-gather
-of the logits). Both split the vocabulary evenly. A module a rule matches stays whole.
+of the logits). Both split the vocabulary evenly. A module a rule matches stays whole; so does
+an input embedding whose weight the forward also uses outside the calls of the modules holding
+it (``logits = hidden @ embed.weight.T`` in the model's own forward): each rank would compute
+with its slice of the rows only. A weight tied to a Linear LM head is used inside that head's
+call, which is sharded the same way (:mod:`xtp.planning.ties`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ def plan_embeddings(draft: Draft) -> None:
         mod = draft.modules[name]
         if (kind == WeightKind.EMBEDDING and g.producers.get(name) == {INPUT}
                 and mod.weight.shape[0] == vocab and name not in draft.rules):
+            if name in g.used_outside:
+                draft.kept_whole[name] = ("forward: its weight is used outside the lookup, "
+                                          "where a rank's slice of the rows would not do")
+                draft.note(f"embedding {name} kept replicated: the forward uses its weight "
+                           "outside the lookup")
+                continue
             draft.specs[name] = draft.spec(
                 name, Role.VOCAB_EMBEDDING, "structure: input embedding with vocab_size rows",
                 split=Split.VOCAB, ranges=ranges)

@@ -134,6 +134,9 @@ class FlowGraph:
     reduced_in: dict[str, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))
     #: innermost first: the non-Linear modules with parameters running now (probe-internal)
     scope: list[str] = field(default_factory=list)
+    #: source modules whose weight an op used on activations outside their calls (``h @ E.T``)
+    used_outside: set[str] = field(default_factory=set)
+    running: list[str] = field(default_factory=list)  #: source modules running now (internal)
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -240,10 +243,10 @@ _ORDER_ONLY = frozenset({_T.transpose, _T.permute, _T.contiguous, _T.movedim, _T
 
 
 class _FlowMode(TorchFunctionMode):
-    def __init__(self, graph: FlowGraph | None = None, params: dict | None = None) -> None:
+    def __init__(self, graph: FlowGraph | None = None, params: dict | None = None,
+                 owners: dict | None = None) -> None:
         super().__init__()
-        self.graph = graph
-        self.params = params or {}
+        self.graph, self.params, self.owners = graph, params or {}, owners or {}
 
     def _track_params(self, args, kwargs, out, src: set[str]) -> None:
         """Parameters (and tensors made from them alone) meeting activations: record the
@@ -258,6 +261,8 @@ class _FlowMode(TorchFunctionMode):
         if src:
             for p in found:
                 self.graph.param_uses[p] |= src
+                held = {m for m, ps in self.owners.items() if p in ps}
+                self.graph.used_outside |= set() if held & set(self.graph.running) else held
             return
         for t in _tensors(out):
             try:
@@ -352,9 +357,11 @@ def probe(
             graph.consumers[s].add(name)
         if name not in graph.order:
             graph.order.append(name)
+        graph.running.append(name)
 
     def post_hook(mod, args, kwargs, out):
         name = names[mod]
+        graph.running.remove(name)
         _mark(out, {name}, replace=True)
         if isinstance(out, torch.Tensor) and name not in graph.out_shapes:
             graph.out_shapes[name] = tuple(out.shape)
@@ -387,7 +394,9 @@ def probe(
     try:
         _mark(inputs, {INPUT})
         params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        with _FlowMode(graph, params), torch.no_grad():
+        owners = {names[m]: {params[id(p)] for p in m.parameters(recurse=False)}  # own weights
+                  for m in model.modules() if is_source(m)}
+        with _FlowMode(graph, params, owners), torch.no_grad():
             out = model(**inputs)
         for s in sources_of(out):
             graph.consumers[s].add(OUTPUT)
