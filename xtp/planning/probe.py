@@ -30,7 +30,11 @@ from torch.overrides import TorchFunctionMode
 from .reductions import NORMS, REDUCTIONS, SOFTMAXES, reduced_sizes
 from .reductions import ints_in as _ints
 from .size_roles import record_roles, tag_factory
-from .traced import TracedInt, origins
+from .traced import SHAPE as _SHAPE
+from .traced import SHAPE_READS as _SHAPE_READS
+from .traced import origins
+from .traced import shape_origins as _shape_origins
+from .traced import shape_traced as _shape_traced
 
 INPUT = "<input>"
 OUTPUT = "<output>"
@@ -198,43 +202,6 @@ def _record_layout(graph: FlowGraph, func, args, kwargs, out) -> None:
                 setattr(t, _NODE, (owner[0], len(nodes) - 1))
             except (AttributeError, RuntimeError):
                 pass
-
-
-#: reading a tensor's shape: the sizes remember the tensor's sources (origin ``#source``)
-_SHAPE = "#"
-_SHAPE_READS = (_T.size, _T.shape.__get__)
-
-
-def _shape_traced(out, src: set[str], args: tuple):
-    """``out`` (a shape, or one size: ``x.size(d)``) with the size of the *last* dimension of
-    ``x = args[0]`` (its features) a :class:`TracedInt` naming ``src``; the other dimensions
-    (batch, sequence) stay plain ints: a sequence length equal to some width by chance must not
-    look like a width read off the input."""
-    if not src:
-        return out
-    tag = {_SHAPE + s for s in src}
-
-    def traced(v):
-        return TracedInt(int(v), set(getattr(v, "origin", ())) | tag)
-
-    if isinstance(out, torch.Size):
-        return torch.Size([*out[:-1], traced(out[-1])]) if len(out) else out
-    dim = args[1] if len(args) > 1 else None
-    last = isinstance(dim, int) and dim in (-1, args[0].dim() - 1)
-    if last and isinstance(out, int) and not isinstance(out, bool):
-        return traced(out)
-    return out
-
-
-def _shape_origins(obj) -> set[tuple[int, frozenset]]:
-    """(size, sources of the tensors whose shape it was read from) for each size in ``obj``
-    read off a tensor's shape."""
-    if isinstance(obj, TracedInt):
-        src = frozenset(o[len(_SHAPE):] for o in obj.origin if o.startswith(_SHAPE))
-        return {(int(obj), src)} if src else set()
-    if isinstance(obj, (list, tuple)):
-        return set().union(*(_shape_origins(o) for o in obj)) if obj else set()
-    return set()
 
 
 #: layout ops that keep a weight's rows as rows (a transpose is how a linear reads its weight)

@@ -9,10 +9,14 @@ config to exactly the attention modules whose forward reshapes by the config's h
 Modules' own int attributes are traced the same way (named ``@module:attr``,
 :attr:`~xtp.planning.probe.FlowGraph.attr_reads`): an attribute the forward only *divides*
 before using it as a size (``embed_dim // mp_num``) is not a head count or width to make local.
-Config and attributes are put back after the probe.
+The size of a tensor's last dimension read off its shape is traced too, naming the tensor's
+sources (``#source``, :func:`shape_traced`). Config and attributes are put back after the
+probe.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 class TracedInt(int):
@@ -111,3 +115,40 @@ def instrument_modules(model, skip) -> list:
 def restore(saved: list) -> None:
     for d, k, v in saved:
         d[k] = v
+
+
+#: reading a tensor's shape: the sizes remember the tensor's sources (origin ``#source``)
+SHAPE = "#"
+SHAPE_READS = (torch.Tensor.size, torch.Tensor.shape.__get__)
+
+
+def shape_traced(out, src: set[str], args: tuple):
+    """``out`` (a shape, or one size: ``x.size(d)``) with the size of the *last* dimension of
+    ``x = args[0]`` (its features) a :class:`TracedInt` naming ``src``; the other dimensions
+    (batch, sequence) stay plain ints: a sequence length equal to some width by chance must not
+    look like a width read off the input."""
+    if not src:
+        return out
+    tag = {SHAPE + s for s in src}
+
+    def traced(v):
+        return TracedInt(int(v), set(getattr(v, "origin", ())) | tag)
+
+    if isinstance(out, torch.Size):
+        return torch.Size([*out[:-1], traced(out[-1])]) if len(out) else out
+    dim = args[1] if len(args) > 1 else None
+    last = isinstance(dim, int) and dim in (-1, args[0].dim() - 1)
+    if last and isinstance(out, int) and not isinstance(out, bool):
+        return traced(out)
+    return out
+
+
+def shape_origins(obj) -> set[tuple[int, frozenset]]:
+    """(size, sources of the tensors whose shape it was read from) for each size in ``obj``
+    read off a tensor's shape."""
+    if isinstance(obj, TracedInt):
+        src = frozenset(o[len(SHAPE):] for o in obj.origin if o.startswith(SHAPE))
+        return {(int(obj), src)} if src else set()
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(shape_origins(o) for o in obj)) if obj else set()
+    return set()
