@@ -173,3 +173,78 @@ def test_a_softmax_over_a_pairs_features_keeps_it_whole():
     assert "reduces activations of up over 24 features" in plan.spec("down").reason
     control = xtp.plan(_SoftmaxGate(False), 2)  # elementwise: split
     assert (control.spec("up").role, control.spec("down").role) == (Role.COLUMN, Role.ROW)
+
+
+# -- a forward that rebuilds its own modules (issue 17) ----------------------------------------
+
+
+class _FullAttention(nn.Module):
+    """Attention whose merged width is an attribute computed from the config at construction."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.merged = config.num_attention_heads * self.head_dim
+        self.q = nn.Linear(config.hidden_size, self.merged)
+        self.k = nn.Linear(config.hidden_size, self.merged)
+        self.v = nn.Linear(config.hidden_size, self.merged)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        out = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return out.transpose(1, 2).reshape(b, s, self.merged)
+
+
+class _SwitchingBlock(nn.Module):
+    """Replaces its attention module by a new one on its first call (as transformers' BigBird
+    switches to full attention for a short input), keeping the projections."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.switched = config, False
+        self.attn = _FullAttention(config)
+        self.o = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        if not self.switched:
+            new = _FullAttention(self.config)
+            new.q, new.k, new.v = self.attn.q, self.attn.k, self.attn.v
+            self.attn, self.switched = new, True
+        return x + self.o(self.attn(x))
+
+
+class _Switching(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(hidden_size=32, num_attention_heads=4, vocab_size=19)
+        self.embed = nn.Embedding(19, 32)
+        self.block = _SwitchingBlock(self.config)
+        self.head = nn.Linear(32, 19)
+
+    def forward(self, input_ids):
+        return self.head(self.block(self.embed(input_ids)))
+
+
+def test_modules_the_forward_rebuilds_are_probed_as_rebuilt():
+    """The probe's forward replaces the attention module; the planner sees the new module's
+    merged width (probed again, as the model is then), gives it each rank's value, leaves no
+    traced int behind in the model, and the shards match the unsharded model."""
+    from thread_ranks import rel_err, run_sharded
+
+    from xtp.planning.traced import TracedInt
+
+    torch.manual_seed(0)
+    model = _Switching().eval()
+    plan = xtp.plan(model, 2)
+    assert [(u.module, u.attr, u.values) for u in plan.attr_updates] == [
+        ("block.attn", "merged", (16, 16))]
+    assert not any(isinstance(v, TracedInt) for m in model.modules() for v in vars(m).values())
+    ids = torch.randint(0, 19, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+        outs = run_sharded(model, 2, lambda m: m(ids))
+    assert max(rel_err(o, want) for o in outs) <= 1e-5

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import PlanError
 from .model_table import CONFIG_ALIASES
 from .probe import FlowGraph, probe
-from .traced import instrument_config, instrument_modules, restore
+from .traced import instrument_config, instrument_modules, restore, untrace_modules
 from .weights import weight_kind
 
 #: config attributes that may hold a head count (traced during the probe)
@@ -131,7 +131,8 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
     copy). If the forward cannot run on fake tensors (data-dependent code such as dynamic
     RoPE) and the model holds real weights, the probe runs for real on its device: one small
     forward, nothing kept. The model's training mode, buffers and tensor attributes are
-    restored afterwards.
+    restored afterwards. A forward that replaces some of the model's modules (transformers
+    switches an attention type for a short input) is probed once more as it is then.
 
     Raises:
         PlanError: the forward pass cannot run (on fake tensors for a meta model).
@@ -145,12 +146,25 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
         config._experts_implementation_internal = "batched_mm"
     state = _snapshot_tensor_state(model)
     attention = _eager_attention(model)
-    traced = instrument_config(config, HEAD_COUNT_NAMES)
-    traced += instrument_modules(model, lambda m: weight_kind(m) is not None)
+    traced: list = []
     try:
-        return _probe_fake_then_real(model, state, inputs)
+        before = [id(m) for m in model.modules()]
+        for _ in range(2):
+            traced = instrument_config(config, HEAD_COUNT_NAMES) + instrument_modules(
+                model, lambda m: weight_kind(m) is not None)
+            graph = _probe_fake_then_real(model, state, inputs)
+            if [id(m) for m in model.modules()] == before:
+                return graph
+            # the forward rebuilt some of its modules (an attention type switched for a short
+            # input): their ints were not traced; probe the model as it is now, once more
+            restore(traced)
+            untrace_modules(model)
+            traced, before = [], [id(m) for m in model.modules()]
+            state = _snapshot_tensor_state(model)
+        return graph
     finally:
         restore(traced)
+        untrace_modules(model)
         _restore_attention(attention)
         _restore_tensor_state(state)
         model.train(was_training)

@@ -117,6 +117,15 @@ def restore(saved: list) -> None:
         d[k] = v
 
 
+def untrace_modules(model) -> None:
+    """Plain ints again for traced ints left in modules' attributes (modules the forward built
+    while the config was traced: their head counts were computed from traced values)."""
+    for module in model.modules():
+        for k, v in list(module.__dict__.items()):
+            if isinstance(v, TracedInt):
+                module.__dict__[k] = int(v)
+
+
 #: reading a tensor's shape: the sizes remember the tensor's sources (origin ``#source``)
 SHAPE = "#"
 SHAPE_READS = (torch.Tensor.size, torch.Tensor.shape.__get__)
