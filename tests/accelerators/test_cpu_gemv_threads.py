@@ -42,8 +42,20 @@ def isa(request):
 @pytest.fixture(autouse=True)
 def kernel_on_every_thread_count(monkeypatch):
     """These tests are about the pool: let the kernel serve ranks of any thread count (the
-    default serves one-thread ranks only: gemv.MAX_KERNEL_THREADS)."""
+    default serves one-thread ranks only: gemv.MAX_KERNEL_THREADS), on its own pool unless a
+    test asks for torch's OpenMP team (``mode``)."""
     monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "256")
+    cpu_gemv.set_team_mode(False)
+    yield
+    cpu_gemv.set_team_mode(False)
+
+
+@pytest.fixture(params=["pool", "team"])
+def mode(request):
+    """The kernel's own pool, or torch's OpenMP team (team mode: ``openmp_team``)."""
+    if request.param == "team" and not cpu_gemv.set_team_mode(True):
+        pytest.fail("torch's OpenMP runtime was not found: team mode cannot be tested here")
+    return request.param
 
 
 @pytest.fixture
@@ -68,7 +80,7 @@ def _layer(dtype: torch.dtype, out_f: int, in_f: int):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_f,in_f", SHAPES)
-def test_threads_split_a_product_exactly(isa, threads_restored, dtype, out_f, in_f):
+def test_threads_split_a_product_exactly(isa, mode, threads_restored, dtype, out_f, in_f):
     lin, w, b, g = _layer(dtype, out_f, in_f)
     itemsize = w.element_size()
     for rows in (1, 4, 16):
@@ -203,3 +215,20 @@ def test_gemv_threads_env_limits_the_threads_the_kernel_serves(monkeypatch):
     assert gemv.kernel_threads() == 0  # 4 threads > 1: torch's parallel path serves
     monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "8")
     assert gemv.kernel_threads() == 4
+
+
+def test_team_mode_finds_torchs_openmp_runtime_and_can_be_switched(monkeypatch):
+    """On Linux with torch's bundled OpenMP runtime: GOMP_parallel is found in the library
+    already loaded; XTP_CPU_GEMV_TEAM decides the mode the first time a product needs threads."""
+    from xtp.accelerators.cpu.openmp_team import gomp_parallel_address
+
+    assert isinstance(gomp_parallel_address(), int)
+    assert cpu_gemv.set_team_mode(True) and cpu_gemv.team_mode()
+    assert not cpu_gemv.set_team_mode(False) and not cpu_gemv.team_mode()
+    monkeypatch.setattr(cpu_gemv, "_team", [])
+    monkeypatch.setenv("XTP_CPU_GEMV_TEAM", "off")
+    assert not cpu_gemv.team_mode()
+    monkeypatch.setattr(cpu_gemv, "_team", [])
+    monkeypatch.delenv("XTP_CPU_GEMV_TEAM")
+    assert cpu_gemv.team_mode()  # the default where the runtime is found
+    assert gomp_parallel_address("/nonexistent/maps") is None

@@ -234,7 +234,6 @@ def test_modules_the_forward_rebuilds_are_probed_as_rebuilt():
     merged width (probed again, as the model is then), gives it each rank's value, leaves no
     traced int behind in the model, and the shards match the unsharded model."""
     from thread_ranks import rel_err, run_sharded
-
     from xtp.planning.traced import TracedInt
 
     torch.manual_seed(0)

@@ -98,7 +98,8 @@ def test_cpu_pack_rejects_an_unknown_switch_value(monkeypatch):
         pack_cpu_linear(torch.randn(8, 8, dtype=torch.bfloat16), min_bytes=0)
     assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (the default: fp32 "
                               "and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all "
-                              "(every dtype packed for oneDNN) or 0 (no packing)")
+                              "(every dtype packed for oneDNN), kernel (bf16 through the "
+                              "kernel on AMX CPUs too) or 0 (no packing)")
 
 
 @needs_onednn
