@@ -328,14 +328,22 @@ def test_phi3_attention_gets_a_private_config():
     assert model.model.layers[0].self_attn.config is model.config  # the original is untouched
 
 
-# -- HEAD_SLICED_KWARGS --------------------------------------------------------------------------
+# -- per-head keyword inputs, found from the forward (HEAD_SLICED_KWARGS is gone: issue 17) ---
 
 
-def test_head_sliced_kwargs_table():
-    assert mt.HEAD_SLICED_KWARGS == {
-        "bloom": {"alibi": "batch_x_heads"},
-        "falcon": {"alibi": "heads_dim1", "attention_mask": "heads_dim1"},
-    }
+def test_no_head_sliced_kwargs_table():
+    assert not hasattr(mt, "HEAD_SLICED_KWARGS")
+
+
+@pytest.mark.parametrize("name,want", [
+    ("falcon_alibi", {("alibi", "heads_dim1"), ("attention_mask", "heads_dim1")}),
+    ("falcon_mha", set()),  # no ALiBi: the mask is shared by all heads, nothing to cut
+    ("llama_kv1", set()),
+    ("t5", set()),  # the position bias is made from the split bias table: already local
+])
+def test_per_head_keyword_inputs_found_from_the_forward(name, want):
+    plan = plan_of(name, 2)
+    assert {(kw, layout) for _, kw, layout, _, _ in plan.head_sliced_kwargs} == want
 
 
 def test_bloom_alibi_entry_in_plan():
@@ -377,12 +385,13 @@ def test_head_slicing_hook_keeps_this_ranks_heads():
 
 # Falcon with alibi=True (falcon-rw-1b / falcon-rw-7b) builds a per-head ALiBi bias in
 # FalconModel and passes it to every layer: as `alibi`, reshaped to (batch, num_heads, 1, seq),
-# and folded into a per-head `attention_mask` of shape (batch, num_heads, q, kv). Neither is cut
-# to the rank's heads (HEAD_SLICED_KWARGS has no "falcon" entry, and "batch_x_heads" would not
-# fit these 4-D shapes), so the plan is accepted and forward fails at tp > 1 with "The size of
-# tensor a (6) must match the size of tensor b (12) at non-singleton dimension 1".
-def test_falcon_alibi_numerically():
-    assert sharded_rel_err("falcon_alibi", 2) <= TOL
+# and folded into a per-head `attention_mask` of shape (batch, num_heads, q, kv). Both must be
+# cut to the rank's heads (found from the forward, test above), else forward fails at tp > 1
+# with "The size of tensor a (6) must match the size of tensor b (12) at non-singleton
+# dimension 1".
+@pytest.mark.parametrize("name,tp", [("falcon_alibi", 2), ("falcon_alibi", 3), ("bloom", 3)])
+def test_per_head_keyword_inputs_numerically(name, tp):
+    assert sharded_rel_err(name, tp) <= TOL
 
 
 # -- CONFIG_ALIASES / head_shape ----------------------------------------------------------------

@@ -56,6 +56,8 @@ class Draft:
     attr_updates: list[AttrUpdate] = field(default_factory=list)
     local_configs: list = field(default_factory=list)
     head_sliced: list = field(default_factory=list)
+    #: (batch, keyword input shapes) of the second probe (:mod:`.head_kwargs`), once run
+    wide_kwargs: tuple | None = None
     partial_grads: list[str] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

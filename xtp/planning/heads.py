@@ -5,8 +5,8 @@ in the attention module when it holds only this rank's heads.
   projection is cut by heads; a fused projection by its layout, found from what the forward
   does with its output (:func:`xtp.planning.fused.infer_layout`, after checking its width).
 * Attributes the forward uses as a head count, KV repeat factor or width (:mod:`.size_roles`)
-  get per-rank local values; keyword inputs with one slice per head
-  (:data:`~xtp.planning.model_table.HEAD_SLICED_KWARGS`) are cut to this rank's heads; an
+  get per-rank local values; keyword inputs with one slice per head (:mod:`.head_kwargs`)
+  are cut to this rank's heads; an
   attention module whose forward reshapes by its config's head counts gets a local config.
 * Per-head bias tables the row reads (T5 relative attention bias) are split by heads.
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnclassifiedModuleError
-from . import model_table as mt
 from .draft import Draft
 from .fused import infer_layout
+from .head_kwargs import head_sliced_kwargs
 from .layouts import fused_ranges, fused_width, kv_ranges, q_ranges
 from .partition import HeadPartition, Partition
 from .render import collapse
@@ -146,13 +146,10 @@ def _attr_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartiti
 
 def _config_updates(draft: Draft, attn_name: str, attn: nn.Module, hp: HeadPartition,
                     cols: list[str]) -> None:
-    """Head-sliced keyword inputs (by model type), and a local config for an attention module
-    whose forward reshapes the pair's activations by the config's head counts (seen in the
-    probe: :attr:`~xtp.planning.probe.FlowGraph.config_reads`)."""
-    model_type = getattr(draft.config, "model_type", None)
-    for kwarg, layout in mt.HEAD_SLICED_KWARGS.get(model_type, {}).items():
-        draft.head_sliced.append((attn_name, kwarg, layout,
-                                  tuple(hp.q.range(r) for r in range(draft.tp)), draft.heads[0]))
+    """Head-sliced keyword inputs (found from the forward: :mod:`.head_kwargs`), and a local
+    config for an attention module whose forward reshapes the pair's activations by the
+    config's head counts (seen in the probe: :attr:`~xtp.planning.probe.FlowGraph.config_reads`)."""
+    head_sliced_kwargs(draft, attn_name, cols, hp)
     reads = set().union(*(draft.graph.config_reads.get(c, set()) for c in cols))
     if reads and getattr(attn, "config", None) is draft.config:
         draft.local_configs.append((attn_name, (

@@ -7,11 +7,9 @@ architecture).
 
 * :data:`CONFIG_ALIASES`: where a config keeps its head counts and head size (a composite
   config: in its text config).
-* :data:`HEAD_SLICED_KWARGS`: keyword inputs of an attention module that carry one slice per
-  head (ALiBi biases built outside the attention module), by model type.
-
-Head counts and widths an attention module holds as attributes are found from the forward
-(:mod:`xtp.planning.size_roles`), not listed.
+Head counts and widths an attention module holds as attributes (:mod:`xtp.planning.size_roles`)
+and its keyword inputs with one slice per head (:mod:`xtp.planning.head_kwargs`) are found from
+the forward, not listed.
 """
 
 from __future__ import annotations
@@ -29,17 +27,6 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
 }
 #: configs whose boolean flag means "one KV head" (multi-query attention)
 MULTI_QUERY_FLAGS: tuple[str, ...] = ("multi_query",)
-
-
-#: keyword inputs of an attention module that carry one slice per head for *all* heads and
-#: must be cut to this rank's heads: model_type -> {kwarg: layout}. Layout "batch_x_heads":
-#: a tensor of shape (batch * num_heads, ...), heads varying fastest (Bloom's ALiBi bias).
-#: Layout "heads_dim1": dimension 1 has one entry per head (left alone when it has size 1).
-HEAD_SLICED_KWARGS: dict[str, dict[str, str]] = {
-    "bloom": {"alibi": "batch_x_heads"},
-    # Falcon with alibi=True: alibi (batch, heads, 1, kv) and a per-head mask (batch, heads, q, kv)
-    "falcon": {"alibi": "heads_dim1", "attention_mask": "heads_dim1"},
-}
 
 
 class _PerLayer:

@@ -42,6 +42,7 @@ _ATTR = "_xtp_sources"
 _NODE = "_xtp_layout_node"
 _PSRC = "_xtp_param_sources"
 _PARAM = "_xtp_params"
+KWARG = "kw:"  #: prefix of a module's keyword input followed like a parameter
 
 _T = torch.Tensor
 #: ops that move or select features without computing on them
@@ -140,6 +141,10 @@ class FlowGraph:
     scope: list[str] = field(default_factory=list)
     #: source modules whose weight an op used on activations outside their calls (``h @ E.T``)
     used_outside: set[str] = field(default_factory=set)
+    #: tensors given to a module as keyword inputs that are neither activations nor made from
+    #: parameters (masks, ALiBi biases): ``KWARG + "module:key"`` -> shape at the first call;
+    #: followed like parameters (their first meeting with activations is in ``param_uses``)
+    kwarg_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     running: list[str] = field(default_factory=list)  #: source modules running now (internal)
 
 
@@ -337,6 +342,14 @@ def probe(
             except (AttributeError, RuntimeError):
                 pass
 
+    def kwarg_hook(mod, args, kwargs):
+        for key, t in kwargs.items():
+            if (isinstance(t, torch.Tensor) and not sources_of(t)
+                    and not any(not n.startswith(KWARG) for n in getattr(t, _PARAM, ()))):
+                tag = f"{KWARG}{names[mod]}:{key}"
+                graph.kwarg_shapes.setdefault(tag, tuple(t.shape))
+                _mark(t, {tag}, attr=_PARAM)
+
     def inner_pre_hook(mod, args, kwargs):
         graph.scope.append(names[mod])
 
@@ -358,6 +371,8 @@ def probe(
         elif any(True for _ in mod.parameters(recurse=False)):
             handles.append(mod.register_forward_pre_hook(inner_pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(inner_hook, with_kwargs=True))
+        if not is_source(mod):
+            handles.append(mod.register_forward_pre_hook(kwarg_hook, with_kwargs=True))
     try:
         _mark(inputs, {INPUT})
         params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}

@@ -22,9 +22,11 @@ from .weights import weight_kind
 HEAD_COUNT_NAMES = CONFIG_ALIASES["num_heads"] + CONFIG_ALIASES["num_kv_heads"]
 
 
-def _probe_inputs(model: nn.Module, device: torch.device) -> dict:
-    """Keyword inputs for one forward on 4 tokens (decoder ids too for encoder-decoders)."""
-    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+def _probe_inputs(model: nn.Module, device: torch.device, batch: int = 1, tokens: int = 4
+                  ) -> dict:
+    """Keyword inputs for one forward on ``batch`` sequences of ``tokens`` tokens (decoder ids
+    too for encoder-decoders)."""
+    ids = torch.zeros((batch, tokens), dtype=torch.long, device=device)
     inputs = {"input_ids": ids}
     config = getattr(model, "config", None)
     params = inspect.signature(model.forward).parameters
@@ -170,3 +172,9 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
         model.train(was_training)
         if experts_impl is not None:
             config._experts_implementation_internal = experts_impl
+
+
+def run_wide_probe(model: nn.Module, batch: int, tokens: int) -> FlowGraph:
+    """:func:`run_probe` on ``batch`` sequences of ``tokens`` tokens: sizes that one sequence of
+    4 tokens leaves ambiguous (is a dimension of 4 the heads or the tokens?) are told apart."""
+    return run_probe(model, lambda m, device: _probe_inputs(m, device, batch, tokens))
