@@ -26,12 +26,13 @@ class _Attention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
         self.o = nn.Linear(HIDDEN, HIDDEN)
 
-    def forward(self, x, *, head_bias, flat_bias, shared_mask, query_mask):
+    def forward(self, x, *, head_bias, flat_bias, dim0_bias, shared_mask, query_mask):
         b, s, _ = x.shape
         q, k, v = (p(x).view(b, s, -1, D).transpose(1, 2) for p in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2)                               # (b, heads, s, s)
         scores = scores + head_bias                                    # (b, heads, 1, s)
         scores = scores + flat_bias.view(b, -1, 1, s)                  # (b * heads, 1, s)
+        scores = scores + dim0_bias[:, :, -s:]                         # (heads, 1, max_len)
         scores = scores + shared_mask + query_mask[:, None]            # (b, 1, s, s), (b, s, s)
         out = torch.softmax(scores, -1) @ v
         return self.o(out.transpose(1, 2).reshape(b, s, -1))
@@ -54,12 +55,14 @@ class _Model(nn.Module):
         pos = torch.arange(s, dtype=torch.float32)
         head_bias = (slopes[:, None, None] * pos).expand(b, HEADS, 1, s)
         flat_bias = (-slopes[:, None, None] * pos).expand(b, HEADS, 1, s).reshape(b * HEADS, 1, s)
+        dim0_bias = 0.5 * slopes[:, None, None] * torch.arange(16, dtype=torch.float32)
         causal = torch.full((s, s), -1e9).triu(1)
         shared_mask = causal.expand(b, 1, s, s)
         query_mask = (0.01 * pos[:, None] * pos).expand(b, s, s)
         h = self.embed(input_ids)
         return self.head(h + self.attn(h, head_bias=head_bias, flat_bias=flat_bias,
-                                        shared_mask=shared_mask, query_mask=query_mask))
+                                        dim0_bias=dim0_bias, shared_mask=shared_mask,
+                                        query_mask=query_mask))
 
 
 @pytest.mark.parametrize("tp", [2, 3])
@@ -71,7 +74,8 @@ def test_per_head_inputs_are_cut_and_shared_masks_left(tp):
     model = _Model().eval()
     plan = xtp.plan(model, tp)
     assert {(m, kw, layout) for m, kw, layout, _, _ in plan.head_sliced_kwargs} == {
-        ("attn", "head_bias", "heads_dim1"), ("attn", "flat_bias", "batch_x_heads")}
+        ("attn", "head_bias", "heads_dim1"), ("attn", "flat_bias", "batch_x_heads"),
+        ("attn", "dim0_bias", "heads_dim0")}
     for tokens in (4, 6):
         ids = torch.randint(0, VOCAB, (2, tokens), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -88,6 +92,7 @@ def test_wide_probe_sizes_avoid_the_head_count():
 
 @pytest.mark.parametrize("shape,want", [
     ((12, 1, 7), "batch_x_heads"),      # batch 3 x 4 heads
+    ((4, 1, 64), "heads_dim0"),         # no batch dimension
     ((3, 4, 1, 7), "heads_dim1"),
     ((1, 4, 7, 7), "heads_dim1"),       # broadcast over the batch
     ((3, 1, 7, 7), None),               # shared by every head

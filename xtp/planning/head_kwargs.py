@@ -12,6 +12,7 @@ dimension of 4 may be the heads or the tokens):
 
 * ``batch x heads`` first (``(batch * heads, ...)``, heads varying fastest, as a reshape of
   ``(batch, heads, ...)`` makes it: Bloom's ALiBi) -> layout ``batch_x_heads``;
+* ``heads`` first, with no batch dimension (``(heads, 1, k)``: MPT's ALiBi) -> ``heads_dim0``;
 * ``heads`` second, after a batch dimension of ``batch`` or 1 (``(batch, heads, q, k)``: Falcon's
   ALiBi and its per-head mask) -> layout ``heads_dim1``;
 * anything else (a mask shared by all heads, ``(batch, 1, q, k)``) is left as it is.
@@ -27,7 +28,7 @@ from .probe import KWARG
 from .trace import run_wide_probe
 
 #: the layouts :func:`xtp.sharding.hooks.head_slicing_hook` cuts
-BATCH_X_HEADS, HEADS_DIM1 = "batch_x_heads", "heads_dim1"
+BATCH_X_HEADS, HEADS_DIM0, HEADS_DIM1 = "batch_x_heads", "heads_dim0", "heads_dim1"
 
 
 def wide_sizes(heads: int) -> tuple[int, int]:
@@ -44,6 +45,8 @@ def layout_of(shape: tuple[int, ...] | None, heads: int, batch: int) -> str | No
         return None
     if shape[0] == batch * heads:
         return BATCH_X_HEADS
+    if shape[0] == heads:
+        return HEADS_DIM0
     if len(shape) >= 2 and shape[0] in (1, batch) and shape[1] == heads:
         return HEADS_DIM1
     return None

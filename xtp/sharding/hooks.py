@@ -21,20 +21,23 @@ def head_slicing_hook(kwarg: str, layout: str, heads: tuple[int, int], num_heads
     """A forward pre-hook that cuts keyword input ``kwarg`` down to heads ``[start, stop)``.
 
     Layout ``batch_x_heads``: ``(batch * num_heads, ...)`` -> ``(batch * local_heads, ...)``;
-    ``heads_dim1``: ``(batch, num_heads, ...)`` -> ``(batch, local_heads, ...)``.
+    ``heads_dim0``: ``(num_heads, ...)`` -> ``(local_heads, ...)``; ``heads_dim1``: ``(batch,
+    num_heads, ...)`` -> ``(batch, local_heads, ...)``. A tensor whose dimension does not have
+    ``num_heads`` entries (broadcast over the heads, or already cut) is left as it is.
     """
     start, stop = heads
-    if layout not in ("batch_x_heads", "heads_dim1"):
+    if layout not in ("batch_x_heads", "heads_dim0", "heads_dim1"):
         raise ValueError(f"unknown head-sliced layout {layout!r}")
 
     def hook(module, args, kwargs):
         t = kwargs.get(kwarg)
         if not isinstance(t, torch.Tensor):
             return None
-        if layout == "heads_dim1":
-            if t.dim() < 2 or t.shape[1] != num_heads:
+        if layout in ("heads_dim0", "heads_dim1"):
+            dim = int(layout[-1])
+            if t.dim() <= dim or t.shape[dim] != num_heads:
                 return None
-            kwargs[kwarg] = t[:, start:stop]
+            kwargs[kwarg] = t.narrow(dim, start, stop - start)
             return args, kwargs
         if t.shape[0] % num_heads:
             return None
