@@ -45,6 +45,7 @@ ENV_CROSS_NODE_TP = "XTP_CROSS_NODE_TP"
 ENV_PIN = "XTP_PIN"
 ENV_GEMV_THREADS = "XTP_CPU_GEMV_THREADS"
 ENV_GEMV_TEAM = "XTP_CPU_GEMV_TEAM"
+ENV_GEMV_SPLIT = "XTP_CPU_GEMV_SPLIT"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -234,3 +235,18 @@ def gemv_team() -> bool:
     raise EnvSettingError(f"{ENV_GEMV_TEAM}={os.environ[ENV_GEMV_TEAM]!r} is not on or off; set "
                           f"{ENV_GEMV_TEAM}=1 (torch's OpenMP threads) or 0 (the kernel's own "
                           "threads)")
+
+
+def gemv_split() -> int | Literal["cores"] | None:
+    """``XTP_CPU_GEMV_SPLIT``: the threads xtp's GEMV kernel splits each product it serves
+    across on its own pool, whatever torch's thread count (for ranks whose torch ops run on one
+    thread, ``XTP_NUM_THREADS=1``): a positive integer, or ``cores`` (as many as the CPUs this
+    process may run on); ``None`` when unset or empty.
+
+    Raises:
+        EnvSettingError: any other value.
+    """
+    raw = _stripped(ENV_GEMV_SPLIT).lower()
+    if raw == "cores":
+        return "cores"
+    return _positive_int(ENV_GEMV_SPLIT, " (threads per product, or 'cores')")

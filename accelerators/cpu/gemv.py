@@ -34,10 +34,12 @@ measures both by rows and threads. Measured speeds: bench/RESULTS.md.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from ..env import gemv_team, gemv_threads
+from ..env import gemv_split, gemv_team, gemv_threads
 from ..packed.base import PackedLinear
 from .openmp_team import gomp_parallel_address
 
@@ -79,10 +81,15 @@ MAX_KERNEL_THREADS = 1
 def kernel_threads() -> int:
     """The threads the kernel splits a product across: the rank's ``torch.get_num_threads()``
     (0 when that is above ``XTP_CPU_GEMV_THREADS``, else :data:`MAX_KERNEL_THREADS`: the
-    kernel does not serve the call)."""
+    kernel does not serve the call), or ``XTP_CPU_GEMV_SPLIT`` threads of its own pool when
+    that is set (torch's ops on one thread, products on the rank's cores)."""
     threads = torch.get_num_threads()
     if threads > (gemv_threads() or MAX_KERNEL_THREADS):
         return 0
+    split = gemv_split()
+    if split is not None:  # the kernel's own pool, as many threads as asked
+        team_mode()
+        return len(os.sched_getaffinity(0)) if split == "cores" else split
     if threads > 1:
         team_mode()
     return threads
@@ -96,7 +103,7 @@ def team_mode() -> bool:
     per process, on first need: ``XTP_CPU_GEMV_TEAM`` and whether torch's OpenMP runtime is
     found, :mod:`.openmp_team`), else on the kernel's own pool."""
     if not _team:
-        set_team_mode(gemv_team())
+        set_team_mode(gemv_team() and gemv_split() is None)
     return _team[0]
 
 

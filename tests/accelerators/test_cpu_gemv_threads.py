@@ -232,3 +232,20 @@ def test_team_mode_finds_torchs_openmp_runtime_and_can_be_switched(monkeypatch):
     monkeypatch.delenv("XTP_CPU_GEMV_TEAM")
     assert cpu_gemv.team_mode()  # the default where the runtime is found
     assert gomp_parallel_address("/nonexistent/maps") is None
+
+
+def test_gemv_split_gives_the_kernel_its_own_thread_count(monkeypatch):
+    """XTP_CPU_GEMV_SPLIT: products split across that many pool threads (or the process's
+    CPUs) while torch runs on one thread; the pool serves then, never torch's team."""
+    from xtp.accelerators.errors import EnvSettingError
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(cpu_gemv, "_team", [])
+    monkeypatch.setenv("XTP_CPU_GEMV_SPLIT", "3")
+    assert cpu_gemv.kernel_threads() == 3
+    assert not cpu_gemv.team_mode()
+    monkeypatch.setenv("XTP_CPU_GEMV_SPLIT", "cores")
+    assert cpu_gemv.kernel_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("XTP_CPU_GEMV_SPLIT", "all")
+    with pytest.raises(EnvSettingError, match=r"^XTP_CPU_GEMV_SPLIT"):
+        cpu_gemv.kernel_threads()

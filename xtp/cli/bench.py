@@ -38,6 +38,9 @@ VARIANTS = {
                                 "XTP_CPU_GEMV_TEAM": "1"}),
     "xtp-kernel-pool": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
                                 "XTP_CPU_GEMV_TEAM": "0"}),
+    # torch's ops on one thread, the kernel's products on all the rank's cores (its own pool)
+    "xtp-kernel-solo": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_NUM_THREADS": "1",
+                                "XTP_CPU_GEMV_SPLIT": "cores"}),
 }
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"

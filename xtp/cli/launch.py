@@ -55,7 +55,8 @@ def check_environment() -> None:
     from ..accelerators import env, select
 
     for parse in (env.timeout_seconds, env.shm_chunk_bytes, env.cpu_pack, env.num_threads,
-                  env.cross_node_tp, env.pin_mode, env.gemv_threads, env.gemv_team):
+                  env.cross_node_tp, env.pin_mode, env.gemv_threads, env.gemv_team,
+                  env.gemv_split):
         parse()
     select()
 
