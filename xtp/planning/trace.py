@@ -134,11 +134,20 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
     RoPE) and the model holds real weights, the probe runs for real on its device: one small
     forward, nothing kept. The model's training mode, buffers and tensor attributes are
     restored afterwards. A forward that replaces some of the model's modules (transformers
-    switches an attention type for a short input) is probed once more as it is then.
+    switches an attention type for a short input) is probed once more as it is then. The
+    probe runs transformers' eager attention (:func:`_eager_attention`); a model that cannot
+    switch after it was built (parts of it chose their path at construction) is probed as it is.
 
     Raises:
         PlanError: the forward pass cannot run (on fake tensors for a meta model).
     """
+    try:
+        return _run_probe(model, inputs, eager=True)
+    except PlanError:
+        return _run_probe(model, inputs, eager=False)
+
+
+def _run_probe(model: nn.Module, inputs, eager: bool) -> FlowGraph:
     was_training = model.training
     model.eval()
     config = getattr(model, "config", None)
@@ -147,7 +156,7 @@ def run_probe(model: nn.Module, inputs=_probe_inputs) -> FlowGraph:
     if experts_impl is not None:
         config._experts_implementation_internal = "batched_mm"
     state = _snapshot_tensor_state(model)
-    attention = _eager_attention(model)
+    attention = _eager_attention(model) if eager else []
     traced: list = []
     try:
         before = [id(m) for m in model.modules()]
