@@ -15,8 +15,12 @@ where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` fo
 ``XTP_TIMEOUT``             seconds a collective waits for its peers (default 300)
 ``XTP_CPU_SHM``             ``0``/``false``/``off``/``no``: no shared-memory collectives on CPU
 ``XTP_CPU_SHM_CHUNK_BYTES`` bytes per rank per shared-memory buffer (default 1 MiB)
-``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all`` or ``0``
+``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all``, ``kernel`` or ``0``
 ``XTP_CPU_GEMV_THREADS``    most threads per rank xtp's GEMV kernel serves (more: torch's paths)
+``XTP_CPU_GEMV_TEAM``       ``0``/``false``/``off``/``no``: the kernel splits products on its own
+                            pool, not on torch's OpenMP threads (default where found)
+``XTP_CPU_GEMV_SPLIT``      threads (or ``cores``) the kernel splits each product across on its
+                            own pool, whatever torch's thread count
 ``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
 ``XTP_CROSS_NODE_TP``       ``1``/``true``/``on``/``yes``: let a TP group span nodes (slow)
 ``XTP_PIN``                 CPU ranks on their own cores: unset (``xtp run``/``bench`` pin the
