@@ -101,3 +101,19 @@ def test_wide_probe_sizes_avoid_the_head_count():
 ])
 def test_layout_from_the_wide_probe(shape, want):
     assert layout_of(shape, 4, 3) == want
+
+
+class _OneSequenceModel(_Model):
+    """Runs on one sequence only: the wider probe cannot run."""
+
+    def forward(self, input_ids):
+        if input_ids.shape[0] != 1:
+            raise ValueError("one sequence at a time")
+        return super().forward(input_ids)
+
+
+def test_a_failed_wide_probe_leaves_the_inputs_whole_with_a_note():
+    plan = xtp.plan(_OneSequenceModel().eval(), 2)
+    assert plan.head_sliced_kwargs == ()
+    assert any(n.startswith("keyword inputs with a dimension as large as the head count were "
+                            "left whole: the probe on 3 sequences of 7 tokens") for n in plan.notes)

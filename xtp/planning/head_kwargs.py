@@ -22,6 +22,7 @@ Each rank's pre-hook (:func:`xtp.sharding.hooks.head_slicing_hook`) then keeps i
 
 from __future__ import annotations
 
+from ..errors import PlanError
 from .draft import Draft
 from .partition import HeadPartition
 from .probe import KWARG
@@ -53,10 +54,19 @@ def layout_of(shape: tuple[int, ...] | None, heads: int, batch: int) -> str | No
 
 
 def _wide_shapes(draft: Draft) -> tuple[int, dict[str, tuple[int, ...]]]:
-    """(batch, keyword input shapes) of the wide probe, run once per plan."""
+    """(batch, keyword input shapes) of the wide probe, run once per plan; no shapes where it
+    cannot run (an encoder tower takes no token ids: its inputs are left whole, and the
+    shard-time check refuses a layout whose shapes do not fit)."""
     if draft.wide_kwargs is None:
         batch, tokens = wide_sizes(draft.heads[0])
-        draft.wide_kwargs = (batch, run_wide_probe(draft.model, batch, tokens).kwarg_shapes)
+        try:
+            shapes = run_wide_probe(draft.model, batch, tokens).kwarg_shapes
+        except PlanError as exc:
+            shapes = {}
+            draft.note(f"keyword inputs with a dimension as large as the head count were left "
+                       f"whole: the probe on {batch} sequences of {tokens} tokens that tells "
+                       f"per-head inputs apart failed ({str(exc)[:160]})")
+        draft.wide_kwargs = (batch, shapes)
     return draft.wide_kwargs
 
 
