@@ -188,7 +188,10 @@ def test_head_count_read_by_a_tensor_factory():
     builds it (later layers receive the bias), so only it reads n_heads and gets its local
     value (tests/sharding/test_parity.py runs t5 sharded against the unsharded model)."""
     updates = [(u.module, u.attr, u.values) for u in plan_of("t5", 2).attr_updates]
-    assert updates == [("decoder.block.0.layer.1.EncDecAttention", "n_heads", (6, 6))]
+    factory_read = ("decoder.block.0.layer.1.EncDecAttention", "n_heads", (6, 6))
+    assert factory_read in updates
+    if transformers.__version__.startswith("5."):  # 4.x also views every head by n_heads
+        assert updates == [factory_read]
 
 
 @requires_transformers5
@@ -336,7 +339,10 @@ def test_no_head_sliced_kwargs_table():
 
 
 @pytest.mark.parametrize("name,want", [
-    ("falcon_alibi", {("alibi", "heads_dim1"), ("attention_mask", "heads_dim1")}),
+    # transformers 5 hands Falcon's ALiBi over as (batch, heads, 1, kv), 4.x as (batch * heads,
+    # 1, kv): each version's own layout is what its forward shows
+    ("falcon_alibi", {("alibi", "heads_dim1" if transformers.__version__.startswith("5.")
+                       else "batch_x_heads"), ("attention_mask", "heads_dim1")}),
     ("falcon_mha", set()),  # no ALiBi: the mask is shared by all heads, nothing to cut
     ("llama_kv1", set()),
     ("t5", set()),  # the position bias is made from the split bias table: already local
