@@ -55,12 +55,17 @@ def _methods(dtype: torch.dtype, copies: list[torch.Tensor], rows: int, g: torch
 
     x = torch.randn(rows, copies[0].shape[1], generator=g).to(dtype)
     kernel = [(GemvLinear if dtype == torch.float32 else Bf16GemvLinear)(w) for w in copies]
-    methods = {f"xtp pool ({kernel_isa()})": lambda: set_team_mode(False) and None or [
-                   k.matmul(x) for k in kernel],
+
+    def on_kernel(team: bool):
+        def run():
+            set_team_mode(team)  # the kernel's own pool, or torch's OpenMP threads
+            return [k.matmul(x) for k in kernel]
+        return run
+
+    methods = {f"xtp pool ({kernel_isa()})": on_kernel(False),
                "F.linear": lambda: [F.linear(x, w) for w in copies]}
-    if set_team_mode(True):  # the kernel on torch's OpenMP threads too
-        methods[f"xtp team ({kernel_isa()})"] = lambda: set_team_mode(True) and [
-            k.matmul(x) for k in kernel]
+    if set_team_mode(True):  # torch's OpenMP runtime found: the kernel on its threads too
+        methods[f"xtp team ({kernel_isa()})"] = on_kernel(True)
     if dtype == torch.bfloat16 and onednn_available():
         packed = [OneDNNPackedLinear(w) for w in copies]
         methods["oneDNN packed"] = lambda: [p.matmul(x) for p in packed]

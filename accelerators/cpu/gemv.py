@@ -34,6 +34,7 @@ measures both by rows and threads. Measured speeds: bench/RESULTS.md.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -98,6 +99,12 @@ def kernel_threads() -> int:
 _team: list = []  # [whether team mode is on], once decided in this process
 
 
+@functools.cache
+def _gomp_parallel() -> int | None:
+    """:func:`.openmp_team.gomp_parallel_address`, looked up once per process."""
+    return gomp_parallel_address()
+
+
 def team_mode() -> bool:
     """Whether products split across threads run on torch's own OpenMP threads (decided once
     per process, on first need: ``XTP_CPU_GEMV_TEAM`` and whether torch's OpenMP runtime is
@@ -110,7 +117,7 @@ def team_mode() -> bool:
 def set_team_mode(on: bool) -> bool:
     """Split products across torch's OpenMP threads (``on``, where its runtime is found) or
     across the kernel's own pool from now on; returns whether team mode is on."""
-    address = gomp_parallel_address() if on else None
+    address = _gomp_parallel() if on else None
     _team[:] = [bool(_kernel.use_team(address))]
     return _team[0]
 
