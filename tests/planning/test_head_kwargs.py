@@ -84,6 +84,12 @@ def test_per_head_inputs_are_cut_and_shared_masks_left(tp):
         assert max(rel_err(o, want) for o in outs) <= 1e-5, tokens
 
 
+def test_the_plan_table_lists_the_cut_inputs():
+    text = str(xtp.plan(_Model().eval(), 3))
+    assert "per-head keyword inputs, cut to each rank's heads:" in text
+    assert "  attn dim0_bias (heads_dim0): heads 0-1 / 2 / 3" in text
+
+
 def test_wide_probe_sizes_avoid_the_head_count():
     for heads in range(1, 40):
         batch, tokens = wide_sizes(heads)

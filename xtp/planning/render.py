@@ -61,9 +61,26 @@ def _attr_update_lines(plan) -> list[str]:
     return lines
 
 
+def _head_sliced_lines(plan) -> list[str]:
+    """Keyword inputs cut to each rank's heads: ``module kwarg (layout): heads a-b / c-d``."""
+    if not plan.head_sliced_kwargs:
+        return []
+    lines = ["", "per-head keyword inputs, cut to each rank's heads:"]
+    seen = set()
+    for module, kwarg, layout, heads, _ in plan.head_sliced_kwargs:
+        key = (collapse(module), kwarg, layout, heads)
+        if key in seen:
+            continue
+        seen.add(key)
+        ranks = " / ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in heads)
+        lines.append(f"  {collapse(module)} {kwarg} ({layout}): heads {ranks}")
+    return lines
+
+
 def render_plan(plan) -> str:
     """The table ``print(plan)`` shows for a :class:`~xtp.planning.spec.ShardPlan`: one row per
-    module (repeated layers collapsed), attribute updates, bytes per rank, collectives, notes."""
+    module (repeated layers collapsed), attribute updates, per-head keyword inputs, bytes per
+    rank, collectives, notes."""
     head = f"ShardPlan: tp_size={plan.tp_size}, model_type={plan.model_type}"
     if plan.head_shape:
         h, k, d = plan.head_shape
@@ -71,6 +88,7 @@ def render_plan(plan) -> str:
     lines = [head, ""]
     lines += _module_lines(plan)
     lines += _attr_update_lines(plan)
+    lines += _head_sliced_lines(plan)
     lines += ["", "bytes per rank: " + ", ".join(
         f"rank {r}: {fmt_bytes(plan.bytes_per_rank(r))}" for r in range(plan.tp_size))]
     counts = plan.collective_counts()
