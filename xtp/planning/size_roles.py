@@ -117,8 +117,9 @@ def _cut_dim(func, args: tuple, kwargs: dict) -> tuple[int, set[str]]:
         return -1, set()
     if func in SPLIT_OPS:
         at, dim_at = SPLIT_OPS[func]
-        sizes = args[at] if len(args) > at else kwargs.get("split_size",
-                                                           kwargs.get("split_sizes"))
+        sizes = args[at] if len(args) > at else next(
+            (kwargs[k] for k in ("split_size", "split_sizes", "split_size_or_sections")
+             if k in kwargs), None)
         dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", 0)
         found = _attrs(sizes)
         return (int(dim) % max(x.dim(), 1), found) if found else (-1, set())
