@@ -338,11 +338,22 @@ def test_no_head_sliced_kwargs_table():
     assert not hasattr(mt, "HEAD_SLICED_KWARGS")
 
 
+def _falcon_alibi_inputs() -> set:
+    """What Falcon's attention receives per head in this transformers: 4.x hands ALiBi over as
+    ``alibi`` (batch * heads, 1, kv), 5.0-5.24 as (batch, heads, 1, kv), 5.25 on adds it to the
+    (batch, heads, q, kv) mask and takes no ``alibi``: each version's forward shows its own."""
+    import inspect
+
+    from transformers.models.falcon import modeling_falcon
+    want = {("attention_mask", "heads_dim1")}
+    if "alibi" in inspect.signature(modeling_falcon.FalconAttention.forward).parameters:
+        want.add(("alibi", "heads_dim1" if transformers.__version__.startswith("5.")
+                  else "batch_x_heads"))
+    return want
+
+
 @pytest.mark.parametrize("name,want", [
-    # transformers 5 hands Falcon's ALiBi over as (batch, heads, 1, kv), 4.x as (batch * heads,
-    # 1, kv): each version's own layout is what its forward shows
-    ("falcon_alibi", {("alibi", "heads_dim1" if transformers.__version__.startswith("5.")
-                       else "batch_x_heads"), ("attention_mask", "heads_dim1")}),
+    ("falcon_alibi", _falcon_alibi_inputs()),
     ("falcon_mha", set()),  # no ALiBi: the mask is shared by all heads, nothing to cut
     ("llama_kv1", set()),
     ("t5", set()),  # the position bias is made from the split bias table: already local

@@ -16,8 +16,10 @@ role (:attr:`~xtp.planning.probe.FlowGraph.roles`: source -> role -> attribute o
   follows it like a parameter until it does); and any attribute in the sizes of a split or
   the bounds of a slice of the projection's *whole* output features (``qkv.split([heads * d,
   kv * d, kv * d])``, ``qkv[..., q : q + self.num_kv_heads * self.head_dim]``: a fused output
-  cut at offsets made of head counts). A slice of a dimension of another size (a head's first
-  ``rotary_dim`` features) says nothing.
+  cut at offsets made of head counts), also when the output was first viewed into heads and
+  the cut is along the head dimension (Falcon's multi-query ``qkv.view(b, s, -1, d).split(
+  [heads, 1, 1], dim=-2)``: the dimensions from the cut on hold the whole output). A slice of
+  a dimension of another size (a head's first ``rotary_dim`` features) says nothing.
 * ``"repeat"``: a size ``expand`` grows from 1, a ``repeat``/``tile`` multiplier other than 1,
   the ``repeats`` of ``repeat_interleave`` (``k[:, :, None].expand(b, kv, groups, s, d)`` or
   ``repeat_interleave(k, groups, dim=1)``), when it comes from one attribute alone; the
@@ -140,6 +142,15 @@ def _cut_dim(func, args: tuple, kwargs: dict) -> tuple[int, set[str]]:
     return pos, _attrs(index[dims[0]])
 
 
+def _features_from(x: torch.Tensor, dim: int) -> int:
+    """How many features dimensions ``dim`` onwards of ``x`` hold together (a cut of those
+    dimensions cuts the whole output when that is the projection's width)."""
+    count = 1
+    for size in x.shape[dim:]:
+        count *= int(size)
+    return count
+
+
 def record_roles(graph, func, args: tuple, kwargs: dict, src: set[str]) -> None:
     """Add the attribute origins behind op ``func``'s sizes, by role, to ``graph.roles`` of
     each of the activations' sources ``src``."""
@@ -148,7 +159,7 @@ def record_roles(graph, func, args: tuple, kwargs: dict, src: set[str]) -> None:
     dim, cut = _cut_dim(func, args, kwargs)
     for s in src:
         width = graph.out_shapes.get(s, ())[-1:]
-        whole = cut and dim == args[0].dim() - 1 and (args[0].shape[-1],) == width
+        whole = bool(cut) and width == (_features_from(args[0], dim),)
         if roles or repeats or counted or whole:
             mine = graph.roles[s]
             mine["count"] |= roles.get("count", set()) | counted | (cut if whole else set())
