@@ -214,3 +214,36 @@ def test_bench_measure_decodes_a_batch_greedily_per_sequence():
         want = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     # step k of measure (after the prefill's token and one warmup step) is new token k + 2
     assert out["tokens"] == [want[:, 8 + 2 + k].tolist() for k in range(4)]
+
+
+@pytest.mark.slow
+def test_bench_measure_compiled_decode_gives_generates_tokens():
+    """``xtp bench --vs xtp-compiled``'s rank code: a static cache and ``torch.compile``; its
+    greedy tokens are still ``generate``'s, the compiling warm-up is timed apart, and every
+    step runs the one graph compiled for it (no recompile per position)."""
+    import torch
+
+    from xtp.bench.rank import measure
+    from xtp.models.builtin import build_random, resolve_config
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = build_random(resolve_config("tiny-llama")).eval()
+    vocab = model.config.vocab_size
+    out = measure(model, vocab, torch.device("cpu"), prefill_tokens=8, repeats=1,
+                  decode_steps=5, warmup=1, profile=False, batch=2, decode="compiled")
+    assert out["compile_s"] > 0 and len(out["decode_ms_all"]) == 5
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=7, do_sample=False, min_new_tokens=7)
+    assert out["tokens"] == [want[:, 8 + 2 + k].tolist() for k in range(5)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_bench_compiled_variants_are_known_implementations():
+    from xtp.cli.bench import VARIANTS
+
+    for name, base in (("xtp-compiled", "xtp"), ("deepspeed-compiled", "deepspeed"),
+                       ("unsharded-compiled", "unsharded")):
+        impl, env = VARIANTS[name]
+        assert impl == base and env == {"XTP_BENCH_DECODE": "compiled"}

@@ -196,11 +196,33 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return x.numel() * x.element_size() / statistics.median(times)
 
 
+def compiled_decoder(model, key: str, ids, steps: int):
+    """``(cache, step)`` for compiled decode: transformers' ``StaticCache`` (room for the prompt
+    ``ids`` and ``steps`` more tokens), filled by an eager prefill, and ``step(tokens, cache)``:
+    one decode step through ``torch.compile(model, dynamic=False)`` with explicit positions
+    (one graph for every step: no Python int changes between steps)."""
+    import torch
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 4)
+    res = model(input_ids=ids, use_cache=True, **{key: cache})
+    compiled = torch.compile(model, dynamic=False)
+    pos = [ids.shape[1]]
+
+    def step(tokens, cache):
+        where = torch.full((tokens.shape[0], 1), pos[0], dtype=torch.long, device=tokens.device)
+        pos[0] += 1
+        return compiled(input_ids=tokens, use_cache=True, position_ids=where, **{key: cache})
+    return res, step
+
+
 def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode_steps: int,
-            warmup: int, profile: bool, batch: int = 1) -> dict:
+            warmup: int, profile: bool, batch: int = 1, decode: str = "eager") -> dict:
     """Prefill (``batch`` x ``prefill_tokens`` tokens) and decode (``batch`` sequences, one
     token each per step) timings in milliseconds, and the greedy decode tokens (per step: the
-    token, or with ``batch`` > 1 the list of every sequence's token)."""
+    token, or with ``batch`` > 1 the list of every sequence's token). ``decode="compiled"``
+    decodes through :func:`compiled_decoder` (static cache, ``torch.compile``); its first
+    ``warmup`` steps (which compile) are timed as ``compile_s``."""
     import torch
 
     sync = (lambda: torch.accelerator.synchronize()) if device.type != "cpu" else (lambda: None)
@@ -217,14 +239,19 @@ def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode
             sync()
             prefill.append((time.perf_counter() - t) * 1e3)
         out["prefill_ms"] = statistics.median(prefill[1:])
-        res = model(input_ids=ids, use_cache=True)
         # transformers >= 5.2x names the KV cache ``cache``; older releases ``past_key_values``
         key = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
+        forward = lambda tokens, cache: model(input_ids=tokens, use_cache=True,  # noqa: E731
+                                              **{key: cache})
+        if decode == "compiled":
+            res, forward = compiled_decoder(model, key, ids, warmup + 2 * decode_steps)
+        else:
+            res = model(input_ids=ids, use_cache=True)
         state = [res[key], res.logits[:, -1:].argmax(-1)]
 
         def step() -> int:
-            res = model(input_ids=state[1], use_cache=True, **{key: state[0]})
+            res = forward(state[1], state[0])
             state[:] = [res[key], res.logits[:, -1:].argmax(-1)]
             return int(state[1]) if batch == 1 else state[1].view(-1).tolist()
 
@@ -244,6 +271,8 @@ def measure(model, vocab: int, device, prefill_tokens: int, repeats: int, decode
             out["collectives"] = {op: {"calls_per_token": n / decode_steps,
                                        "ms_per_token": sec * 1e3 / decode_steps}
                                   for op, (n, sec) in COLLECTIVES.items()}
+    if decode == "compiled":
+        out["compile_s"] = sum(steps[:warmup]) / 1e3
     out["decode_ms"] = statistics.median(steps[warmup:])
     out["decode_ms_all"] = steps[warmup:]
     out["tokens"] = tokens[warmup:warmup + 8]
@@ -297,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--decode", choices=("eager", "compiled"),
+                   default=os.environ.get("XTP_BENCH_DECODE", "eager"),
+                   help="decode eagerly (dynamic KV cache) or compiled (static cache); "
+                   "default: $XTP_BENCH_DECODE, else eager")
     p.add_argument("--bandwidth", action="store_true",
                    help="measure memory read bandwidth after the run (CPU only)")
     p.add_argument("--out", required=True, help="folder for rank{RANK}.json")
@@ -323,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                       threads=torch.get_num_threads(), device=str(device))
         vocab = model.config.get_text_config().vocab_size
         result.update(measure(model, vocab, device, a.prefill_tokens, a.repeats,
-                              a.decode_steps, a.warmup, a.profile, a.batch))
+                              a.decode_steps, a.warmup, a.profile, a.batch, a.decode))
+        result["decode"] = a.decode
         result["peak_rss_mib"] = mem_kib("VmHWM") / 1024
         if device.type != "cpu":
             mod = torch.get_device_module(device.type)

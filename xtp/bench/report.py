@@ -27,7 +27,7 @@ def fold(ranks: list[dict], bytes_per_step: int | None = None) -> dict:
         return row
     row["ok"] = True
     for key in ("ready_s", "load_s", "prefill_ms", "decode_ms", "peak_rss_mib", "base_rss_mib",
-                "peak_device_mib"):
+                "peak_device_mib", "compile_s"):
         vals = [r[key] for r in ok if r.get(key) is not None]
         row[key] = max(vals) if vals else None
     row["decode_ms_median_of_ranks"] = statistics.median(r["decode_ms"] for r in ok)
@@ -116,6 +116,14 @@ def table(rows: list[dict]) -> str:
                      ("yes" if r.get("tokens") == ref.get("tokens") else "no"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compile_text(rows: list[dict]) -> str:
+    """One line: how long each compiled-decode run spent in its first (compiling) steps."""
+    done = [f"{r['impl']} tp {r['tp']} {r['dtype']} {r['compile_s']:.0f} s" for r in rows
+            if r.get("ok") and r.get("compile_s")]
+    return ("compiled decode (torch.compile, static KV cache; prefill eager): the warm-up "
+            "steps that compile took " + ", ".join(done))
 
 
 def profile_text(rows: list[dict]) -> str:

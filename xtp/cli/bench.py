@@ -41,6 +41,10 @@ VARIANTS = {
     # torch's ops on one thread, the kernel's products on all the rank's cores (its own pool)
     "xtp-kernel-solo": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_NUM_THREADS": "1",
                                 "XTP_CPU_GEMV_SPLIT": "cores"}),
+    # decode through torch.compile over a static KV cache (the compile is timed apart)
+    "xtp-compiled": ("xtp", {"XTP_BENCH_DECODE": "compiled"}),
+    "deepspeed-compiled": ("deepspeed", {"XTP_BENCH_DECODE": "compiled"}),
+    "unsharded-compiled": ("unsharded", {"XTP_BENCH_DECODE": "compiled"}),
 }
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
@@ -298,7 +302,7 @@ def _one_run(python: str, impl: str, path: Path, tp: int, dtype: str, threads: i
 
 def run(args) -> int:
     from ..bench.prep import checkpoint_for, weight_bytes
-    from ..bench.report import merge_rounds, plot, profile_text, table
+    from ..bench.report import compile_text, merge_rounds, plot, profile_text, table
     from ..models.builtin import resolve_config
     from .launch import check_environment
 
@@ -309,7 +313,8 @@ def run(args) -> int:
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable
     impls = ["xtp", "unsharded"]
     for peer in vs:
-        why = _importable(python, VARIANTS.get(peer, (peer, {}))[0])
+        base = VARIANTS.get(peer, (peer, {}))[0]
+        why = None if base in ("xtp", "unsharded") else _importable(python, base)
         if why:
             print(f"{peer}: skipped ({why}; to install the peers: {PEER_SETUP})", flush=True)
         else:
@@ -324,7 +329,8 @@ def run(args) -> int:
         total, per_token = weight_bytes(path, dtype)
         print(f"{dtype}: checkpoint {path}; weights {total / 1e9:.2f} GB, "
               f"{per_token / 1e9:.2f} GB read per decode step", flush=True)
-        runs = [(impl, tp) for impl in impls for tp in ([1] if impl == "unsharded" else tps)]
+        runs = [(impl, tp) for impl in impls
+                for tp in ([1] if VARIANTS.get(impl, (impl,))[0] == "unsharded" else tps)]
         done: dict[tuple[str, int], list[dict]] = {run: [] for run in runs}
         for rnd in range(args.rounds):
             if args.rounds > 1:
@@ -343,6 +349,8 @@ def run(args) -> int:
              "each round" if args.rounds > 1 else ""))
     print(table(rows))
     print(_versions_line(rows, python))
+    if any(r.get("compile_s") for r in rows):
+        print(compile_text(rows))
     if args.profile:
         print(profile_text(rows))
     if args.json:
