@@ -15,6 +15,7 @@ from . import model_table as mt
 from .draft import Draft
 from .layouts import ranges_len
 from .partition import Partition, split_aligned
+from .render import collapse
 from .spec import AttrUpdate, Collective, ModuleSpec, ParamSplit, Role, Split, WeightKind
 
 
@@ -58,8 +59,21 @@ def _rank_bytes(mod: nn.Module, tp: int, splits: list[ParamSplit]) -> tuple[int,
     return tuple(out)
 
 
+def normalised_inside(draft: Draft, name: str, hidden: int) -> str | None:
+    """The module inside experts container ``name`` (or ``name`` itself) whose forward the
+    probe saw normalise or reduce over ``hidden`` features, else None. Inside the container
+    the down products are still partial sums (the all-reduce follows its output): a per-expert
+    RMSNorm after the down product would normalise each rank's part alone."""
+    for found in draft.graph.reduced_in.values():
+        for size, where in found:
+            if size == hidden and (where == name or where.startswith(name + ".")):
+                return where
+    return None
+
+
 def plan_experts(draft: Draft) -> None:
-    """Fused 3-D experts: split every expert's intermediate dimension."""
+    """Fused 3-D experts: split every expert's intermediate dimension (kept whole, with a
+    reason, when the container's forward normalises the down products before returning)."""
     e = mt.EXPERT_PARAMS
     tp = draft.tp
     for name, mod in draft.modules.items():
@@ -67,6 +81,12 @@ def plan_experts(draft: Draft) -> None:
             continue
         transposed = bool(mod.is_transposed)
         down = getattr(mod, e.down)
+        norm = normalised_inside(draft, name, down.shape[2 if transposed else 1])
+        if norm is not None:
+            draft.note(f"experts {collapse(name)} kept whole: its forward normalises the "
+                       f"experts' outputs ({collapse(norm)}) before returning them, where a "
+                       "split's products are still partial sums")
+            continue
         inter = down.shape[1] if transposed else down.shape[2]
         part = Partition(split_aligned(inter, tp))
         splits = _param_splits(mod, tp, inter, part)

@@ -134,10 +134,10 @@ class FlowGraph:
         default_factory=lambda: defaultdict(set))
     #: sizes of the dimensions reductions and norms ran over on activations of each source
     reduced_sizes: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
-    #: the same sizes, each with the innermost non-Linear module holding parameters whose
-    #: forward ran the reduction ("" when none): (size, module)
+    #: the same sizes, each with the innermost module holding parameters (a source or not)
+    #: whose forward ran the reduction ("" when none): (size, module)
     reduced_in: dict[str, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))
-    #: innermost first: the non-Linear modules with parameters running now (probe-internal)
+    #: innermost last: the modules with parameters running now (probe-internal)
     scope: list[str] = field(default_factory=list)
     #: source modules whose weight an op used on activations outside their calls (``h @ E.T``)
     used_outside: set[str] = field(default_factory=set)
@@ -330,10 +330,13 @@ def probe(
         if name not in graph.order:
             graph.order.append(name)
         graph.running.append(name)
+        graph.scope.append(name)
 
     def post_hook(mod, args, kwargs, out):
         name = names[mod]
         graph.running.remove(name)
+        if graph.scope and graph.scope[-1] == name:
+            graph.scope.pop()
         _mark(out, {name}, replace=True)
         if isinstance(out, torch.Tensor) and name not in graph.out_shapes:
             graph.out_shapes[name] = tuple(out.shape)
