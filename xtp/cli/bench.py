@@ -69,7 +69,10 @@ def add_parser(sub) -> None:
                    "chooses from the host's topology (default 1,2)")
     p.add_argument("--vs", default=",".join(PEERS),
                    help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)}"
-                   "); also xtp-dense: xtp with its weights left unpacked (--no-pack)")
+                   "); also xtp-dense: xtp with its weights left unpacked (--no-pack); "
+                   "xtp-compiled, deepspeed-compiled, unsharded-compiled: decode through "
+                   "torch.compile over a static KV cache; xtp-kernel-team, -pool, -solo: the "
+                   "GEMV kernel on every thread count (see XTP_CPU_GEMV_* in xtp env)")
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
     p.add_argument("--python", default=None,
                    help=f"interpreter for all ranks (default ${ENV_PYTHON}, else this one); "
