@@ -12,7 +12,8 @@ Contract of :class:`ShmCommunicator`:
 * ``all_reduce`` (sum, in place) for float32, bfloat16 and float16 CPU tensors of any size and
   layout; bfloat16/float16 are accumulated in float32 and rounded once. Every rank computes
   the same operations on the same data in the same order, so results are bitwise equal on
-  all ranks. ``all_gather`` for CPU tensors of the common dtypes (it only copies bytes).
+  all ranks. ``all_gather`` for CPU tensors of the common dtypes (it only copies bytes; along
+  a later dimension each rank's rows go straight into their columns: no transposed copies).
   Anything else (other dtypes, devices, ``broadcast``, ``barrier``) goes to the gloo path.
 * Group-local ranks; each group has its own segment (random name), so groups never interfere.
 * Never hangs: a rank that does not arrive within ``timeout`` seconds (``XTP_TIMEOUT``,
@@ -46,6 +47,7 @@ import torch.distributed as dist
 from ..comm.abort import announce, register
 from ..comm.base import Communicator, TorchCommunicator
 from ..errors import CollectiveError, CollectiveTimeoutError, XtpError
+from .shm_gather import gather_flat, gather_rows, rows_per_chunk
 from .shm_segment import LINE_WORDS, SegmentLayout, ShmSegment
 from .shm_setup import (
     HostIdentity,
@@ -185,18 +187,36 @@ class ShmCommunicator(Communicator):
         if code is None or tensor.device.type != "cpu" or tensor.dim() == 0:
             return self.fallback.all_gather(tensor, dim, sizes)
         dim = dim % tensor.dim()
-        local = tensor.movedim(dim, 0)
-        sizes = [local.shape[0]] * self._world if sizes is None else list(sizes)
-        if len(sizes) != self._world or sizes[self._rank] != local.shape[0]:
+        sizes = [tensor.shape[dim]] * self._world if sizes is None else list(sizes)
+        if len(sizes) != self._world or sizes[self._rank] != tensor.shape[dim]:
             raise ValueError(
-                f"rank {self._rank}: sizes {sizes} do not match local extent {local.shape[0]} "
-                f"over {self._world} ranks"
+                f"rank {self._rank}: sizes {sizes} do not match local extent "
+                f"{tensor.shape[dim]} over {self._world} ranks"
             )
-        local = local.contiguous()
+        total = math.prod(n for i, n in enumerate(tensor.shape) if i != dim) * sum(sizes)
+
+        def exchange(piece: torch.Tensor) -> list[torch.Tensor]:
+            mine, slots = self._slot_views(piece.dtype, self.chunk_bytes // piece.element_size())
+            mine[: piece.numel()].copy_(piece)
+            self._exchange((_OP_ALL_GATHER << 8) | code, total, "all_gather")
+            return slots
+
+        rows = rows_per_chunk(tensor.shape, dim, sizes, tensor.element_size(), self.chunk_bytes)
+        if rows:  # along a later dimension, whole rows per chunk: no transposed copies
+            local = tensor.contiguous()
+            outer = math.prod(local.shape[:dim])
+            out = local.new_empty((*local.shape[:dim], sum(sizes), *local.shape[dim + 1:]))
+            inner = math.prod(local.shape[dim + 1:])
+            with self._lock, torch.no_grad():
+                self._check_usable()
+                gather_rows(exchange, local.reshape(outer, sizes[self._rank] * inner),
+                            out.view(outer, -1), [s * inner for s in sizes], rows)
+            return out
+        local = tensor.movedim(dim, 0).contiguous()
         out = local.new_empty((sum(sizes), *local.shape[1:]))
         with self._lock, torch.no_grad():
             self._check_usable()
-            self._gather_bytes(local, out, sizes, code)
+            gather_flat(exchange, local, out, sizes, self._rank, self.chunk_bytes)
         return out.movedim(0, dim).contiguous()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -248,27 +268,6 @@ class ShmCommunicator(Communicator):
         for s in slots[1:]:
             acc.add_(s)
         out.copy_(acc)
-
-    def _gather_bytes(
-        self, local: torch.Tensor, out: torch.Tensor, sizes: list[int], code: int
-    ) -> None:
-        row = math.prod(local.shape[1:]) * local.element_size()
-        counts = [s * row for s in sizes]
-        offsets = [sum(counts[:i]) for i in range(self._world)]
-        src = local.view(-1).view(torch.uint8)
-        dst = out.view(-1).view(torch.uint8)
-        cap = self.chunk_bytes
-        total = out.numel()
-        for start in range(0, max(counts), cap):
-            mine, slots = self._slot_views(torch.uint8, cap)
-            m = max(0, min(cap, counts[self._rank] - start))
-            if m:
-                mine[:m].copy_(src[start : start + m])
-            self._exchange((_OP_ALL_GATHER << 8) | code, total, "all_gather")
-            for i, slot in enumerate(slots):
-                m = max(0, min(cap, counts[i] - start))
-                if m:
-                    dst[offsets[i] + start : offsets[i] + start + m].copy_(slot[:m])
 
     def _slot_views(self, dtype: torch.dtype, m: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """This rank's slot and every rank's slot, ``m`` elements of ``dtype``, in the buffer

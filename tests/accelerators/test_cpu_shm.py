@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -138,6 +139,18 @@ def _all_gather_cases(group, chunk):
                 got = comm.all_gather(piece, dim, sizes)
                 want = gloo.all_gather(piece, dim, sizes)
                 assert got.dtype == dtype and torch.equal(got, want), (dtype, rows, dim)
+                out.append(_digest(got))
+            # along a later dimension, whole rows of every rank per chunk (vocab-parallel
+            # logits: (batch, tokens, vocab / tp)), over several chunks; along a middle one;
+            # and rows wider than a chunk (the transposing path)
+            for shape, dim in (((2, 3000, 5), -1), ((3, 4, 6), 1), ((2, 20_000), -1)):
+                shape = list(shape)
+                shape[dim] += r  # uneven extents
+                sizes = [shape[dim] - r + i for i in range(w)]
+                piece = (torch.arange(math.prod(shape)) % 89 + 7 * r).reshape(shape).to(dtype)
+                got = comm.all_gather(piece, dim, sizes)
+                want = gloo.all_gather(piece, dim, sizes)
+                assert got.dtype == dtype and torch.equal(got, want), (dtype, shape, dim)
                 out.append(_digest(got))
     finally:
         comm.close()
