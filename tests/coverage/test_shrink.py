@@ -113,3 +113,33 @@ def test_a_head_family_shrinks_only_as_a_pair():
     # qk_head_dim alone (no qk_num_heads) follows its nope and rope parts, not the pattern
     d = tiny_config("deepseek_v3", kv_heads=None)
     assert d.qk_head_dim == d.qk_nope_head_dim + d.qk_rope_head_dim
+
+
+class _LayeredConfig(transformers.PretrainedConfig):
+    """A config no transformers model has: per-layer kinds, a list of layer indices, and a
+    4-long list that is neither (as long as the KV head count)."""
+
+    model_type = "xtp_test_layered"
+
+    def __init__(self, num_hidden_layers=12, hidden_size=256, num_attention_heads=8,
+                 num_key_value_heads=4, block_kinds=None, global_layers=(3, 7, 11),
+                 rope_section=(8, 8, 8, 8), **kwargs):
+        self.num_hidden_layers, self.hidden_size = num_hidden_layers, hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.block_kinds = block_kinds or ["global" if i in global_layers else "local"
+                                           for i in range(num_hidden_layers)]
+        self.global_layers, self.rope_section = list(global_layers), list(rope_section)
+        super().__init__(**kwargs)
+
+
+def test_layer_index_lists_are_renumbered_to_the_layers_kept():
+    c = tiny_config(_LayeredConfig)
+    assert c.num_hidden_layers == LAYERS and c.block_kinds == ["local", "global"]  # layers 0, 3
+    assert c.global_layers == [1]  # layer 3 is now layer 1; 7 and 11 are gone
+
+
+def test_a_list_as_long_as_the_kv_head_count_is_no_per_layer_list():
+    # the KV head count's tiny value (2) equals the layer count's: it was taken for a layer
+    # count, and every 4-long list (here 4 KV heads) cut to two entries as if per layer
+    assert tiny_config(_LayeredConfig).rope_section == [8, 8, 8, 8]

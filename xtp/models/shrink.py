@@ -26,9 +26,10 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, POSITIONS = 2, 64, 4, 2, 
 _KV_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 # attribute name -> tiny value. A name missing from a config is skipped; aliases are followed
 # through ``attribute_map``. Grouped by what the number means, not by model.
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                "decoder_layers", "num_encoder_layers", "num_decoder_layers")
 TINY: dict[str, int] = {
-    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
-                     "decoder_layers", "num_encoder_layers", "num_decoder_layers"), LAYERS),
+    **dict.fromkeys(LAYER_COUNTS, LAYERS),
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "embedding_size",
                      "word_embed_proj_dim", "projection_dim", "hidden_dim"), HIDDEN),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
@@ -143,6 +144,23 @@ def _layer_picks(n: int, lists: list[list]) -> list[int]:
     return picks
 
 
+def _layer_index_lists(attrs: dict, taken: dict, n: int, picks: list[int]) -> dict[str, list]:
+    """Lists of layer indices among ``n`` layers (a name with ``layer`` in it, ints strictly
+    increasing below ``n``, not one entry per layer: ``index_layers=[4, 14]``,
+    ``mlp_only_layers=[0, 1]``) renumbered to the ``picks`` kept: the indices of kept layers,
+    in their new numbering."""
+    new = {old: i for i, old in enumerate(picks)}
+    out = {}
+    for k, v in attrs.items():
+        if (k in taken or "layer" not in k or not isinstance(v, (list, tuple)) or not v
+                or len(v) == n or not all(isinstance(x, int) and not isinstance(x, bool)
+                                          for x in v)):
+            continue
+        if all(0 <= a < b < n for a, b in zip(v, v[1:])) and 0 <= v[0] and v[-1] < n:
+            out[k] = type(v)(new[x] for x in v if x in new)
+    return out
+
+
 def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
     """The keyword arguments (in the config's own attribute names) that make ``default`` (a
     config instance) tiny; sub-configs are shrunk and passed as config instances.
@@ -159,7 +177,7 @@ def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
         value = _get(default, native)
         if isinstance(value, bool) or not isinstance(value, int):
             continue
-        if TINY.get(name) == LAYERS and value > 0:
+        if name in LAYER_COUNTS and value > 0:  # (a KV head count's tiny value is 2 too)
             layer_counts.add(value)
         if name in _KV_NAMES:
             tiny = HEADS if kv_heads is None else kv_heads
@@ -192,10 +210,10 @@ def tiny_kwargs(default, kv_heads: int | None = KV_HEADS) -> dict[str, Any]:
             continue
         per_layer = {k: v for k, v in attrs.items()
                      if isinstance(v, (list, tuple)) and len(v) == n and k not in kwargs}
-        if per_layer:
-            picks = _layer_picks(n, list(per_layer.values()))
-            for k, v in per_layer.items():
-                kwargs[k] = type(v)(v[i] for i in picks)
+        picks = _layer_picks(n, list(per_layer.values())) if per_layer else list(range(LAYERS))
+        for k, v in per_layer.items():
+            kwargs[k] = type(v)(v[i] for i in picks)
+        kwargs.update(_layer_index_lists(attrs, kwargs, n, picks))
     for native, tiny in list(kwargs.items()):  # per-layer sizes of a shrunk size: capped by it
         if not isinstance(tiny, int) or isinstance(tiny, bool):
             continue
