@@ -197,8 +197,9 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 
 def compiled_decoder(model, key: str, ids, steps: int):
-    """``(cache, step)`` for compiled decode: transformers' ``StaticCache`` (room for the prompt
-    ``ids`` and ``steps`` more tokens), filled by an eager prefill, and ``step(tokens, cache)``:
+    """``(prefill output, step)`` for compiled decode: an eager prefill of ``ids`` into
+    transformers' ``StaticCache`` (room for them and ``steps`` more tokens; the output holds
+    the cache under the model's cache keyword), and ``step(tokens, cache)``:
     one decode step through ``torch.compile(model, dynamic=False)`` with explicit positions
     (one graph for every step: no Python int changes between steps)."""
     import torch
