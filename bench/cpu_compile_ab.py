@@ -80,7 +80,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--pack", action="store_true",
-                    help="xtp: pack for inference first (CPU: bf16/fp16 for oneDNN, fp32 for the GEMV kernel)")
+                    help="xtp: pack for inference first (CPU: bf16/fp16 for oneDNN, fp32 for "
+                    "the GEMV kernel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tp = int(os.environ.get("WORLD_SIZE", "1"))
