@@ -34,6 +34,8 @@ names.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .traced import DIVIDED, TracedInt, origins
@@ -142,15 +144,6 @@ def _cut_dim(func, args: tuple, kwargs: dict) -> tuple[int, set[str]]:
     return pos, _attrs(index[dims[0]])
 
 
-def _features_from(x: torch.Tensor, dim: int) -> int:
-    """How many features dimensions ``dim`` onwards of ``x`` hold together (a cut of those
-    dimensions cuts the whole output when that is the projection's width)."""
-    count = 1
-    for size in x.shape[dim:]:
-        count *= int(size)
-    return count
-
-
 def record_roles(graph, func, args: tuple, kwargs: dict, src: set[str]) -> None:
     """Add the attribute origins behind op ``func``'s sizes, by role, to ``graph.roles`` of
     each of the activations' sources ``src``."""
@@ -159,7 +152,8 @@ def record_roles(graph, func, args: tuple, kwargs: dict, src: set[str]) -> None:
     dim, cut = _cut_dim(func, args, kwargs)
     for s in src:
         width = graph.out_shapes.get(s, ())[-1:]
-        whole = bool(cut) and width == (_features_from(args[0], dim),)
+        # a cut of the dimensions from ``dim`` on cuts the whole output when they hold its width
+        whole = bool(cut) and width == (math.prod(args[0].shape[dim:]),)
         if roles or repeats or counted or whole:
             mine = graph.roles[s]
             mine["count"] |= roles.get("count", set()) | counted | (cut if whole else set())
