@@ -70,22 +70,27 @@ def unavailable_reason() -> str:
 #: too"); fp32 takes the same limit (bench/cpu_gemv_threads.py measures 1, 4 and 16 rows)
 MAX_KERNEL_ROWS = 16
 #: ranks computing with more threads than this (``torch.get_num_threads()``) use torch's
-#: parallel paths instead of the kernel (``XTP_CPU_GEMV_THREADS`` overrides it). 1: the kernel
-#: serves ranks computing on one thread. The kernel's own pool reads at the bandwidth alone
-#: (93 GB/s at 8 threads on the 16-core Xeon, MKL 75), but inside a model its threads and
-#: torch's OpenMP threads, which spin after every op, fight for the same cores: llama-1b fp32
-#: tp 2 x 8 threads decoded at 210 ms/token through the pool against 38.5 with MKL (45 with
-#: ``OMP_WAIT_POLICY=PASSIVE``), bench/RESULTS.md, 2026-12-03
+#: parallel paths instead of the kernel for fp32 (``XTP_CPU_GEMV_THREADS`` overrides it for
+#: every dtype). 1: the kernel serves fp32 ranks computing on one thread: on several threads
+#: MKL's GEMV was as fast or faster per product on the 16-core Xeon (bench/RESULTS.md). bf16
+#: products go to the kernel at any thread count where they run on torch's own OpenMP team
+#: (:func:`team_mode`; llama-1b bf16 tp 2 x 8 threads on that Xeon: 33.6-35.6 ms/token against
+#: 42.2 through oneDNN in the same run, bench/RESULTS.md, 2026-12-03 night). The kernel's own
+#: pool never serves several threads by default: its workers and torch's OpenMP threads, which
+#: spin after every op, fight for the same cores (fp32 tp 2 x 8: 210 ms/token against 38.5)
 MAX_KERNEL_THREADS = 1
 
 
-def kernel_threads() -> int:
-    """The threads the kernel splits a product across: the rank's ``torch.get_num_threads()``
-    (0 when that is above ``XTP_CPU_GEMV_THREADS``, else :data:`MAX_KERNEL_THREADS`: the
-    kernel does not serve the call), or ``XTP_CPU_GEMV_SPLIT`` threads of its own pool when
-    that is set (torch's ops on one thread, products on the rank's cores)."""
+def kernel_threads(dtype: torch.dtype = torch.float32) -> int:
+    """The threads the kernel splits a ``dtype`` product across: the rank's
+    ``torch.get_num_threads()``, or 0 where the kernel does not serve it (more threads than
+    ``XTP_CPU_GEMV_THREADS`` allows, else than :data:`MAX_KERNEL_THREADS`, except bf16 on torch's
+    OpenMP team: :func:`team_serves_bf16`), or ``XTP_CPU_GEMV_SPLIT`` threads of its own pool
+    when that is set (torch's ops on one thread, products on the rank's cores)."""
     threads = torch.get_num_threads()
-    if threads > (gemv_threads() or MAX_KERNEL_THREADS):
+    limit = gemv_threads()
+    if threads > (limit or MAX_KERNEL_THREADS) and not (
+            limit is None and dtype == torch.bfloat16 and team_serves_bf16()):
         return 0
     split = gemv_split()
     if split is not None:  # the kernel's own pool, as many threads as asked
@@ -94,6 +99,20 @@ def kernel_threads() -> int:
     if threads > 1:
         team_mode()
     return threads
+
+
+def team_serves_bf16() -> bool:
+    """Whether bf16 products go to the kernel on a rank of several threads by default: team
+    mode is on (torch's own OpenMP runtime found, ``XTP_CPU_GEMV_TEAM`` not off) and
+    ``XTP_CPU_GEMV_SPLIT`` is not set. Decides team mode if it was not decided yet."""
+    return _kernel is not None and gemv_split() is None and team_mode()
+
+
+def unpack_threads() -> int:
+    """Threads that unpack a bf16 weight for ``F.linear`` (prefill): the rank's on torch's
+    OpenMP team, else one (the kernel's own pool is not started for it)."""
+    threads = torch.get_num_threads()
+    return threads if threads > 1 and gemv_split() is None and team_mode() else 1
 
 
 _team: list = []  # [whether team mode is on], once decided in this process
@@ -132,7 +151,7 @@ def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,
                 bias is not None and bias.requires_grad)))
             or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
         return 0
-    return kernel_threads()
+    return kernel_threads(dtype)
 
 
 class GemvLinear(PackedLinear):
@@ -233,7 +252,8 @@ class Bf16GemvLinear(PackedLinear):
 
     def unpack(self) -> torch.Tensor:
         weight = torch.empty(self.shape, dtype=torch.bfloat16)
-        _kernel.unpack_bf16(self._packed.data_ptr(), weight.data_ptr(), *self.shape)
+        _kernel.unpack_bf16(self._packed.data_ptr(), weight.data_ptr(), *self.shape,
+                            unpack_threads())
         return weight
 
     @property

@@ -13,9 +13,10 @@ Which layout each dtype gets (:func:`env_layouts`): fp32 keeps its plain layout 
 in the kernel's blocked layout, and their one-token products go to xtp's own GEMV kernel
 (:mod:`xtp.accelerators.cpu.gemv`: faster than MKL's fp32 GEMV and oneDNN's packed bf16 matmul at
 one token), where it is built and the CPU has AVX-512 or AVX2 (else fp32 stays dense: MKL, and bf16
-is packed for oneDNN), for ranks computing on one thread (``XTP_CPU_GEMV_THREADS=N``: up to N
-threads, the kernel splitting a product across them; ``gemv.MAX_KERNEL_THREADS``), and bf16
-except on CPUs with AMX
+is packed for oneDNN): fp32 for ranks computing on one thread (``XTP_CPU_GEMV_THREADS=N``: up to N
+threads, the kernel splitting a product across them; ``gemv.MAX_KERNEL_THREADS``), bf16 also on
+any number of threads where the kernel splits products across torch's own OpenMP threads
+(``gemv.team_serves_bf16``), and bf16 on one thread except on CPUs with AMX
 (:data:`AMX_LAYOUTS`); fp16 is packed for oneDNN (fp32 is not: oneDNN's packed fp32 did not beat the
 dense decode time, not worth its packing copy). ``XTP_CPU_PACK`` chooses: ``1`` (default) as above,
 ``all`` every dtype in oneDNN's layout, ``kernel`` the kernel's layouts on AMX CPUs too, ``0``
@@ -39,8 +40,11 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
 #: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring) ...
 DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
-#: ... except on CPUs with AMX bf16 tiles, where oneDNN's bf16 matmul uses them and outran the
-#: kernel as measured on an Intel Xeon with AMX (bench/RESULTS.md); fp32 keeps the kernel there
+#: ... except on CPUs with AMX bf16 tiles for ranks that compute on one thread (or where the
+#: kernel cannot use torch's OpenMP team): there oneDNN's bf16 matmul, which uses the tiles,
+#: outran the kernel on one core of an Intel Xeon with AMX; on several threads through torch's
+#: team the kernel was faster, per product and in the model (bench/RESULTS.md); fp32 keeps the
+#: kernel there
 AMX_LAYOUTS = {torch.bfloat16: ONEDNN}
 MIN_BYTES = 1 << 20
 
@@ -58,7 +62,8 @@ def cpu_has_amx_bf16() -> bool:
 
 def env_layouts() -> dict[torch.dtype, str]:
     """The layout ``XTP_CPU_PACK`` asks for, by dtype: ``1``/unset -> :data:`DEFAULT_LAYOUTS`
-    (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16),
+    (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16, unless the rank computes on several
+    threads and the kernel runs on torch's OpenMP team),
     ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``kernel`` ->
     :data:`DEFAULT_LAYOUTS` on every CPU, ``0`` -> none. Another value
     raises :class:`~xtp.accelerators.errors.EnvSettingError` (an ``AcceleratorError``)."""
@@ -69,7 +74,18 @@ def env_layouts() -> dict[torch.dtype, str]:
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
     if wanted == "kernel":
         return dict(DEFAULT_LAYOUTS)
-    return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if cpu_has_amx_bf16() else {})}
+    amx = cpu_has_amx_bf16() and not _bf16_kernel_on_team()
+    return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if amx else {})}
+
+
+def _bf16_kernel_on_team() -> bool:
+    """Whether this rank computes on several threads and its bf16 products would run through
+    xtp's kernel on torch's OpenMP team (:func:`.gemv.team_serves_bf16`)."""
+    if torch.get_num_threads() < 2:
+        return False
+    from .gemv import team_serves_bf16, unavailable_reason
+
+    return not unavailable_reason() and team_serves_bf16()
 
 
 def layouts_to_use(dtypes: tuple[torch.dtype, ...] | None = None) -> dict[torch.dtype, str]:
@@ -129,7 +145,7 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
             return GemvLinear(weight) if usable and weight.is_contiguous() else None
         # bf16: a rank computing with more threads than the kernel serves keeps oneDNN's
         # parallel matmul (the layout is chosen once, here, with the threads set for the run)
-        if usable and kernel_threads():
+        if usable and kernel_threads(torch.bfloat16):
             return Bf16GemvLinear(weight)
     if not onednn_available():  # bf16 without the kernel: oneDNN's layout
         return None

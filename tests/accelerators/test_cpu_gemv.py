@@ -218,17 +218,24 @@ def test_bf16_calls_the_kernel_does_not_serve_go_to_linear(spy, monkeypatch):
     lin.matmul(xg).float().sum().backward()  # a gradient is recorded
     assert xg.grad is not None and xg.grad.shape == (1, 64)
     assert spy.calls == 0
-    before = torch.get_num_threads()
+    before, team = torch.get_num_threads(), cpu_gemv.team_mode()
     torch.set_num_threads(2)  # asked for: the kernel serves up to XTP_CPU_GEMV_THREADS
     try:
+        monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "1")
+        lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
+        assert spy.calls == 0
         monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "2")
         lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
         assert spy.calls == 1
-        monkeypatch.delenv("XTP_CPU_GEMV_THREADS")  # the default (one thread): F.linear
+        monkeypatch.delenv("XTP_CPU_GEMV_THREADS")  # the default: bf16 on torch's team ...
         lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
+        assert spy.calls == 1 + team
+        cpu_gemv.set_team_mode(False)  # ... and F.linear where products cannot run on it
+        lin.matmul(torch.randn(1, 64).to(torch.bfloat16))
+        assert spy.calls == 1 + team
     finally:
         torch.set_num_threads(before)
-    assert spy.calls == 1
+        cpu_gemv.set_team_mode(team)
 
 
 @needs_gemv

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
 import threading
 
@@ -217,6 +218,43 @@ def test_gemv_threads_env_limits_the_threads_the_kernel_serves(monkeypatch):
     assert gemv.kernel_threads() == 4
 
 
+def test_bf16_products_go_to_the_kernel_on_torchs_team_at_any_thread_count(monkeypatch):
+    """The default (no XTP_CPU_GEMV_THREADS): fp32 on one-thread ranks only; bf16 on every
+    thread count where products run on torch's own OpenMP team, else none either."""
+    from xtp.accelerators.cpu import gemv
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.delenv("XTP_CPU_GEMV_THREADS", raising=False)
+    assert gemv.set_team_mode(True)
+    assert gemv.kernel_threads(torch.bfloat16) == 4 and gemv.unpack_threads() == 4
+    assert gemv.kernel_threads(torch.float32) == 0
+    gemv.set_team_mode(False)  # no team (not found, or XTP_CPU_GEMV_TEAM=0): not the pool
+    assert gemv.kernel_threads(torch.bfloat16) == 0 and gemv.unpack_threads() == 1
+    monkeypatch.setattr(gemv, "_team", [])
+    monkeypatch.setenv("XTP_CPU_GEMV_TEAM", "0")
+    assert gemv.kernel_threads(torch.bfloat16) == 0
+    monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "2")  # an explicit limit holds for bf16 too
+    monkeypatch.setattr(gemv, "_team", [])
+    monkeypatch.setenv("XTP_CPU_GEMV_TEAM", "1")
+    assert gemv.kernel_threads(torch.bfloat16) == 0
+
+
+@pytest.mark.parametrize("shape", [(45, 333), (512, 1000), (1027, 64)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_unpack_split_across_threads_is_bit_exact(mode, threads_restored, shape, threads):
+    """The prefill path's unpack, split by row blocks across the pool or torch's team, gives
+    the weight back bit for bit (row tails, column tails, parts of several blocks)."""
+    from xtp.accelerators.cpu import gemv
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    packed = gemv.pack_bf16(w)
+    torch.set_num_threads(threads)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    cpu_gemv._kernel.unpack_bf16(packed.data_ptr(), out.data_ptr(), *shape, threads)
+    assert torch.equal(out, w) and torch.equal(gemv.unpack_bf16(packed, shape), w)
+    assert torch.equal(gemv.Bf16GemvLinear(w).unpack(), w)
+
+
 def test_team_mode_finds_torchs_openmp_runtime_and_can_be_switched(monkeypatch):
     """On Linux with torch's bundled OpenMP runtime: GOMP_parallel is found in the library
     already loaded; XTP_CPU_GEMV_TEAM decides the mode the first time a product needs threads."""
@@ -231,7 +269,39 @@ def test_team_mode_finds_torchs_openmp_runtime_and_can_be_switched(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "_team", [])
     monkeypatch.delenv("XTP_CPU_GEMV_TEAM")
     assert cpu_gemv.team_mode()  # the default where the runtime is found
-    assert gomp_parallel_address("/nonexistent/maps") is None
+    # torch binds GOMP_parallel in the global symbol scope: found without reading the maps
+    assert gomp_parallel_address("/nonexistent/maps") == gomp_parallel_address()
+
+
+TEAM_THREADS = """
+import os, torch
+from xtp.accelerators.cpu import gemv
+torch.set_num_threads(3)
+a = torch.zeros(3 << 17)
+a.fill_(1.0)  # torch's parallel region: its OpenMP team of 3 exists from here on
+tasks = lambda: len(os.listdir("/proc/self/task"))
+before = tasks()
+assert gemv.set_team_mode(True)
+lin = gemv.GemvLinear(torch.randn(256, 2048))
+x = torch.randn(1, 2048)
+for _ in range(3):
+    y = lin.matmul(x)
+    a.fill_(2.0)
+assert torch.equal(y, lin.matmul(x))
+print(before, tasks(), gemv._kernel.pool_workers())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_team_mode_runs_products_on_torchs_threads_and_starts_none():
+    """Team mode's products run on the OpenMP threads torch already started: the process has
+    as many threads after products split three ways as before (a second runtime's team, or the
+    kernel's own pool, would add two)."""
+    proc = subprocess.run([sys.executable, "-c", TEAM_THREADS], capture_output=True, text=True,
+                          env=dict(os.environ, XTP_CPU_GEMV_THREADS="8"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, after, workers = map(int, proc.stdout.split())
+    assert after == before and workers == 0
 
 
 def test_gemv_split_gives_the_kernel_its_own_thread_count(monkeypatch):

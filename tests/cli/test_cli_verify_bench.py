@@ -247,3 +247,55 @@ def test_bench_compiled_variants_are_known_implementations():
                        ("unsharded-compiled", "unsharded")):
         impl, env = VARIANTS[name]
         assert impl == base and env == {"XTP_BENCH_DECODE": "compiled"}
+
+
+def test_bench_decode_auto_is_compiled_only_where_the_accelerator_says_so(monkeypatch):
+    """``--decode auto`` follows the accelerator's ``compiled_decode`` (CUDA: True; the CPU:
+    False); an explicit choice is kept. A stand-in accelerator shows the CUDA branch: this
+    proves the selection, not that CUDA decodes faster (bench/RESULTS.md measures that)."""
+    import xtp.accelerators as accelerators
+    from xtp.accelerators.devices.cuda import CudaAccelerator
+    from xtp.cli.bench import resolve_decode
+
+    monkeypatch.setenv("XTP_ACCELERATOR", "cpu")
+    accelerators.reset_accelerator()
+    try:
+        mode, why = resolve_decode("auto")
+        assert mode == "eager" and why.startswith("decode: eager (cpu:")
+        assert resolve_decode("compiled") == ("compiled", "decode: compiled (--decode compiled)")
+        monkeypatch.setattr(accelerators, "get_accelerator", lambda: CudaAccelerator())
+        mode, why = resolve_decode("auto")
+        assert mode == "compiled" and "--decode eager or --vs xtp-eager" in why
+        assert resolve_decode("eager")[0] == "eager"
+    finally:
+        accelerators.reset_accelerator()
+
+
+def test_bench_ranks_get_the_decode_of_the_run_unless_a_variant_sets_its_own(monkeypatch,
+                                                                            tmp_path):
+    """``launch`` passes ``--decode`` to every rank: the run's, or the variant's own
+    (``xtp-compiled``, ``xtp-eager``)."""
+    import argparse
+
+    import xtp.cli.bench as bench
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def popen(cmd, **kwargs):
+        seen.append(cmd[cmd.index("--decode") + 1])
+        raise Stop
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    args = argparse.Namespace(prefill_tokens=4, batch=1, repeats=1, decode_steps=2, warmup=1,
+                              profile=False, no_bandwidth=True, decode="compiled", timeout=5)
+    for impl in ("xtp", "xtp-eager", "unsharded-compiled"):
+        with pytest.raises(Stop):
+            bench.launch(sys.executable, impl, "ckpt", 1, "float32", 1, args)
+    args.decode = "eager"
+    with pytest.raises(Stop):
+        bench.launch(sys.executable, "xtp-compiled", "ckpt", 1, "float32", 1, args)
+    assert seen == ["compiled", "eager", "compiled", "compiled"]

@@ -41,11 +41,14 @@ VARIANTS = {
     # torch's ops on one thread, the kernel's products on all the rank's cores (its own pool)
     "xtp-kernel-solo": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_NUM_THREADS": "1",
                                 "XTP_CPU_GEMV_SPLIT": "cores"}),
-    # decode through torch.compile over a static KV cache (the compile is timed apart)
+    # decode through torch.compile over a static KV cache (the compile is timed apart), or
+    # eagerly: whatever --decode says for the others (auto: compiled on CUDA, eager on the CPU)
     "xtp-compiled": ("xtp", {"XTP_BENCH_DECODE": "compiled"}),
+    "xtp-eager": ("xtp", {"XTP_BENCH_DECODE": "eager"}),
     "deepspeed-compiled": ("deepspeed", {"XTP_BENCH_DECODE": "compiled"}),
     "unsharded-compiled": ("unsharded", {"XTP_BENCH_DECODE": "compiled"}),
 }
+DECODES = ("auto", "eager", "compiled")
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
 
@@ -71,8 +74,9 @@ def add_parser(sub) -> None:
                    help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)}"
                    "); also xtp-dense: xtp with its weights left unpacked (--no-pack); "
                    "xtp-compiled, deepspeed-compiled, unsharded-compiled: decode through "
-                   "torch.compile over a static KV cache; xtp-kernel-team, -pool, -solo: the "
-                   "GEMV kernel on every thread count (see XTP_CPU_GEMV_* in xtp env)")
+                   "torch.compile over a static KV cache; xtp-eager: eager decode; "
+                   "xtp-kernel-team, -pool, -solo: the GEMV kernel on every thread count (see "
+                   "XTP_CPU_GEMV_* in xtp env)")
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
     p.add_argument("--python", default=None,
                    help=f"interpreter for all ranks (default ${ENV_PYTHON}, else this one); "
@@ -85,6 +89,11 @@ def add_parser(sub) -> None:
                    help="decode steps timed, median reported (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="prefill repeats (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps (default 2)")
+    p.add_argument("--decode", choices=DECODES, default="auto",
+                   help="how every implementation decodes: eager (dynamic KV cache), compiled "
+                   "(torch.compile over a static KV cache; the warm-up steps, which compile, "
+                   "are timed apart), or auto (default): compiled where the accelerator "
+                   "decodes faster so (CUDA: CUDA graphs), else eager (the CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per rank (default: the physical cores each rank is pinned to; "
                    "with --no-pin available cores // tp)")
@@ -184,12 +193,13 @@ def launch(python: str, impl: str, path: Path, tp: int, dtype: str, threads: int
 
     out = Path(tempfile.mkdtemp(prefix="xtp-bench-"))
     rank_impl, extra_env = VARIANTS.get(impl, (impl, {}))
+    decode = extra_env.get("XTP_BENCH_DECODE") or args.decode
     cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
            bench_rank.__file__, str(path), "--impl", rank_impl, "--tp", str(tp), "--dtype", dtype,
            "--threads", str(threads), "--prefill-tokens", str(args.prefill_tokens),
            "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-           "--warmup", str(args.warmup), "--out", str(out)] + (
+           "--warmup", str(args.warmup), "--decode", decode, "--out", str(out)] + (
                ["--profile"] if args.profile else []) + (
                ["--cpus", cpus] if cpus else []) + (
                ["--bandwidth"] if not (args.no_bandwidth or _has_device()) else [])
@@ -224,6 +234,23 @@ def _has_device() -> bool:
 
     acc = getattr(torch, "accelerator", None)
     return bool(acc is not None and acc.is_available())
+
+
+def resolve_decode(decode: str) -> tuple[str, str]:
+    """``(eager|compiled, why)`` for ``--decode``: ``auto`` is compiled where this process's
+    accelerator decodes faster compiled (:attr:`Accelerator.compiled_decode`: CUDA), else
+    eager."""
+    if decode != "auto":
+        return decode, f"decode: {decode} (--decode {decode})"
+    from ..accelerators import get_accelerator
+
+    acc = get_accelerator()
+    if acc.compiled_decode:
+        return "compiled", (f"decode: compiled ({acc.name} decodes faster through "
+                            "torch.compile over a static KV cache; --decode eager or --vs "
+                            "xtp-eager for the eager path)")
+    return "eager", (f"decode: eager ({acc.name}: eager decode is the faster path here; "
+                     "--decode compiled or --vs xtp-compiled to measure the compiled one)")
 
 
 def _check(args) -> tuple[list[int], list[str], list[str]]:
@@ -312,6 +339,8 @@ def run(args) -> int:
     check_environment()  # a bad XTP_* value fails here, not in every run's ranks
     resolve_config(args.model)  # a wrong MODEL fails here, before anything starts
     tps, dtypes, vs = _check(args)
+    args.decode, decode_why = resolve_decode(args.decode)
+    print(decode_why, flush=True)
     apply_pack_option(args)
     python = args.python or os.environ.get(ENV_PYTHON) or sys.executable
     impls = ["xtp", "unsharded"]

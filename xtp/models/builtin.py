@@ -1,5 +1,6 @@
-"""Built-in model configs (no download): a tiny Llama for demos and tests, and a ~1B Llama for
-benchmarks. Weights are random but deterministic (seeded), so every rank builds the same model."""
+"""Built-in model configs (no download): a tiny Llama for demos and tests, a ~1B Llama and an
+8B-class Llama (Llama-3-8B's shape) for benchmarks. Weights are random but deterministic
+(seeded), so every rank builds the same model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632,
                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    # an 8B-class model in Llama-3-8B's shape (16 GB in bf16): the server benchmarks
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                     tie_word_embeddings=False),
 }
 DEFAULT_MODEL = "tiny-llama"
 SEED = 1234

@@ -180,28 +180,44 @@ py_pool_workers(PyObject *self, PyObject *unused)
     return PyLong_FromLong(pool_workers());
 }
 
-/* unpack_bf16(p, w, out, in): the packed bf16 weight p back into the row-major (out, in) w;
+/* rows o_begin <= o < o_end of the packed bf16 weight a->w back into the row-major (out, in)
+   a->y: 64-byte copies (a gemv_kernel, so that pool_run can split it like a product) */
+static void
+unpack_rows(const gemv_args *a, ptrdiff_t o_begin, ptrdiff_t o_end)
+{
+    const uint16_t *p = a->w;
+    uint16_t *w = a->y;
+    const ptrdiff_t in = a->in, chunks = (in + CHUNK - 1) / CHUNK;
+    for (ptrdiff_t o = o_begin; o < o_end; o += ROW_BLOCK) {
+        for (ptrdiff_t c = 0; c < chunks; c++) {
+            const uint16_t *q = p + (o * chunks + c * ROW_BLOCK) * CHUNK;
+            const ptrdiff_t len = in - c * CHUNK < CHUNK ? in - c * CHUNK : CHUNK;
+            for (ptrdiff_t k = 0; k < ROW_BLOCK && o + k < o_end; k++)
+                memcpy(w + (o + k) * in + c * CHUNK, q + k * CHUNK, (size_t)len * 2);
+        }
+    }
+}
+
+/* unpack_bf16(p, w, out, in[, threads]): the packed bf16 weight p back into the row-major
+   (out, in) w, split by row blocks across `threads` threads like a product (1 by default);
    returns None. Used for inputs the kernel does not serve (prefill): 64-byte copies, several
    times faster than torch's strided copy of the same permutation. */
 static PyObject *
 py_unpack_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    static const char sig[] = "unpack_bf16(p, w, out, in[, threads])";
     void *a[2];
-    Py_ssize_t n[2];
-    if (parse_call("unpack_bf16(p, w, out, in)", args, nargs, 2, -1, a, 2, 2, n) < 0)
+    Py_ssize_t n[3] = {0, 0, 1};
+    if (parse_call(sig, args, nargs, 2, -1, a, 2, 3, n) < 0)
         return NULL;
-    const uint16_t *p = a[0];
-    uint16_t *w = a[1];
-    const Py_ssize_t out = n[0], in = n[1];
-    const Py_ssize_t chunks = (in + CHUNK - 1) / CHUNK;
-    for (Py_ssize_t o = 0; o < out; o += ROW_BLOCK) {
-        for (Py_ssize_t c = 0; c < chunks; c++) {
-            const uint16_t *q = p + (o * chunks + c * ROW_BLOCK) * CHUNK;
-            const Py_ssize_t len = in - c * CHUNK < CHUNK ? in - c * CHUNK : CHUNK;
-            for (Py_ssize_t k = 0; k < ROW_BLOCK && o + k < out; k++)
-                memcpy(w + (o + k) * in + c * CHUNK, q + k * CHUNK, (size_t)len * 2);
-        }
-    }
+    const int threads = thread_count(sig, n[2]);
+    if (!threads)
+        return NULL;
+    const gemv_args g = {a[0], NULL, NULL, a[1], n[0], n[1], 1};
+    const size_t bytes = (size_t)(n[0] * n[1]) * 2;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(unpack_rows, &g, threads, bytes);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -246,7 +262,8 @@ static PyMethodDef methods[] = {
      "gemv_bf16(p, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W packed "
      "(gemv.py), on `threads` threads (1 by default)"},
     {"unpack_bf16", (PyCFunction)(void (*)(void))py_unpack_bf16, METH_FASTCALL,
-     "unpack_bf16(p, w, out, in): the packed bf16 weight p into row-major w"},
+     "unpack_bf16(p, w, out, in[, threads]): the packed bf16 weight p into row-major w, on "
+     "`threads` threads (1 by default)"},
     {"threads_for", (PyCFunction)(void (*)(void))py_threads_for, METH_FASTCALL,
      "threads_for(out, in, itemsize, threads): the threads a product of that weight uses"},
     {"pool_workers", py_pool_workers, METH_NOARGS,
