@@ -215,8 +215,9 @@ def setting(name: str) -> str:
 
 def gemv_threads() -> int | None:
     """``XTP_CPU_GEMV_THREADS``: ranks computing with more threads than this use torch's
-    parallel matmuls instead of xtp's GEMV kernel (``1``: the kernel serves one-thread ranks
-    only); ``None`` when unset or empty (the kernel's own default).
+    parallel matmuls instead of xtp's GEMV kernel, for every dtype (``1``: the kernel serves
+    one-thread ranks only); ``None`` when unset or empty (the kernel's own default: fp32 on
+    one-thread ranks, bf16 on any thread count where products run on torch's OpenMP team).
 
     Raises:
         EnvSettingError: the value is not a positive integer.
@@ -228,7 +229,9 @@ def gemv_threads() -> int | None:
 def gemv_team() -> bool:
     """``XTP_CPU_GEMV_TEAM``: whether xtp's GEMV kernel splits a product across torch's own
     OpenMP threads (unset, ``1``, ``true``, ``on``, ``yes``: where torch's OpenMP runtime is
-    found) or across the kernel's own thread pool (``0``, ``false``, ``off``, ``no``).
+    found; then bf16 ranks of several threads use the kernel by default) or across the
+    kernel's own thread pool (``0``, ``false``, ``off``, ``no``: bf16 ranks of several threads
+    then stay on oneDNN unless ``XTP_CPU_GEMV_THREADS`` says otherwise).
 
     Raises:
         EnvSettingError: any other value.

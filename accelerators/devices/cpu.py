@@ -84,7 +84,7 @@ class CpuAccelerator(Accelerator):
 
     @override
     def linear_packing(self) -> str:
-        from ..cpu.gemv import kernel_isa, unavailable_reason
+        from ..cpu.gemv import kernel_isa, team_serves_bf16, unavailable_reason
         from ..cpu.packed_linear import GEMV, MIN_BYTES, layouts_to_use, onednn_available
         from ..env import ENV_CPU_PACK, setting
         from ..errors import AcceleratorError
@@ -103,8 +103,11 @@ class CpuAccelerator(Accelerator):
             onednn += [d for d in kernel if d != torch.float32]
         parts = []
         if kernel:
+            team = torch.bfloat16 in kernel and kernel_isa() and team_serves_bf16()
             parts.append(f"xtp's GEMV kernel ({kernel_isa()}) for {names(kernel)} at decode "
-                         "(ranks on one thread; XTP_CPU_GEMV_THREADS=N: up to N)"
+                         "(ranks on one thread" + (", bfloat16 on any number: on torch's OpenMP "
+                                                   "threads" if team else "")
+                         + "; XTP_CPU_GEMV_THREADS=N: up to N)"
                          if kernel_isa() else f"no GEMV kernel ({unavailable_reason()}): "
                                               "float32 dense")
         if onednn:

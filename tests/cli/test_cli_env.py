@@ -62,9 +62,10 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
     # this torch build has oneDNN and the kernel is built on x86-64 (test_cpu_gemv checks it)
     from xtp.accelerators.cpu.gemv import kernel_isa
 
-    assert cpu["linear_packing"] == (
+    assert cpu["linear_packing"] == (  # torch's OpenMP runtime is found on Linux
         f"xtp's GEMV kernel ({kernel_isa()}) for bfloat16/float32 at decode (ranks on one "
-        "thread; XTP_CPU_GEMV_THREADS=N: up to N); oneDNN blocked layout for float16; "
+        "thread, bfloat16 on any number: on torch's OpenMP threads; XTP_CPU_GEMV_THREADS=N: "
+        "up to N); oneDNN blocked layout for float16; "
         "weights >= 1 MiB (XTP_CPU_PACK=all: "
         "oneDNN for every dtype, XTP_CPU_PACK=0: off)")
 

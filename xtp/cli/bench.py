@@ -32,6 +32,8 @@ PEERS = ("deepspeed", "transformers")
 #: --vs names that are xtp itself with other settings: (implementation, extra environment)
 VARIANTS = {
     "xtp-dense": ("xtp", {"XTP_CPU_PACK": "0"}),  # xtp without inference packing
+    # bf16 on several threads through oneDNN (the kernel kept off torch's OpenMP team)
+    "xtp-onednn": ("xtp", {"XTP_CPU_GEMV_TEAM": "0"}),
     # xtp's GEMV kernel at every thread count, fp32 and bf16 (AMX CPUs too), on torch's OpenMP
     # threads ("-team") or on the kernel's own pool ("-pool")
     "xtp-kernel-team": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
@@ -73,6 +75,7 @@ def add_parser(sub) -> None:
     p.add_argument("--vs", default=",".join(PEERS),
                    help=f"peers to compare, comma-separated, or 'none' (default {','.join(PEERS)}"
                    "); also xtp-dense: xtp with its weights left unpacked (--no-pack); "
+                   "xtp-onednn: bf16 ranks of several threads on oneDNN, not the GEMV kernel; "
                    "xtp-compiled, deepspeed-compiled, unsharded-compiled: decode through "
                    "torch.compile over a static KV cache; xtp-eager: eager decode; "
                    "xtp-kernel-team, -pool, -solo: the GEMV kernel on every thread count (see "
