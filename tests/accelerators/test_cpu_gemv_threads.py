@@ -46,9 +46,13 @@ def kernel_on_every_thread_count(monkeypatch):
     default serves one-thread ranks only: gemv.MAX_KERNEL_THREADS), on its own pool unless a
     test asks for torch's OpenMP team (``mode``)."""
     monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "256")
+    original = cpu_gemv._team  # tests may swap the list (monkeypatch) or change its contents
+    before = list(original)
     cpu_gemv.set_team_mode(False)
     yield
-    cpu_gemv.set_team_mode(False)
+    cpu_gemv._team = original  # as it was, for the tests after these
+    cpu_gemv.set_team_mode(bool(before and before[0]))
+    original[:] = before
 
 
 @pytest.fixture(params=["pool", "team"])

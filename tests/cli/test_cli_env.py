@@ -46,7 +46,11 @@ def test_env_lists_every_builtin_and_the_selection(fake, capsys):
     assert "-> install" in out  # and the fix
 
 
-def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
+@pytest.mark.parametrize("team", [True, False])
+def test_env_json_is_machine_readable(fake, capsys, monkeypatch, team):
+    from xtp.accelerators.cpu import gemv
+
+    monkeypatch.setattr(gemv, "team_serves_bf16", lambda: team)  # torch's OpenMP team or not
     monkeypatch.setenv("XTP_DIST_BACKEND", "gloo")
     rc, out = run_main(capsys, "env", "--json")
     assert rc == 0
@@ -62,10 +66,10 @@ def test_env_json_is_machine_readable(fake, capsys, monkeypatch):
     # this torch build has oneDNN and the kernel is built on x86-64 (test_cpu_gemv checks it)
     from xtp.accelerators.cpu.gemv import kernel_isa
 
-    assert cpu["linear_packing"] == (  # torch's OpenMP runtime is found on Linux
+    assert cpu["linear_packing"] == (
         f"xtp's GEMV kernel ({kernel_isa()}) for bfloat16/float32 at decode (ranks on one "
-        "thread, bfloat16 on any number: on torch's OpenMP threads; XTP_CPU_GEMV_THREADS=N: "
-        "up to N); oneDNN blocked layout for float16; "
+        "thread" + (", bfloat16 on any number: on torch's OpenMP threads" if team else "")
+        + "; XTP_CPU_GEMV_THREADS=N: up to N); oneDNN blocked layout for float16; "
         "weights >= 1 MiB (XTP_CPU_PACK=all: "
         "oneDNN for every dtype, XTP_CPU_PACK=0: off)")
 
