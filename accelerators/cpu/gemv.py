@@ -8,16 +8,18 @@ two input rows per pass on AVX-512) reads it faster than torch's CPU ``F.linear`
 GEMV in fp32; measured speeds in bench/RESULTS.md). One product is split by output rows across
 the rank's threads (``torch.get_num_threads()``) by the extension's own thread pool
 (``gemv_pool.c``: persistent pthreads started on first need, spinning briefly between products
-then sleeping, fork-safe; not OpenMP, which torch bundles its own copy of), with the GIL
-released. Every output is summed in the same order whatever the thread count and the number of
-rows, so results do not depend on either. The kernel is a C extension built at install time
+then sleeping, fork-safe; not OpenMP, which torch bundles its own copy of), or by torch's own
+OpenMP threads (team mode, :mod:`.openmp_team`), with the GIL released. Every output is
+summed in the same order whatever the thread count and the number of rows, so results do not
+depend on either. The kernel is a C extension built at install time
 (``setup.py``, optional: no compiler, no kernel) and needs no torch headers; the instruction set
 is picked when it is imported (:func:`kernel_isa`).
 
 Which calls the kernel serves: inputs of up to :data:`MAX_KERNEL_ROWS` rows, ranks computing
 with up to :data:`MAX_KERNEL_THREADS` threads (default 1: one-thread ranks, e.g. tp ranks sharing
 a small host's cores; ``XTP_CPU_GEMV_THREADS=N`` lets the kernel split products across up to N
-threads; torch's parallel paths above), calls that record no gradient.
+threads; torch's parallel paths above) and, in bf16, ranks of any thread count whose products
+run on torch's own OpenMP team (:func:`team_serves_bf16`), calls that record no gradient.
 Everything else (prefill, training) is ``F.linear`` on the same weight. Results differ from
 ``F.linear``'s only by rounding (a different summation order).
 
