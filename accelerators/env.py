@@ -15,12 +15,14 @@ where it needs one (``xtp.init_distributed`` raises ``DistributedSetupError`` fo
 ``XTP_TIMEOUT``             seconds a collective waits for its peers (default 300)
 ``XTP_CPU_SHM``             ``0``/``false``/``off``/``no``: no shared-memory collectives on CPU
 ``XTP_CPU_SHM_CHUNK_BYTES`` bytes per rank per shared-memory buffer (default 1 MiB)
-``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all``, ``kernel`` or ``0``
+``XTP_CPU_PACK``            CPU inference packing: ``1`` (default), ``all``, ``kernel``,
+                            ``kernel-rows`` or ``0``
 ``XTP_CPU_GEMV_THREADS``    most threads per rank xtp's GEMV kernel serves (more: torch's paths)
 ``XTP_CPU_GEMV_TEAM``       ``0``/``false``/``off``/``no``: the kernel splits products on its own
                             pool, not on torch's OpenMP threads (default where found)
 ``XTP_CPU_GEMV_SPLIT``      threads (or ``cores``) the kernel splits each product across on its
                             own pool, whatever torch's thread count
+``XTP_CPU_GEMV_ROWS``       most input rows the kernel serves (default 16; more: ``F.linear``)
 ``XTP_NUM_THREADS``         intra-op threads per CPU rank (default: cores / local ranks)
 ``XTP_CROSS_NODE_TP``       ``1``/``true``/``on``/``yes``: let a TP group span nodes (slow)
 ``XTP_PIN``                 CPU ranks on their own cores: unset (``xtp run``/``bench`` pin the
@@ -50,6 +52,7 @@ ENV_PIN = "XTP_PIN"
 ENV_GEMV_THREADS = "XTP_CPU_GEMV_THREADS"
 ENV_GEMV_TEAM = "XTP_CPU_GEMV_TEAM"
 ENV_GEMV_SPLIT = "XTP_CPU_GEMV_SPLIT"
+ENV_GEMV_ROWS = "XTP_CPU_GEMV_ROWS"
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -133,11 +136,12 @@ def shm_chunk_bytes() -> int:
         raise EnvSettingError(f"{ENV_CHUNK_BYTES}={raw!r} is not a number of bytes") from None
 
 
-def cpu_pack() -> Literal["on", "off", "all", "kernel"]:
+def cpu_pack() -> Literal["on", "off", "all", "kernel", "kernel-rows"]:
     """What ``XTP_CPU_PACK`` asks for: ``"on"`` (unset, ``1``, ``true``, ``on``, ``yes``: each
     dtype in its default layout), ``"all"`` (every dtype in oneDNN's layout), ``"kernel"``
-    (fp32 and bf16 in the GEMV kernel's layouts, on CPUs with AMX too) or ``"off"`` (``0``,
-    ``false``, ``off``, ``no``: no packing).
+    (fp32 and bf16 in the GEMV kernel's layouts, on CPUs with AMX too), ``"kernel-rows"`` (the
+    same, bf16 kept as plain rows: an experiment, see ``gemv.Bf16RowsLinear``) or ``"off"``
+    (``0``, ``false``, ``off``, ``no``: no packing).
 
     Raises:
         EnvSettingError: any other value.
@@ -149,13 +153,13 @@ def cpu_pack() -> Literal["on", "off", "all", "kernel"]:
         return "on"
     if value in _PACK_ALL:
         return "all"
-    if value == "kernel":
-        return "kernel"
+    if value in ("kernel", "kernel-rows"):
+        return value
     raise EnvSettingError(
         f"{ENV_CPU_PACK}={os.environ[ENV_CPU_PACK]!r} is not understood; use 1 (the default: "
         "fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all (every dtype "
-        "packed for oneDNN), kernel (bf16 through the kernel on AMX CPUs too) or 0 (no "
-        "packing)")
+        "packed for oneDNN), kernel (bf16 through the kernel on AMX CPUs too), kernel-rows "
+        "(the same with bf16 weights kept as plain rows) or 0 (no packing)")
 
 
 def num_threads() -> int | None:
@@ -257,3 +261,13 @@ def gemv_split() -> int | Literal["cores"] | None:
     if raw == "cores":
         return "cores"
     return _positive_int(ENV_GEMV_SPLIT, " (threads per product, or 'cores')")
+
+
+def gemv_rows() -> int | None:
+    """``XTP_CPU_GEMV_ROWS``: inputs with more rows than this go to ``F.linear`` instead of xtp's
+    GEMV kernel (batched decode, prefill); ``None`` when unset or empty (the kernel's default).
+
+    Raises:
+        EnvSettingError: the value is not a positive integer.
+    """
+    return _positive_int(ENV_GEMV_ROWS, " (the most input rows the GEMV kernel serves)")

@@ -1,5 +1,6 @@
 """xtp's GEMV kernel for CPU decode: fp32 (:class:`GemvLinear`) and bf16
-(:class:`Bf16GemvLinear`), on the rank's threads.
+(:class:`Bf16GemvLinear`; :class:`Bf16RowsLinear` keeps bf16 as plain rows, an experiment), on
+the rank's threads.
 
 At decode a linear layer multiplies one row (or a few: batched decode) by its weight, a
 matrix-vector product whose time is the time to read the weight. xtp's kernel
@@ -42,7 +43,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..env import gemv_split, gemv_team, gemv_threads
+from ..env import gemv_rows, gemv_split, gemv_team, gemv_threads
 from ..packed.base import PackedLinear
 from .openmp_team import gomp_parallel_address
 
@@ -148,7 +149,7 @@ def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,
     """How many threads the kernel computes ``x @ W.T + bias`` on, or 0 when it does not serve
     this call (too many rows or threads, a gradient recorded, a bias it cannot read)."""
     rows = x.numel() // max(in_features, 1)
-    if (x.shape[-1] != in_features or rows > MAX_KERNEL_ROWS or rows < 1
+    if (x.shape[-1] != in_features or rows > (gemv_rows() or MAX_KERNEL_ROWS) or rows < 1
             or (torch.is_grad_enabled() and (x.requires_grad or (
                 bias is not None and bias.requires_grad)))
             or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
@@ -261,3 +262,52 @@ class Bf16GemvLinear(PackedLinear):
     @property
     def nbytes(self) -> int:
         return self._packed.numel() * self._packed.element_size()
+
+
+class Bf16RowsLinear(PackedLinear):
+    """A bf16 CPU weight ``(out_features, in_features)`` kept as it is (plain rows, no copy),
+    whose products with up to :data:`MAX_KERNEL_ROWS` input rows (``XTP_CPU_GEMV_ROWS``) go
+    to xtp's GEMV kernel on the same terms as :class:`Bf16GemvLinear`; everything else is
+    ``F.linear`` on the weight itself (no unpacked copy). An experiment
+    (``XTP_CPU_PACK=kernel-rows``, ``xtp bench --vs xtp-kernel-rows``): plain bf16 rows read
+    ~30% slower than the blocked layout on one core of a 2-core VM (bench/RESULTS.md), but need
+    no copy for prefill and batches. Takes ``in_features`` a multiple of 32 and
+    ``out_features`` of 8 (``ValueError`` otherwise: :func:`rows_fit`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if _WHY:
+            raise RuntimeError(f"xtp's GEMV kernel is not available: {_WHY}")
+        if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
+                or not weight.is_contiguous() or not rows_fit(weight.shape)):
+            raise ValueError("Bf16RowsLinear takes a contiguous 2-D bfloat16 CPU weight with "
+                             f"in_features a multiple of {COLUMN_CHUNK} and out_features of "
+                             f"{ROW_BLOCK}, got {weight.dtype} {tuple(weight.shape)} on "
+                             f"{weight.device}")
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+        self._weight = weight.detach()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        out_features, in_features = self.shape
+        threads = _serves(x, in_features, bias, torch.bfloat16)
+        if not threads:
+            return F.linear(x, self._weight, bias)
+        x = x.contiguous()
+        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
+        b = None if bias is None else bias.detach().contiguous()
+        _kernel.gemv_bf16_rows(self._weight.data_ptr(), x.data_ptr(),
+                               None if b is None else b.data_ptr(), y.data_ptr(), out_features,
+                               in_features, x.numel() // in_features, threads)
+        return y
+
+    def unpack(self) -> torch.Tensor:
+        return self._weight
+
+    @property
+    def nbytes(self) -> int:
+        return self._weight.numel() * self._weight.element_size()
+
+
+def rows_fit(shape) -> bool:
+    """Whether a weight of ``shape`` ``(out, in)`` suits :class:`Bf16RowsLinear`."""
+    return shape[1] % COLUMN_CHUNK == 0 and shape[0] % ROW_BLOCK == 0

@@ -38,6 +38,7 @@ from ..packed.base import PackedLinear
 #: every dtype oneDNN can pack (``XTP_CPU_PACK=all``)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ONEDNN, GEMV = "oneDNN", "gemv"  # the layouts: oneDNN's blocked one, plain for xtp's kernel
+GEMV_ROWS = "gemv-rows"  # bf16 for the kernel as plain rows (``XTP_CPU_PACK=kernel-rows``)
 #: the default: xtp's GEMV kernel for fp32 and bf16, oneDNN for fp16 (module docstring) ...
 DEFAULT_LAYOUTS = {torch.bfloat16: GEMV, torch.float16: ONEDNN, torch.float32: GEMV}
 #: ... except on CPUs with AMX bf16 tiles for ranks that compute on one thread (or where the
@@ -65,7 +66,8 @@ def env_layouts() -> dict[torch.dtype, str]:
     (with :data:`AMX_LAYOUTS` on a CPU with AMX bf16, unless the rank computes on several
     threads and the kernel runs on torch's OpenMP team),
     ``all`` -> oneDNN for every dtype in :data:`PACKABLE_DTYPES`, ``kernel`` ->
-    :data:`DEFAULT_LAYOUTS` on every CPU, ``0`` -> none. Another value
+    :data:`DEFAULT_LAYOUTS` on every CPU, ``kernel-rows`` -> the same with bf16 as
+    :data:`GEMV_ROWS`, ``0`` -> none. Another value
     raises :class:`~xtp.accelerators.errors.EnvSettingError` (an ``AcceleratorError``)."""
     wanted = cpu_pack()
     if wanted == "off":
@@ -74,6 +76,8 @@ def env_layouts() -> dict[torch.dtype, str]:
         return dict.fromkeys(PACKABLE_DTYPES, ONEDNN)
     if wanted == "kernel":
         return dict(DEFAULT_LAYOUTS)
+    if wanted == "kernel-rows":
+        return {**DEFAULT_LAYOUTS, torch.bfloat16: GEMV_ROWS}
     amx = cpu_has_amx_bf16() and not _bf16_kernel_on_team()
     return {**DEFAULT_LAYOUTS, **(AMX_LAYOUTS if amx else {})}
 
@@ -137,8 +141,15 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
     if (layout is None or weight.device.type != "cpu" or weight.dim() != 2
             or weight.numel() * weight.element_size() < min_bytes):
         return None
-    if layout == GEMV:  # fp32 or bf16
-        from .gemv import Bf16GemvLinear, GemvLinear, kernel_threads, unavailable_reason
+    if layout in (GEMV, GEMV_ROWS):  # fp32 or bf16
+        from .gemv import (
+            Bf16GemvLinear,
+            Bf16RowsLinear,
+            GemvLinear,
+            kernel_threads,
+            rows_fit,
+            unavailable_reason,
+        )
 
         usable = not unavailable_reason()
         if weight.dtype == torch.float32:  # without the kernel: dense (MKL)
@@ -146,7 +157,8 @@ def pack_cpu_linear(weight: torch.Tensor, min_bytes: int = MIN_BYTES,
         # bf16: a rank computing with more threads than the kernel serves keeps oneDNN's
         # parallel matmul (the layout is chosen once, here, with the threads set for the run)
         if usable and kernel_threads(torch.bfloat16):
-            return Bf16GemvLinear(weight)
+            plain = layout == GEMV_ROWS and weight.is_contiguous() and rows_fit(weight.shape)
+            return Bf16RowsLinear(weight) if plain else Bf16GemvLinear(weight)
     if not onednn_available():  # bf16 without the kernel: oneDNN's layout
         return None
     try:

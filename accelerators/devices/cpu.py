@@ -85,7 +85,7 @@ class CpuAccelerator(Accelerator):
     @override
     def linear_packing(self) -> str:
         from ..cpu.gemv import kernel_isa, team_serves_bf16, unavailable_reason
-        from ..cpu.packed_linear import GEMV, MIN_BYTES, layouts_to_use, onednn_available
+        from ..cpu.packed_linear import GEMV, GEMV_ROWS, MIN_BYTES, layouts_to_use, onednn_available
         from ..env import ENV_CPU_PACK, setting
         from ..errors import AcceleratorError
 
@@ -97,8 +97,8 @@ class CpuAccelerator(Accelerator):
             return f"off ({setting(ENV_CPU_PACK)})"
         size = MIN_BYTES if self.pack_min_bytes is None else self.pack_min_bytes
         names = lambda dtypes: "/".join(str(d).removeprefix("torch.") for d in dtypes)
-        kernel = [d for d, how in layouts.items() if how == GEMV]
-        onednn = [d for d, how in layouts.items() if how != GEMV]
+        kernel = [d for d, how in layouts.items() if how in (GEMV, GEMV_ROWS)]
+        onednn = [d for d, how in layouts.items() if how not in (GEMV, GEMV_ROWS)]
         if kernel and not kernel_isa():  # bf16 falls back to oneDNN, fp32 to dense
             onednn += [d for d in kernel if d != torch.float32]
         parts = []

@@ -87,8 +87,8 @@ def test_env_says_what_is_wrong_with_the_packing_switch(fake, capsys, monkeypatc
     assert rc == 0
     assert ("inference packing (cpu): not set up: XTP_CPU_PACK='fp32' is not understood; use 1 "
             "(the default: fp32 and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all "
-            "(every dtype packed for oneDNN), kernel (bf16 through the kernel on AMX CPUs too) or "
-            "0 (no packing)") in out
+            "(every dtype packed for oneDNN), kernel (bf16 through the kernel on AMX CPUs too), "
+            "kernel-rows (the same with bf16 weights kept as plain rows) or 0 (no packing)") in out
     assert "cpu (plugin)" not in out
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 
 class GemvSpy:
-    """Wraps the extension module ``kernel``; ``calls`` counts its ``gemv`` and ``gemv_bf16``
-    calls."""
+    """Wraps the extension module ``kernel``; ``calls`` counts its ``gemv``, ``gemv_bf16`` and
+    ``gemv_bf16_rows`` calls."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.calls = kernel, 0
@@ -22,6 +22,10 @@ class GemvSpy:
     def gemv_bf16(self, *args):
         self.calls += 1
         return self.kernel.gemv_bf16(*args)
+
+    def gemv_bf16_rows(self, *args):
+        self.calls += 1
+        return self.kernel.gemv_bf16_rows(*args)
 
 
 def install_gemv_spy() -> GemvSpy:

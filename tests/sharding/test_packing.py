@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from parity_worker import packed_parity
+from xtp.accelerators.cpu import gemv as cpu_gemv
 from xtp.accelerators.cpu.gemv import Bf16GemvLinear, GemvLinear, kernel_isa, unavailable_reason
 from xtp.accelerators.cpu.packed_linear import (
     MIN_BYTES,
@@ -60,8 +61,12 @@ def test_cpu_pack_respects_size_switch_and_dtype(monkeypatch):
         default_bf16 = pack_cpu_linear(w, min_bytes=0)
         assert isinstance(default_bf16, Bf16GemvLinear if kernel_isa() else OneDNNPackedLinear)
         assert torch.equal(default_bf16.unpack(), w)
-        torch.set_num_threads(2)  # several threads per rank: oneDNN's parallel matmul
+        torch.set_num_threads(2)  # several threads per rank, products not on torch's team:
+        monkeypatch.setattr(cpu_gemv, "team_serves_bf16", lambda: False)  # oneDNN's matmul
         assert isinstance(pack_cpu_linear(w, min_bytes=0), OneDNNPackedLinear)
+        monkeypatch.setattr(cpu_gemv, "team_serves_bf16", lambda: True)  # on it: the kernel
+        assert isinstance(pack_cpu_linear(w, min_bytes=0), type(default_bf16))
+        monkeypatch.setattr(cpu_gemv, "team_serves_bf16", lambda: False)
         monkeypatch.setenv("XTP_CPU_GEMV_THREADS", "2")  # asked: the kernel splits the product
         assert isinstance(pack_cpu_linear(w, min_bytes=0), type(default_bf16))
     finally:
@@ -99,7 +104,8 @@ def test_cpu_pack_rejects_an_unknown_switch_value(monkeypatch):
     assert str(err.value) == ("XTP_CPU_PACK='fp32' is not understood; use 1 (the default: fp32 "
                               "and bf16 through xtp's GEMV kernel, fp16 packed for oneDNN), all "
                               "(every dtype packed for oneDNN), kernel (bf16 through the "
-                              "kernel on AMX CPUs too) or 0 (no packing)")
+                              "kernel on AMX CPUs too), kernel-rows (the same with bf16 weights "
+                              "kept as plain rows) or 0 (no packing)")
 
 
 @needs_onednn
@@ -190,10 +196,12 @@ def test_packed_bf16_close_to_dense_sharded(rank_pool, case_id):
 
 
 def test_bf16_stays_with_onednn_on_cpus_with_amx(monkeypatch):
-    """AMX bf16 tiles (oneDNN uses them) outran the kernel there: bf16 keeps oneDNN's layout
-    by default; fp32 still goes to the kernel; ``all`` and ``0`` are unchanged."""
+    """AMX bf16 tiles (oneDNN uses them) outran the kernel on one core there: bf16 of
+    one-thread ranks keeps oneDNN's layout by default; fp32 still goes to the kernel; ``all``
+    and ``0`` are unchanged (ranks of several threads: test_openmp_team)."""
     from xtp.accelerators.cpu import packed_linear as cpl
 
+    monkeypatch.setattr(cpl.torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(cpl, "cpu_has_amx_bf16", lambda: True)
     assert cpl.env_layouts() == {torch.bfloat16: cpl.ONEDNN, torch.float16: cpl.ONEDNN,
                                  torch.float32: cpl.GEMV}

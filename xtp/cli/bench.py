@@ -25,31 +25,11 @@ import time
 from pathlib import Path
 
 from ..accelerators.cpu.cpu_topology import format_cpulist, parse_cpulist
+from ..bench.variants import VARIANTS
 from ..errors import ArgumentError
 from .options import add_pack_option, apply_pack_option
 
 PEERS = ("deepspeed", "transformers")
-#: --vs names that are xtp itself with other settings: (implementation, extra environment)
-VARIANTS = {
-    "xtp-dense": ("xtp", {"XTP_CPU_PACK": "0"}),  # xtp without inference packing
-    # bf16 on several threads through oneDNN (the kernel kept off torch's OpenMP team)
-    "xtp-onednn": ("xtp", {"XTP_CPU_GEMV_TEAM": "0"}),
-    # xtp's GEMV kernel at every thread count, fp32 and bf16 (AMX CPUs too), on torch's OpenMP
-    # threads ("-team") or on the kernel's own pool ("-pool")
-    "xtp-kernel-team": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
-                                "XTP_CPU_GEMV_TEAM": "1"}),
-    "xtp-kernel-pool": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_CPU_GEMV_THREADS": "1024",
-                                "XTP_CPU_GEMV_TEAM": "0"}),
-    # torch's ops on one thread, the kernel's products on all the rank's cores (its own pool)
-    "xtp-kernel-solo": ("xtp", {"XTP_CPU_PACK": "kernel", "XTP_NUM_THREADS": "1",
-                                "XTP_CPU_GEMV_SPLIT": "cores"}),
-    # decode through torch.compile over a static KV cache (the compile is timed apart), or
-    # eagerly: whatever --decode says for the others (auto: compiled on CUDA, eager on the CPU)
-    "xtp-compiled": ("xtp", {"XTP_BENCH_DECODE": "compiled"}),
-    "xtp-eager": ("xtp", {"XTP_BENCH_DECODE": "eager"}),
-    "deepspeed-compiled": ("deepspeed", {"XTP_BENCH_DECODE": "compiled"}),
-    "unsharded-compiled": ("unsharded", {"XTP_BENCH_DECODE": "compiled"}),
-}
 DECODES = ("auto", "eager", "compiled")
 PEER_SETUP = "bash bench/setup_peers.sh VENV, then --python VENV/bin/python"
 ENV_PYTHON = "XTP_BENCH_PYTHON"
@@ -78,8 +58,9 @@ def add_parser(sub) -> None:
                    "xtp-onednn: bf16 ranks of several threads on oneDNN, not the GEMV kernel; "
                    "xtp-compiled, deepspeed-compiled, unsharded-compiled: decode through "
                    "torch.compile over a static KV cache; xtp-eager: eager decode; "
-                   "xtp-kernel-team, -pool, -solo: the GEMV kernel on every thread count (see "
-                   "XTP_CPU_GEMV_* in xtp env)")
+                   "xtp-kernel-team, -pool, -solo: the GEMV kernel on every thread count; "
+                   "xtp-kernel-rows(4): bf16 as plain rows for the kernel (see XTP_CPU_* in "
+                   "xtp env)")
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
     p.add_argument("--python", default=None,
                    help=f"interpreter for all ranks (default ${ENV_PYTHON}, else this one); "

@@ -157,6 +157,33 @@ py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* gemv_bf16_rows(w, x, b, y, out, in, m[, threads]): the bf16 weight as plain rows (out, in),
+   in a multiple of 32 and out of 8; x (m, in), y (m, out); b may be None. Returns None. */
+static PyObject *
+py_gemv_bf16_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const char sig[] = "gemv_bf16_rows(w, x, b, y, out, in, m[, threads])";
+    void *a[4];
+    Py_ssize_t n[4] = {0, 0, 0, 1};
+    if (parse_call(sig, args, nargs, 4, 2, a, 3, 4, n) < 0
+        || !have_kernel((const void *)gemv_bf16_rows))
+        return NULL;
+    const int threads = thread_count(sig, n[3]);
+    if (!threads)
+        return NULL;
+    if (n[1] % CHUNK || n[0] % ROW_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "%s: in must be a multiple of %d and out of %d, got "
+                     "out=%zd in=%zd", sig, CHUNK, ROW_BLOCK, n[0], n[1]);
+        return NULL;
+    }
+    const gemv_args g = {a[0], a[1], a[2], a[3], n[0], n[1], n[2]};
+    const gemv_kernel kernel = gemv_bf16_rows;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(kernel, &g, threads, (size_t)(n[0] * n[1]) * 2);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* threads_for(out, in, itemsize, threads): how many threads a product of an (out, in) weight
    of itemsize-byte values uses when `threads` are asked (small products use fewer) */
 static PyObject *
@@ -261,6 +288,9 @@ static PyMethodDef methods[] = {
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL,
      "gemv_bf16(p, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W packed "
      "(gemv.py), on `threads` threads (1 by default)"},
+    {"gemv_bf16_rows", (PyCFunction)(void (*)(void))py_gemv_bf16_rows, METH_FASTCALL,
+     "gemv_bf16_rows(w, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W plain "
+     "rows (in a multiple of 32, out of 8), on `threads` threads (1 by default)"},
     {"unpack_bf16", (PyCFunction)(void (*)(void))py_unpack_bf16, METH_FASTCALL,
      "unpack_bf16(p, w, out, in[, threads]): the packed bf16 weight p into row-major w, on "
      "`threads` threads (1 by default)"},

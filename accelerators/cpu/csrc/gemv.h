@@ -13,7 +13,8 @@
 #define ROW_BLOCK 8 /* rows per block of the bf16 layout, and per pass of every kernel */
 
 /* One product: y (m, out) = x (m, in) @ W.T (+ b). fp32: w row-major (out, in), x (m, in).
-   bf16: w packed (gemv_kernels.c), x (m, in_pad) zero-padded to a multiple of CHUNK. */
+   bf16: w packed (gemv_kernels.c), x (m, in_pad) zero-padded to a multiple of CHUNK; bf16 rows:
+   w row-major (out, in) with in a multiple of CHUNK and out of ROW_BLOCK, x (m, in). */
 typedef struct {
     const void *w, *x, *b;
     void *y;
@@ -26,7 +27,7 @@ typedef void (*gemv_kernel)(const gemv_args *a, ptrdiff_t o_begin, ptrdiff_t o_e
 
 /* the kernels chosen for this CPU (NULL where there are none); gemv_choose(NULL) picks the
    best, gemv_choose("avx512" | "avx2") that one; 0 if the CPU cannot run what was asked */
-extern gemv_kernel gemv_f32, gemv_bf16;
+extern gemv_kernel gemv_f32, gemv_bf16, gemv_bf16_rows;
 extern const char *gemv_isa;
 int gemv_choose(const char *isa);
 

@@ -23,7 +23,7 @@
 
 #include "gemv.h"
 
-gemv_kernel gemv_f32 = NULL, gemv_bf16 = NULL;
+gemv_kernel gemv_f32 = NULL, gemv_bf16 = NULL, gemv_bf16_rows = NULL;
 const char *gemv_isa = "";
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -129,10 +129,12 @@ f32_avx512(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
     }
 }
 
-/* s[j][k] for the bf16 block blk and nr (1 or 2) padded input rows x, x + in_pad */
+/* s[j][k] for 8 bf16 weight rows and nr (1 or 2) padded input rows x, x + in_pad. The rows'
+   32-column chunk c starts at blk + c * cstep, row k of it rstride values further: the blocked
+   layout (cstep ROW_BLOCK, rstride CHUNK) or plain rows (cstep 1, rstride in = in_pad) */
 INLINE __attribute__((target("avx512f"))) void
 bf16_block512(const uint16_t *blk, const uint16_t *x, ptrdiff_t in_pad, const int nr,
-              float s[2][ROW_BLOCK])
+              float s[2][ROW_BLOCK], ptrdiff_t cstep, ptrdiff_t rstride)
 {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[2][ROW_BLOCK];
@@ -146,10 +148,10 @@ bf16_block512(const uint16_t *blk, const uint16_t *x, ptrdiff_t in_pad, const in
             xlo[j] = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
             xhi[j] = _mm512_castsi512_ps(_mm512_and_si512(xv, high));
         }
-        const uint16_t *q = blk + c * ROW_BLOCK;
+        const uint16_t *q = blk + c * cstep;
 #pragma GCC unroll 8
         for (int k = 0; k < ROW_BLOCK; k++) {
-            const __m512i wv = _mm512_loadu_si512((const void *)(q + k * CHUNK));
+            const __m512i wv = _mm512_loadu_si512((const void *)(q + k * rstride));
             const __m512 wlo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
             const __m512 whi = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
             for (int j = 0; j < nr; j++) {
@@ -172,25 +174,40 @@ bf16_store(const gemv_args *a, ptrdiff_t j, ptrdiff_t o, const float *s)
         y[j * a->out + o + k] = round_bf16(s[k] + (b ? widen_bf16(b[o + k]) : 0.0f));
 }
 
-__attribute__((target("avx512f"))) static void
-bf16_avx512(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+/* the bf16 products of rows [ob, oe) of the weight: blocked layout, or plain rows (in a
+   multiple of CHUNK, out of ROW_BLOCK) */
+INLINE __attribute__((target("avx512f"))) void
+bf16_avx512_layout(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe, const int plain)
 {
     const uint16_t *p = a->w, *x = a->x;
     const ptrdiff_t in_pad = (a->in + CHUNK - 1) / CHUNK * CHUNK, m = a->m;
+    const ptrdiff_t cstep = plain ? 1 : ROW_BLOCK, rstride = plain ? in_pad : CHUNK;
     float s[2][ROW_BLOCK];
     for (ptrdiff_t o = ob; o < oe; o += ROW_BLOCK) {
         const uint16_t *blk = p + o * in_pad;
         ptrdiff_t j = 0;
         for (; j + 2 <= m; j += 2) {
-            bf16_block512(blk, x + j * in_pad, in_pad, 2, s);
+            bf16_block512(blk, x + j * in_pad, in_pad, 2, s, cstep, rstride);
             bf16_store(a, j, o, s[0]);
             bf16_store(a, j + 1, o, s[1]);
         }
         for (; j < m; j++) {
-            bf16_block512(blk, x + j * in_pad, in_pad, 1, s);
+            bf16_block512(blk, x + j * in_pad, in_pad, 1, s, cstep, rstride);
             bf16_store(a, j, o, s[0]);
         }
     }
+}
+
+__attribute__((target("avx512f"))) static void
+bf16_avx512(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+{
+    bf16_avx512_layout(a, ob, oe, 0);
+}
+
+__attribute__((target("avx512f"))) static void
+bf16_rows_avx512(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+{
+    bf16_avx512_layout(a, ob, oe, 1);
 }
 
 /* ---- AVX2 + FMA (16 registers: one input row per pass) -------------------------------- */
@@ -245,11 +262,12 @@ f32_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
     }
 }
 
-__attribute__((target("avx2,fma"))) static void
-bf16_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+INLINE __attribute__((target("avx2,fma"))) void
+bf16_avx2_layout(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe, const int plain)
 {
     const uint16_t *p = a->w;
     const ptrdiff_t in_pad = (a->in + CHUNK - 1) / CHUNK * CHUNK;
+    const ptrdiff_t cstep = plain ? 1 : ROW_BLOCK, rstride = plain ? in_pad : CHUNK;
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     for (ptrdiff_t o = ob; o < oe; o += ROW_BLOCK) {
         const uint16_t *blk = p + o * in_pad;
@@ -264,10 +282,10 @@ bf16_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(xj + c + half * 16));
                     const __m256 xlo = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16));
                     const __m256 xhi = _mm256_castsi256_ps(_mm256_and_si256(xv, high));
-                    const uint16_t *q = blk + c * ROW_BLOCK + half * 16;
+                    const uint16_t *q = blk + c * cstep + half * 16;
 #pragma GCC unroll 8
                     for (int k = 0; k < ROW_BLOCK; k++) {
-                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + k * CHUNK));
+                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + k * rstride));
                         acc[k] = _mm256_fmadd_ps(
                             _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xlo, acc[k]);
                         acc[k] = _mm256_fmadd_ps(
@@ -282,6 +300,18 @@ bf16_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
     }
 }
 
+__attribute__((target("avx2,fma"))) static void
+bf16_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+{
+    bf16_avx2_layout(a, ob, oe, 0);
+}
+
+__attribute__((target("avx2,fma"))) static void
+bf16_rows_avx2(const gemv_args *a, ptrdiff_t ob, ptrdiff_t oe)
+{
+    bf16_avx2_layout(a, ob, oe, 1);
+}
+
 int
 gemv_choose(const char *isa)
 {
@@ -291,10 +321,12 @@ gemv_choose(const char *isa)
     if (avx512 && (isa == NULL || strcmp(isa, "avx512") == 0)) {
         gemv_f32 = f32_avx512;
         gemv_bf16 = bf16_avx512;
+        gemv_bf16_rows = bf16_rows_avx512;
         gemv_isa = "avx512";
     } else if (avx2 && (isa == NULL || strcmp(isa, "avx2") == 0)) {
         gemv_f32 = f32_avx2;
         gemv_bf16 = bf16_avx2;
+        gemv_bf16_rows = bf16_rows_avx2;
         gemv_isa = "avx2";
     } else {
         return isa == NULL;
