@@ -157,6 +157,24 @@ def _serves(x: torch.Tensor, in_features: int, bias: torch.Tensor | None,
     return kernel_threads(dtype)
 
 
+def _product(lin: PackedLinear, entry: str, weight: torch.Tensor, x: torch.Tensor,
+             bias: torch.Tensor | None, fallback) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` of ``lin`` (``x`` ``(..., in)`` -> ``(..., out)`` in its dtype):
+    the kernel's ``entry`` on ``weight``'s storage where it serves the call (:func:`_serves`),
+    else ``fallback()``."""
+    out_features, in_features = lin.shape
+    threads = _serves(x, in_features, bias, lin.dtype)
+    if not threads:
+        return fallback()
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], out_features), dtype=lin.dtype)
+    b = None if bias is None else bias.detach().contiguous()
+    getattr(_kernel, entry)(weight.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(),
+                            y.data_ptr(), out_features, in_features, x.numel() // in_features,
+                            threads)
+    return y
+
+
 class GemvLinear(PackedLinear):
     """An fp32 CPU weight ``(out_features, in_features)``, row-major, whose products with up to
     :data:`MAX_KERNEL_ROWS` input rows go to xtp's GEMV kernel (:func:`_serves`). Raises
@@ -174,18 +192,12 @@ class GemvLinear(PackedLinear):
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
         self._weight = weight.detach()
 
+    _entry = "gemv"  # the kernel's entry point for this weight's dtype and layout
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        out_features, in_features = self.shape
-        threads = _serves(x, in_features, bias, torch.float32)
-        if not threads:
-            return F.linear(x, self._weight, bias)
-        x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-        b = None if bias is None else bias.detach().contiguous()
-        _kernel.gemv(self._weight.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(),
-                     y.data_ptr(), out_features, in_features, x.numel() // in_features, threads)
-        return y
+        return _product(self, self._entry, self._weight, x, bias,
+                        lambda: F.linear(x, self._weight, bias))
 
     def unpack(self) -> torch.Tensor:
         return self._weight
@@ -241,17 +253,8 @@ class Bf16GemvLinear(PackedLinear):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        out_features, in_features = self.shape
-        threads = _serves(x, in_features, bias, torch.bfloat16)
-        if not threads:
-            return F.linear(x, self.unpack(), bias)
-        x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
-        b = None if bias is None else bias.detach().contiguous()
-        _kernel.gemv_bf16(self._packed.data_ptr(), x.data_ptr(),
-                          None if b is None else b.data_ptr(), y.data_ptr(), out_features,
-                          in_features, x.numel() // in_features, threads)
-        return y
+        return _product(self, "gemv_bf16", self._packed, x, bias,
+                        lambda: F.linear(x, self.unpack(), bias))
 
     def unpack(self) -> torch.Tensor:
         weight = torch.empty(self.shape, dtype=torch.bfloat16)
@@ -264,17 +267,20 @@ class Bf16GemvLinear(PackedLinear):
         return self._packed.numel() * self._packed.element_size()
 
 
-class Bf16RowsLinear(PackedLinear):
+class Bf16RowsLinear(GemvLinear):
     """A bf16 CPU weight ``(out_features, in_features)`` kept as it is (plain rows, no copy),
     whose products with up to :data:`MAX_KERNEL_ROWS` input rows (``XTP_CPU_GEMV_ROWS``) go
     to xtp's GEMV kernel on the same terms as :class:`Bf16GemvLinear`; everything else is
     ``F.linear`` on the weight itself (no unpacked copy). An experiment
-    (``XTP_CPU_PACK=kernel-rows``, ``xtp bench --vs xtp-kernel-rows``): plain bf16 rows read
-    ~30% slower than the blocked layout on one core of a 2-core VM (bench/RESULTS.md), but need
-    no copy for prefill and batches. Takes ``in_features`` a multiple of 32 and
+    (``XTP_CPU_PACK=kernel-rows``, ``xtp bench --vs xtp-kernel-rows``): on one core plain bf16
+    rows read ~30% slower than the blocked layout on an AMD EPYC and 3-10% faster on an Intel
+    Xeon (bench/RESULTS.md), and need no copy for prefill and batches. Sums equal
+    :class:`Bf16GemvLinear`'s bit for bit. Takes ``in_features`` a multiple of 32 and
     ``out_features`` of 8 (``ValueError`` otherwise: :func:`rows_fit`)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    _entry = "gemv_bf16_rows"
+
+    def __init__(self, weight: torch.Tensor) -> None:  # not super's: that one takes fp32
         if _WHY:
             raise RuntimeError(f"xtp's GEMV kernel is not available: {_WHY}")
         if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
@@ -285,27 +291,6 @@ class Bf16RowsLinear(PackedLinear):
                              f"{weight.device}")
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
         self._weight = weight.detach()
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x)
-        out_features, in_features = self.shape
-        threads = _serves(x, in_features, bias, torch.bfloat16)
-        if not threads:
-            return F.linear(x, self._weight, bias)
-        x = x.contiguous()
-        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
-        b = None if bias is None else bias.detach().contiguous()
-        _kernel.gemv_bf16_rows(self._weight.data_ptr(), x.data_ptr(),
-                               None if b is None else b.data_ptr(), y.data_ptr(), out_features,
-                               in_features, x.numel() // in_features, threads)
-        return y
-
-    def unpack(self) -> torch.Tensor:
-        return self._weight
-
-    @property
-    def nbytes(self) -> int:
-        return self._weight.numel() * self._weight.element_size()
 
 
 def rows_fit(shape) -> bool:

@@ -101,26 +101,39 @@ thread_count(const char *sig, Py_ssize_t threads)
     return threads > 0x7fffffff ? 0x7fffffff : (int)threads;
 }
 
+/* A product on a plain row-major weight (out, in) of itemsize-byte values: the call's
+   arguments w, x, b, y, out, in[, m[, threads]] (m = 1 and one thread by default; b may be
+   None), in a multiple of in_step and out of out_step; returns None. */
+static PyObject *
+plain_product(const char *sig, PyObject *const *args, Py_ssize_t nargs, gemv_kernel kernel,
+              size_t itemsize, Py_ssize_t in_step, Py_ssize_t out_step)
+{
+    void *a[4];
+    Py_ssize_t n[4] = {0, 0, 1, 1};
+    if (parse_call(sig, args, nargs, 4, 2, a, 2, 4, n) < 0 || !have_kernel((const void *)kernel))
+        return NULL;
+    const int threads = thread_count(sig, n[3]);
+    if (!threads)
+        return NULL;
+    if (n[1] % in_step || n[0] % out_step) {
+        PyErr_Format(PyExc_ValueError, "%s: in must be a multiple of %zd and out of %zd, got "
+                     "out=%zd in=%zd", sig, in_step, out_step, n[0], n[1]);
+        return NULL;
+    }
+    const gemv_args g = {a[0], a[1], a[2], a[3], n[0], n[1], n[2]};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(kernel, &g, threads, (size_t)(n[0] * n[1]) * itemsize);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* gemv(w, x, b, y, out, in[, m[, threads]]): fp32, x (m, in), y (m, out), m = 1 and one
    thread by default; addresses as ints (b may be None); returns None. */
 static PyObject *
 py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    static const char sig[] = "gemv(w, x, b, y, out, in[, m[, threads]])";
-    void *a[4];
-    Py_ssize_t n[4] = {0, 0, 1, 1};
-    if (parse_call(sig, args, nargs, 4, 2, a, 2, 4, n) < 0
-        || !have_kernel((const void *)gemv_f32))
-        return NULL;
-    const int threads = thread_count(sig, n[3]);
-    if (!threads)
-        return NULL;
-    const gemv_args g = {a[0], a[1], a[2], a[3], n[0], n[1], n[2]};
-    const gemv_kernel kernel = gemv_f32;
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(kernel, &g, threads, (size_t)(n[0] * n[1]) * 4);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return plain_product("gemv(w, x, b, y, out, in[, m[, threads]])", args, nargs, gemv_f32, 4,
+                         1, 1);
 }
 
 /* gemv_bf16(p, x, b, y, out, in, m[, threads]): packed bf16 weight, x (m, in), y (m, out); b
@@ -157,31 +170,13 @@ py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* gemv_bf16_rows(w, x, b, y, out, in, m[, threads]): the bf16 weight as plain rows (out, in),
-   in a multiple of 32 and out of 8; x (m, in), y (m, out); b may be None. Returns None. */
+/* gemv_bf16_rows(w, x, b, y, out, in[, m[, threads]]): the bf16 weight as plain rows
+   (out, in), in a multiple of 32 and out of 8; x (m, in), y (m, out); b may be None. */
 static PyObject *
 py_gemv_bf16_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    static const char sig[] = "gemv_bf16_rows(w, x, b, y, out, in, m[, threads])";
-    void *a[4];
-    Py_ssize_t n[4] = {0, 0, 0, 1};
-    if (parse_call(sig, args, nargs, 4, 2, a, 3, 4, n) < 0
-        || !have_kernel((const void *)gemv_bf16_rows))
-        return NULL;
-    const int threads = thread_count(sig, n[3]);
-    if (!threads)
-        return NULL;
-    if (n[1] % CHUNK || n[0] % ROW_BLOCK) {
-        PyErr_Format(PyExc_ValueError, "%s: in must be a multiple of %d and out of %d, got "
-                     "out=%zd in=%zd", sig, CHUNK, ROW_BLOCK, n[0], n[1]);
-        return NULL;
-    }
-    const gemv_args g = {a[0], a[1], a[2], a[3], n[0], n[1], n[2]};
-    const gemv_kernel kernel = gemv_bf16_rows;
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(kernel, &g, threads, (size_t)(n[0] * n[1]) * 2);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return plain_product("gemv_bf16_rows(w, x, b, y, out, in[, m[, threads]])", args, nargs,
+                         gemv_bf16_rows, 2, CHUNK, ROW_BLOCK);
 }
 
 /* threads_for(out, in, itemsize, threads): how many threads a product of an (out, in) weight
@@ -289,7 +284,7 @@ static PyMethodDef methods[] = {
      "gemv_bf16(p, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W packed "
      "(gemv.py), on `threads` threads (1 by default)"},
     {"gemv_bf16_rows", (PyCFunction)(void (*)(void))py_gemv_bf16_rows, METH_FASTCALL,
-     "gemv_bf16_rows(w, x, b, y, out, in, m[, threads]): y = x @ W.T (+ b), bf16, W plain "
+     "gemv_bf16_rows(w, x, b, y, out, in[, m[, threads]]): y = x @ W.T (+ b), bf16, W plain "
      "rows (in a multiple of 32, out of 8), on `threads` threads (1 by default)"},
     {"unpack_bf16", (PyCFunction)(void (*)(void))py_unpack_bf16, METH_FASTCALL,
      "unpack_bf16(p, w, out, in[, threads]): the packed bf16 weight p into row-major w, on "
