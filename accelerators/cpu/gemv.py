@@ -115,7 +115,7 @@ def unpack_threads() -> int:
     """Threads that unpack a bf16 weight for ``F.linear`` (prefill): the rank's on torch's
     OpenMP team, else one (the kernel's own pool is not started for it)."""
     threads = torch.get_num_threads()
-    return threads if threads > 1 and gemv_split() is None and team_mode() else 1
+    return threads if threads > 1 and team_serves_bf16() else 1
 
 
 _team: list = []  # [whether team mode is on], once decided in this process
