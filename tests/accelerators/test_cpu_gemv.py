@@ -121,6 +121,19 @@ def test_one_row_inputs_of_any_layout_go_to_the_kernel(one_thread, spy):
 
 
 @needs_gemv
+def test_profiler_sees_kernel_products_by_name(one_thread):
+    """The kernel is no torch op: under torch.profiler its products are named ``xtp::<entry>``
+    (so `xtp bench --profile` attributes their time), and outside it nothing is recorded."""
+    fp32, bf16 = GemvLinear(torch.randn(40, 64)), Bf16GemvLinear(torch.randn(40, 64).bfloat16())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fp32.matmul(torch.randn(1, 64))
+        bf16.matmul(torch.randn(2, 64).bfloat16())
+        fp32.matmul(torch.randn(cpu_gemv.MAX_KERNEL_ROWS + 1, 64))  # F.linear: no kernel event
+    names = [e.name for e in prof.events()]
+    assert names.count("xtp::gemv") == 1 and names.count("xtp::gemv_bf16") == 1
+
+
+@needs_gemv
 def test_other_calls_go_to_linear(one_thread, spy, monkeypatch):
     w = torch.randn(40, 24)
     lin = GemvLinear(w)
